@@ -1,0 +1,1 @@
+"""The same math as :mod:`hardtovary.reference`, fast."""

@@ -1,0 +1,1 @@
+"""The conformance suite: checks any implementation against the oracle."""

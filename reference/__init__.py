@@ -1,0 +1,1 @@
+"""The spec oracle: plain NumPy and SciPy, no autograd. Every formula cites the paper."""
