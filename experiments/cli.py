@@ -1,0 +1,155 @@
+"""The ``hardtovary`` command line (also ``python -m hardtovary``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from hardtovary import __version__
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
+def _add_synthetic(subparsers) -> None:
+    from hardtovary.experiments import synthetic
+
+    d, t = synthetic.DEFAULT_DATA, synthetic.DEFAULT_TRAIN
+    p = subparsers.add_parser(
+        "synthetic",
+        help="synthetic memorization task: averaging vs AND-mask vs geometric mean (reference implementation)",
+        description=(
+            "Train one MLP per method on the spirals memorization task (paper §3.1) with the NumPy reference "
+            "implementation, print final train and o.o.d. test accuracy, and write OUT/results.json "
+            "(per method train_acc, test_acc, losses and per-epoch history, plus the full configuration), "
+            "OUT/units/<method>.json for each finished method and OUT/learning_curves.png. A run killed "
+            "midway resumes from OUT when started again with the same options."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="run folder")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--methods", default=",".join(synthetic.DEFAULT_METHODS),
+                   help=f"comma-separated methods, from {', '.join(synthetic.METHOD_PRESETS)}; "
+                        "'mean' is averaging (AND-mask with tau = 0)")
+    p.add_argument("--tau", type=_fraction, default=None,
+                   help="agreement threshold for and_mask / sand_mask (default: 1.0 and 0.5); ignored by mean")
+    g = p.add_argument_group("data (spirals, paper §6.1-6.2)")
+    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="training environments")
+    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env)
+    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
+    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
+    g.add_argument("--n-revolutions", type=float, default=d.n_revolutions, help="spiral revolutions")
+    g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
+                   help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    g = p.add_argument_group("model and training (paper Table 1)")
+    g.add_argument("--hidden", type=_int_list, default=t.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation)
+    g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear")
+    g.add_argument("--bn-semantics", choices=("pooled", "per_env"), default=t.bn_semantics,
+                   help="BatchNorm statistics over all environments of a step, or per environment")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=t.optimizer)
+    g.add_argument("--lr", type=float, default=t.lr, help="learning rate")
+    g.add_argument("--momentum", type=float, default=t.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_nonnegative, default=t.weight_decay, help="L2 coefficient")
+    g.add_argument("--weight-decay-order", choices=("before", "after"), default=t.weight_decay_order,
+                   help="before: added to the masked gradient before the moments; after: decoupled")
+    g.add_argument("--l1", type=_nonnegative, default=t.l1, help="L1 coefficient (added after masking)")
+    g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=t.rescale,
+                   help="inverse-sparsity rescaling per parameter tensor (not applied to mean)")
+    g.add_argument("--batch-size", type=_positive_int, default=t.batch_size, help="examples per environment")
+    g.add_argument("--n-agreement-envs", type=_positive_int, default=None,
+                   help="environments per step (must divide --n-envs; default: all of them)")
+    g.add_argument("--epochs", type=_positive_int, default=t.epochs)
+    g.add_argument("--lr-milestones", type=_int_list, default=None,
+                   help="epochs where the learning rate drops x0.1 (default: at 3/4 of the epochs)")
+    g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation and batching")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_synthetic)
+
+
+def _run_synthetic(args) -> int:
+    from hardtovary.experiments import plots, synthetic
+    from hardtovary.reference import data, training
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in synthetic.METHOD_PRESETS]
+    if unknown or not methods:
+        raise ValueError(f"--methods must name some of {sorted(synthetic.METHOD_PRESETS)}, got {args.methods!r}")
+    data_config = data.SpiralsConfig(n_train_envs=args.n_envs, examples_per_env=args.examples_per_env,
+                                     n_test=args.n_test, n_revolutions=args.n_revolutions, n_dims=args.n_dims,
+                                     seed=args.data_seed, shortcut_scale=args.shortcut_scale)
+    milestones = args.lr_milestones if args.lr_milestones is not None else (3 * args.epochs // 4,)
+    train_config = dataclasses.replace(
+        synthetic.DEFAULT_TRAIN, hidden=args.hidden, activation=args.activation, batch_norm=args.batch_norm,
+        bn_semantics=args.bn_semantics, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, weight_decay_order=args.weight_decay_order, l1=args.l1,
+        rescale=args.rescale, batch_size=args.batch_size,
+        n_agreement_envs=args.n_agreement_envs or args.n_envs, epochs=args.epochs,
+        lr_milestones=tuple(m for m in milestones if m >= 1), seed=args.seed)
+    overrides = {"tau": args.tau} if args.tau is not None else None
+    results = synthetic.run(args.out, data_config=data_config, train_config=train_config, methods=methods,
+                            overrides=overrides, fresh=args.fresh, progress=not args.no_progress)
+    print(synthetic.format_table(results))
+    print(f"\nresults: {args.out / 'results.json'}")
+    figure = plots.plot_learning_curves(results, args.out / "learning_curves.png")
+    print(f"learning curves: {figure}" if figure else
+          "learning curves: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hardtovary",
+        description="The AND-mask, the geometric mean of gradients and ILC "
+                    "(Parascandolo et al., 'Learning Explanations That Are Hard To Vary', ICLR 2021).")
+    parser.add_argument("--version", action="version", version=f"hardtovary {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_synthetic(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as exc:
+        print(f"hardtovary {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished methods are kept in the run folder and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

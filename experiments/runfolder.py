@@ -1,0 +1,75 @@
+"""Run folders: results written atomically, so that a killed run can be resumed without losing finished work.
+
+A run folder holds ``config.json`` (the full configuration of the run) and one JSON file per finished unit of work
+(``units/<name>.json``). Files are written to a temporary name in the same folder and renamed into place
+(``os.replace`` is atomic on POSIX), so a reader never sees a half-written file. Re-running with the same
+configuration skips the units that are already there; a different configuration is refused unless the caller
+asks to start afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class RunFolder:
+    """A folder for one run: its configuration and its finished units of work."""
+
+    def __init__(self, root, config: dict, *, fresh: bool = False):
+        self.root = Path(root)
+        config_path = self.root / "config.json"
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        if config_path.exists():
+            stored = read_json(config_path)
+            if stored != json.loads(json.dumps(config)):
+                raise ValueError(
+                    f"run folder {self.root} holds a run with a different configuration; "
+                    f"pass another --out folder, or --fresh to delete it and start again"
+                )
+        else:
+            write_json_atomic(config_path, config)
+        self.config = config
+
+    def unit_path(self, name: str) -> Path:
+        return self.root / "units" / f"{name}.json"
+
+    def finished(self, name: str):
+        """The stored result of unit ``name``, or None when it has not finished."""
+        path = self.unit_path(name)
+        return read_json(path) if path.exists() else None
+
+    def save(self, name: str, result) -> None:
+        write_json_atomic(self.unit_path(name), result)
+
+    def write(self, filename: str, obj) -> Path:
+        path = self.root / filename
+        write_json_atomic(path, obj)
+        return path

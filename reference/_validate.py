@@ -1,0 +1,89 @@
+"""Input validation shared by the oracle's public functions.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, range or
+non-finite entries) with a message that names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def float_array(x, name: str, *, min_ndim: int = 0) -> np.ndarray:
+    """Return ``x`` as a NumPy array of a real floating dtype, without copying when it already is one.
+
+    Raises TypeError for integer, boolean, complex or object input, and ValueError for fewer than
+    ``min_ndim`` dimensions.
+    """
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name} must be an array of a real floating dtype (float16/32/64), got dtype {arr.dtype}")
+    if arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {arr.shape}")
+    return arr
+
+
+def finite(arr: np.ndarray, name: str) -> np.ndarray:
+    """Raise ValueError naming the first non-finite entry of ``arr``; return ``arr`` unchanged otherwise."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite, but {int(bad.sum())} entr{'y is' if bad.sum() == 1 else 'ies are'} not; "
+            f"the first is {name}[{', '.join(map(str, index))}] = {arr[index]}"
+        )
+    return arr
+
+
+def gradient_stack(G, name: str = "G") -> np.ndarray:
+    """Validate a per-environment gradient stack ``G[K, *shape]``: real floating, finite, K >= 1."""
+    arr = float_array(G, name, min_ndim=1)
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one environment (K >= 1) on axis 0, got shape {arr.shape}")
+    return finite(arr, name)
+
+
+def real_number(x, name: str) -> float:
+    """Return ``x`` as a Python float; TypeError for bools, strings and other non-reals, ValueError for NaN/inf."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    value = float(x)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def in_range(x, name: str, low: float, high: float) -> float:
+    """Return ``x`` as a float after checking ``low <= x <= high``."""
+    value = real_number(x, name)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def positive(x, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``x`` as a float after checking ``x > 0`` (or ``x >= 0`` with ``allow_zero``)."""
+    value = real_number(x, name)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def integer(x, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``x`` as an int after checking its type and ``low <= x <= high``."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__} {x!r}")
+    value = int(x)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+    return value
+
+
+def choice(x, name: str, options) -> str:
+    """Return ``x`` after checking it is one of ``options``."""
+    if x not in options:
+        raise ValueError(f"{name} must be one of {sorted(options)}, got {x!r}")
+    return x
