@@ -1,0 +1,601 @@
+"""Aggregation rules on per-environment gradient stacks, and temporal AND-mask Adam.
+
+The rules of "Learning Explanations That Are Hard To Vary" (Parascandolo et al., ICLR 2021) and one follow-up:
+
+- the arithmetic mean of the environment gradients (plain averaging; the AND-mask at tau = 0);
+- the AND-mask (paper §2.3) in its threshold form (``and_mask``, the canonical rule of design.md) and in its
+  count form (``and_mask_count``), and the AND-masked mean (``and_masked_mean``);
+- the geometric mean of gradients (paper §2.2, §2.3(i)) in two flavours: ``"paper"`` and ``"original"`` (the
+  authors' ``and_mask_utils.get_grads``, method ``'geom_mean'``);
+- the SAND-mask (Shahtalebi et al., arXiv 2106.02266, as DomainBed's ``SANDMask`` computes it), with its
+  degenerate cases defined by their mathematical limits;
+- layer-wise "inverse sparsity" rescaling (paper App. B.3.1, footnote 14);
+- ``aggregate``, which applies one rule to every parameter tensor of a model;
+- ``TemporalAndMaskAdam``, Algorithm 1 of the paper (App. B.6).
+
+Shapes and dtypes
+-----------------
+A gradient stack for one parameter tensor is ``G[K, *shape]``: environments on axis 0, K >= 1. A model's
+gradients are a list of such stacks, one per parameter tensor, in parameter order. Every function accepts
+float16/float32/float64 input, computes in float64 and returns float64 values; masks are ``bool`` (except the
+SAND-mask, a float64 soft mask) and sign counts are ``int64``. Results have shape ``G.shape[1:]`` (a 0-d array
+when ``G`` is 1-D).
+
+Notation: ``S_j = sum_e sign(G[e, j])`` with sign(0) = 0, ``p``/``q``/``z`` the numbers of positive, negative and
+zero entries of component j (p + q + z = K), ``A_j = |S_j| / K`` the agreement.
+
+Edge cases (implementations.md Table B) and the outcome this oracle defines for each
+-------------------------------------------------------------------------------------
+
+======================================  ===================================================================
+case                                    outcome
+======================================  ===================================================================
+all gradients 0, tau = 0                and_mask keeps everything (|S| = 0 >= 0), output 0 (rescaled: 0);
+                                        geometric mean 0 (both flavours); SAND-mask 0 (var = 0, A = 0 is not
+                                        > tau = 0), output 0.
+K = 1, tau = 0                          and_mask keeps everything: the output is the gradient (identity).
+K = 1, tau = 0.5 or 1                   exact zeros are masked (|S| = 0), every nonzero entry is kept; with
+                                        rescaling, 1 zero among 4 entries multiplies the rest by 4/3.
+K = 1, geometric mean                   paper: identity (exact zeros stay 0). original: |g| + 1e-10 with the
+                                        sign of g, masked by and_mask(tau).
+K = 1, SAND-mask                        the spread of a single sample is taken as 0 (the unbiased variance is
+                                        0/0); the var = 0 limit rule then gives 1 where A > tau (nonzero
+                                        entries when tau < 1), 0 elsewhere (all of it when tau = 1).
+tie (+,+,+,-), tau = 0.5                and_mask keeps (|S| = 2 >= ceil(0.5 * 4) = 2); SAND drops: tanh(0) = 0.
+identical gradients, tau = 1            and_mask keeps; SAND: var = 0 and A = 1 = tau, so 0.
+one env has 0, gradients (1, 2, 0)      and_mask keeps iff tau <= 2/3; paper geometric mean 0; original
+                                        geometric mean (1 * 2 * 1e-10)^(1/3) ~ 5.848e-4 (up to the 1e-10 on the
+                                        nonzero entries) for tau <= 2/3, 0 for tau > 2/3.
+NaN or inf in one environment           ValueError naming the argument and the index of the first bad entry;
+                                        the oracle refuses non-finite gradients.
+float16 input                           accepted, converted exactly to float64; masks and values identical to
+                                        float64 input holding the same values.
+K = 16, |g| = 1e-3 (float32), paper GM  1e-3: the log domain mean cannot underflow (the notebook's
+                                        exp(sum log)**(1/K) gives 0 in float32).
+fully masked tensor, rescaled           exactly 0 (never inf or NaN), paper footnote 14.
+======================================  ===================================================================
+
+Bad input raises ``TypeError`` (wrong kind of object or dtype: integer/bool/complex gradients, bool or string
+tau, mixed dtypes between stacks) or ``ValueError`` (shape, range, non-finite entries, unknown names), with a
+message naming the argument (see ``_validate``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._validate import choice, finite, float_array, gradient_stack, in_range, integer, positive
+
+RULES = ("mean", "and_mask", "geometric_mean", "sand_mask")
+FLAVOURS = ("paper", "original")
+
+#: Tolerance of the canonical mask rule: ``ceil(tau*K - TIE_TOLERANCE)`` (design.md "Mask rule").
+TIE_TOLERANCE = 1e-9
+
+#: The constant added inside the log by the authors' ``geom_mean`` (paper.md §4.4).
+ORIGINAL_LOG_EPSILON = 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _stack64(G, name: str = "G") -> np.ndarray:
+    """Validate a gradient stack ``G[K, *shape]`` and return it as float64 (an exact conversion)."""
+    return gradient_stack(G, name).astype(np.float64)
+
+
+def _signs(G64: np.ndarray) -> np.ndarray:
+    """Elementwise sign as int64, with sign(0) = 0."""
+    return np.sign(G64).astype(np.int64)
+
+
+def _mean(G64: np.ndarray) -> np.ndarray:
+    """Arithmetic mean over environments (axis 0), float64, always an ndarray."""
+    return np.asarray(G64.mean(axis=0), dtype=np.float64)
+
+
+def _threshold_keep(S: np.ndarray, K: int, tau: float) -> np.ndarray:
+    """The canonical rule on validated inputs: ``|S| >= ceil(tau*K - 1e-9)``."""
+    return np.asarray(np.abs(S) >= agreement_threshold_count(tau, K), dtype=bool)
+
+
+def _validate_tau(tau) -> float:
+    return in_range(tau, "tau", 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sign agreement and the AND-mask  [paper §2.3]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_gradient(G) -> np.ndarray:
+    """Arithmetic mean of the environment gradients, ``mean_e G[e]`` (paper §2.3, grad L = (1/K) sum_e grad L_e).
+
+    ``G``: ``[K, *shape]`` real floating, finite. Returns float64 of shape ``G.shape[1:]``.
+    """
+    return _mean(_stack64(G))
+
+
+def sign_agreement(G) -> np.ndarray:
+    """Sum of the signs over environments, ``S_j = sum_e sign(G[e, j])`` (paper §2.3), sign(0) = 0.
+
+    ``G``: ``[K, *shape]`` real floating, finite, K >= 1. Returns int64 of shape ``G.shape[1:]``, values in
+    ``[-K, K]`` with the parity of ``K - z`` (z = number of exact zeros of the component).
+    """
+    G64 = _stack64(G)
+    return np.asarray(_signs(G64).sum(axis=0), dtype=np.int64)
+
+
+def agreement_threshold_count(tau, K) -> int:
+    """Smallest ``|S|`` the AND-mask keeps: ``ceil(tau*K - 1e-9)`` (design.md, "Mask rule (canonical)").
+
+    The paper's test ``tau*K <= |S|`` on the integer ``|S|`` is ``|S| >= ceil(tau*K)``. The ``- 1e-9`` keeps ties
+    when ``tau`` carries float noise: ``tau = 2*0.8 - 1 = 0.6000000000000001`` with ``K = 10`` gives 6, not 7, so an
+    8-of-10 agreement (``|S| = 6``) is kept as the paper's ``>=`` intends. The tolerance absorbs rounding noise
+    in ``tau*K`` as long as ``K`` is far below 1e6. ``tau`` in [0, 1], ``K`` an integer >= 1; returns an int in
+    ``[0, K]``.
+    """
+    tau = _validate_tau(tau)
+    K = integer(K, "K", low=1)
+    return math.ceil(tau * K - TIE_TOLERANCE)
+
+
+def and_mask(G, tau) -> np.ndarray:
+    """AND-mask, threshold form: ``[m_tau]_j = 1[ tau*K <= |sum_e sign(G[e, j])| ]`` (paper §2.3).
+
+    Computed on the integer sign sum as ``|S_j| >= ceil(tau*K - 1e-9)`` (design.md): ties are kept (the paper's
+    ``>=``), and float noise in ``tau*K`` cannot flip a tie. Exact zeros count as sign 0, so they dilute the
+    agreement: with p positive, q negative and z zero signs the component is kept iff ``|p - q| >= tau*K``.
+
+    - ``tau = 0`` keeps every component (plain averaging);
+    - ``tau = 1`` keeps only unanimous nonzero signs.
+
+    ``G``: ``[K, *shape]`` real floating, finite, K >= 1. ``tau``: a real number in [0, 1] (TypeError for bools
+    and non-reals, ValueError outside the range or NaN). Returns bool of shape ``G.shape[1:]``.
+    """
+    tau = _validate_tau(tau)
+    G64 = _stack64(G)
+    return _threshold_keep(_signs(G64).sum(axis=0), G64.shape[0], tau)
+
+
+def and_mask_count(G, t) -> np.ndarray:
+    """AND-mask, count form: keep component j iff at least ``t`` environments agree on its sign (paper §2.3).
+
+    ``[m_t]_j = 1[ max(p_j, q_j) >= t ]`` with p_j / q_j the numbers of strictly positive / negative entries.
+    The paper relates it to the threshold form by ``t = (K/2)(tau + 1)``; the paper gives ``t`` in
+    ``{K/2, ..., K}`` (§2.3) or ``{K/2 + 1, ..., K}`` (App. A.3, A.4); this function accepts any integer
+    ``t`` in ``[0, K]``.
+
+    It differs from the threshold form (``and_mask``) only when some entries are exactly 0: the threshold form
+    compares ``|p - q|``, the count form ``max(p, q)``. Paper.md §4.2 example: K = 4, p = 2, q = 0, z = 2,
+    tau = 0.5 (t = 3): the threshold form keeps (|S| = 2 >= 2), the count form drops (max(p, q) = 2 < 3). Without
+    zeros, q = K - p and ``max(p, q) >= t`` iff ``|p - q| >= 2t - K``.
+
+    ``G``: ``[K, *shape]`` real floating, finite. ``t``: an integer in ``[0, K]`` (TypeError for bools and
+    non-integers). Returns bool of shape ``G.shape[1:]``.
+    """
+    G64 = _stack64(G)
+    t = integer(t, "t", low=0, high=G64.shape[0])
+    positives = (G64 > 0).sum(axis=0)
+    negatives = (G64 < 0).sum(axis=0)
+    return np.asarray(np.maximum(positives, negatives) >= t, dtype=bool)
+
+
+def and_masked_mean(G, tau) -> np.ndarray:
+    """The AND-masked gradient ``m_tau ⊙ mean_e G[e]`` (paper §2.3; the authors' ``and_mask`` method).
+
+    ``G``: ``[K, *shape]`` real floating, finite; ``tau`` in [0, 1]. Returns float64 of shape ``G.shape[1:]``;
+    masked components are exactly 0.0. Not rescaled (see ``rescale_inverse_sparsity``).
+    """
+    tau = _validate_tau(tau)
+    G64 = _stack64(G)
+    keep = _threshold_keep(_signs(G64).sum(axis=0), G64.shape[0], tau)
+    return np.asarray(np.where(keep, _mean(G64), 0.0), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometric mean of gradients  [paper §2.2, §2.3(i), paper.md §4.4]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _geometric_mean_tau(flavour: str, tau) -> float:
+    """Validate (flavour, tau) for the geometric mean and return the tau actually used."""
+    flavour = choice(flavour, "flavour", FLAVOURS)
+    if tau is None:
+        return 1.0
+    tau = _validate_tau(tau)
+    if flavour == "paper" and tau != 1.0:
+        raise ValueError(
+            "tau must be None or 1 for flavour='paper': the paper defines the geometric mean of gradients only "
+            f"when all K signs agree (paper §2.3 (i)); got tau={tau}. Use flavour='original' for the authors' "
+            "partial-agreement variant"
+        )
+    return tau
+
+
+def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
+    """Components where the geometric mean of gradients is not forced to 0.
+
+    - ``flavour="paper"``: all K signs equal and nonzero (``|S_j| == K``); ``tau`` must be None or 1.
+    - ``flavour="original"``: the AND-mask ``and_mask(G, tau)``, ``tau`` defaulting to 1 when None.
+
+    Returns bool of shape ``G.shape[1:]``. With ``flavour="original"`` and tau < 1 a kept component can still be
+    0 (difference (c) in ``geometric_mean``).
+    """
+    tau = _geometric_mean_tau(flavour, tau)
+    G64 = _stack64(G)
+    S = _signs(G64).sum(axis=0)
+    if flavour == "paper":
+        return np.asarray(np.abs(S) == G64.shape[0], dtype=bool)
+    return _threshold_keep(S, G64.shape[0], tau)
+
+
+def geometric_mean(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
+    """Elementwise signed geometric mean of the environment gradients.
+
+    ``flavour="paper"`` (paper §2.2, §2.3 (i), computed in the log domain as §2.3 (iii) asks)::
+
+        g_j = s * exp( (1/K) sum_e log|G[e, j]| )    if all K signs of component j equal s != 0
+        g_j = 0                                       otherwise (a disagreement or an exact zero)
+
+    No epsilon: the log is only taken where every magnitude is nonzero. The log-domain mean lies between the
+    smallest and largest magnitude, so it neither underflows nor overflows (K = 16, |g| = 1e-3 gives 1e-3).
+    ``tau`` must be None or 1 (ValueError otherwise).
+
+    ``flavour="original"`` (the authors' ``and_mask_utils.get_grads``, method ``'geom_mean'``)::
+
+        g_j = m_tau,j * sign(mean_e G[e, j]) * exp( mean_e log(|G[e, j]| + 1e-10) )
+
+    with ``m_tau = and_mask(G, tau)`` (the canonical integer rule; ``tau`` defaults to 1 when None). It differs
+    from the paper (paper.md §4.4):
+
+    (a) with tau < 1, components whose signs only partly agree are kept, with the geometric mean of the
+        *magnitudes* and the sign of the *arithmetic* mean; the paper sets them to 0;
+    (b) an exact zero in one environment gives the magnitude ``(1e-10 * prod_others (|g| + 1e-10))^(1/K) > 0``
+        instead of 0, and survives when tau <= (K - 1)/K (e.g. (1, 2, 0): ~5.848e-4 for tau <= 2/3);
+    (c) ``sign(mean)`` can be 0 for a nonzero, partly agreeing set (e.g. +1 and -1 at tau = 0), giving 0;
+    (d) with tau = 1 and no zeros it matches the paper except for the ``+1e-10`` inside the log (a relative
+        change of about ``1e-10 / |g|``).
+
+    Computed in float64 (the authors' code runs in the parameters' dtype, float32, where ``|g| + 1e-10`` rounds
+    to ``|g|`` for ``|g|`` above about 1e-3).
+
+    ``G``: ``[K, *shape]`` real floating, finite. Returns float64 of shape ``G.shape[1:]``; components outside
+    ``geometric_mean_mask`` are exactly 0.0.
+    """
+    tau = _geometric_mean_tau(flavour, tau)
+    G64 = _stack64(G)
+    K = G64.shape[0]
+    S = _signs(G64).sum(axis=0)
+    if flavour == "paper":
+        keep = np.abs(S) == K
+        magnitudes = np.where(keep, np.abs(G64), 1.0)  # log only where every magnitude is nonzero
+        value = np.sign(S) * np.exp(np.log(magnitudes).mean(axis=0))
+    else:
+        keep = _threshold_keep(S, K, tau)
+        value = np.sign(_mean(G64)) * np.exp(np.log(np.abs(G64) + ORIGINAL_LOG_EPSILON).mean(axis=0))
+    return np.asarray(np.where(keep, value, 0.0), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAND-mask  [arXiv 2106.02266; DomainBed SANDMask, implementations.md §1.2]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sand_mask(G, tau, k=10.0) -> np.ndarray:
+    """Smoothed AND-mask (SAND-mask) with gamma = 1, as DomainBed's ``SANDMask`` defines it::
+
+        mask_j = max( tanh( k * (A_j - tau) / var_j ), 0 ),   A_j = |S_j| / K,
+        var_j  = unbiased (ddof = 1) variance of G[:, j] over the K environments.
+
+    Degenerate cases are defined by their mathematical limits (DomainBed instead substitutes 1e-17 for NaN):
+
+    - ``var_j == 0`` (identical gradients in every environment, or a variance that underflows float64):
+      the limit var -> 0+ gives 1 if ``A_j > tau`` and 0 if ``A_j <= tau``. At ``A_j == tau`` the argument is
+      ``0 / var = 0`` for every var > 0, so the limit is tanh(0) = 0: ties are dropped, unlike the AND-mask.
+    - ``K == 1``: the unbiased variance of one sample is 0/0; the spread of a single sample is taken as 0 and
+      the rule above applies (nonzero entries get 1 when tau < 1; everything gets 0 when tau = 1).
+
+    ``A_j`` is compared with ``tau`` in float64. Where ``k (A - tau) / var`` overflows it is +-inf and tanh gives
+    +-1. The mask lies in [0, 1]: values below 1 whenever var > 0 mathematically, but ``tanh(x)`` rounds to
+    1.0 in float64 for x above about 19, and the var = 0 limit is exactly 1.
+
+    ``G``: ``[K, *shape]`` real floating, finite. ``tau`` in [0, 1]; ``k`` a finite real > 0. Returns float64 of
+    shape ``G.shape[1:]``.
+    """
+    tau = _validate_tau(tau)
+    k = positive(k, "k")
+    G64 = _stack64(G)
+    K = G64.shape[0]
+    agreement = np.abs(_signs(G64).sum(axis=0)) / K
+    if K == 1:
+        variance = np.zeros(G64.shape[1:])
+    else:
+        identical = np.all(G64 == G64[0], axis=0)
+        variance = np.where(identical, 0.0, G64.var(axis=0, ddof=1))
+    degenerate = variance == 0.0
+    limit = np.where(agreement > tau, 1.0, 0.0)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        smooth = np.maximum(np.tanh(k * (agreement - tau) / variance), 0.0)
+    return np.asarray(np.where(degenerate, limit, smooth), dtype=np.float64)
+
+
+def sand_masked_mean(G, tau, k=10.0) -> np.ndarray:
+    """The SAND-masked gradient ``sand_mask(G, tau, k) ⊙ mean_e G[e]`` (not rescaled).
+
+    DomainBed always rescales it afterwards; use ``rescale_inverse_sparsity`` (or ``aggregate(...,
+    rescale=True)``) for that. Returns float64 of shape ``G.shape[1:]``.
+    """
+    mask = sand_mask(G, tau, k)
+    return np.asarray(mask * _mean(_stack64(G)), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rescaling  [paper App. B.3.1, footnote 14; design.md "Rescaling"]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rescale_inverse_sparsity(g, mask) -> np.ndarray:
+    """Layer-wise "inverse sparsity" rescaling of one parameter tensor's masked gradient (paper App. B.3.1).
+
+    Returns ``g * n / n_kept`` with ``n = g.size`` and ``n_kept = mask.sum()``: c = 1 when nothing is masked;
+    when nothing is kept (``n_kept == 0``) the result is exactly 0, as footnote 14 says ("infinite if all
+    components are masked out (which we then keep as 0)"). ``g`` is expected to be already masked; this function
+    only scales it. Soft masks (e.g. the SAND-mask) work too: ``n_kept`` is then the sum of the soft values.
+
+    The authors' code multiplies by ``1 / (1e-10 + n_kept / n)``; that differs from ``n / n_kept`` by a relative
+    ``1e-10 * n / n_kept`` at most (1e-10 when everything is kept) and gives the same exact 0 when nothing is.
+
+    ``g``: real floating, finite, any shape. ``mask``: bool or real floating of the same shape, values in
+    [0, 1]. Returns float64 of ``g``'s shape.
+    """
+    g64 = finite(float_array(g, "g"), "g").astype(np.float64)
+    mask_arr = np.asarray(mask)
+    if mask_arr.dtype != np.bool_:
+        mask_arr = finite(float_array(mask, "mask"), "mask")
+        if mask_arr.size and (mask_arr.min() < 0 or mask_arr.max() > 1):
+            raise ValueError(
+                f"mask must hold values in [0, 1], got min {mask_arr.min()} and max {mask_arr.max()}"
+            )
+    if mask_arr.shape != g64.shape:
+        raise ValueError(f"mask must have the shape of g {g64.shape}, got shape {mask_arr.shape}")
+    n_kept = float(mask_arr.astype(np.float64).sum())
+    if n_kept == 0.0:
+        return np.zeros(g64.shape, dtype=np.float64)
+    factor = g64.size / n_kept  # exactly 1.0 when everything is kept
+    if not math.isfinite(factor):  # a soft mask whose sum is subnormal: divide first
+        return np.asarray(g64 / n_kept * g64.size, dtype=np.float64)
+    return np.asarray(g64 * factor, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A rule applied to a whole model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate_gradient_list(grads) -> list[np.ndarray]:
+    """Validate a model's list of gradient stacks; return them as float64 arrays."""
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list or tuple of gradient stacks G[K, *shape], got {type(grads).__name__}")
+    if len(grads) == 0:
+        raise ValueError("grads must hold at least one gradient stack, got an empty sequence")
+    stacks = [gradient_stack(G, f"grads[{i}]") for i, G in enumerate(grads)]
+    K0 = stacks[0].shape[0]
+    for i, G in enumerate(stacks):
+        if G.shape[0] != K0:
+            raise ValueError(
+                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
+                f"grads[{i}] has K={G.shape[0]} (shape {G.shape})"
+            )
+    for i, G in enumerate(stacks):
+        if G.dtype != stacks[0].dtype:
+            raise TypeError(
+                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is "
+                f"{G.dtype}"
+            )
+    return [G.astype(np.float64) for G in stacks]
+
+
+def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None):
+    """Apply one aggregation rule to every parameter tensor of a model, rescaling per tensor when asked.
+
+    ``grads``: a non-empty list or tuple of gradient stacks ``G[K, *shape_i]``, one per parameter tensor, all
+    with the same K >= 1 and the same real floating dtype, finite.
+
+    ``rule`` and the masks it returns:
+
+    - ``"mean"``: ``mean_e G[e]``; mask all True. ``tau`` must be None or 0 (the mean is the AND-mask at
+      tau = 0; use ``rule="and_mask"`` for tau > 0).
+    - ``"and_mask"``: ``and_masked_mean(G, tau)``; the bool AND-mask. ``tau`` None means 0.
+    - ``"geometric_mean"``: ``geometric_mean(G, flavour=flavour, tau=tau)``; the bool ``geometric_mean_mask``.
+      ``flavour`` None means ``"paper"``; ``tau`` None means 1 (the only value the paper flavour accepts).
+    - ``"sand_mask"``: ``sand_masked_mean(G, tau, k)``; the float64 soft mask. ``tau`` None means 0, ``k``
+      None means 10.
+
+    ``flavour`` is accepted only with ``rule="geometric_mean"`` and ``k`` only with ``rule="sand_mask"``
+    (ValueError otherwise). ``rescale`` (a bool) multiplies each tensor's result by ``n / n_kept`` of its own
+    mask (``rescale_inverse_sparsity``); a fully masked tensor stays exactly 0.
+
+    Returns ``(aggregated, masks)``: two lists with one float64 array (resp. mask) of shape ``shape_i`` per
+    parameter tensor.
+    """
+    rule = choice(rule, "rule", RULES)
+    if not isinstance(rescale, (bool, np.bool_)):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
+    if flavour is not None and rule != "geometric_mean":
+        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
+    if k is not None and rule != "sand_mask":
+        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
+    if rule == "mean" and tau is not None and _validate_tau(tau) != 0.0:
+        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
+    if rule in ("and_mask", "sand_mask"):
+        tau = 0.0 if tau is None else _validate_tau(tau)
+    if rule == "geometric_mean":
+        flavour = "paper" if flavour is None else flavour
+        tau = _geometric_mean_tau(flavour, tau)
+    if rule == "sand_mask":
+        k = positive(10.0 if k is None else k, "k")
+    stacks = _validate_gradient_list(grads)
+
+    aggregated, masks = [], []
+    for G in stacks:
+        if rule == "mean":
+            value, mask = _mean(G), np.ones(G.shape[1:], dtype=bool)
+        elif rule == "and_mask":
+            value, mask = and_masked_mean(G, tau), and_mask(G, tau)
+        elif rule == "geometric_mean":
+            value = geometric_mean(G, flavour=flavour, tau=tau)
+            mask = geometric_mean_mask(G, flavour=flavour, tau=tau)
+        else:
+            value, mask = sand_masked_mean(G, tau, k), sand_mask(G, tau, k)
+        if rescale:
+            value = rescale_inverse_sparsity(value, mask)
+        aggregated.append(value)
+        masks.append(mask)
+    return aggregated, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temporal AND-mask Adam  [paper §3.3, App. B.6, Algorithm 1; paper.md §4.7]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _shapes_of(params_or_shapes) -> list[tuple[int, ...]]:
+    """Shapes from a list whose entries are shape tuples (of ints) or parameter arrays."""
+    if not isinstance(params_or_shapes, (list, tuple)):
+        raise TypeError(
+            "params_or_shapes must be a list or tuple with one entry (a shape tuple or an array) per parameter "
+            f"tensor, got {type(params_or_shapes).__name__}"
+        )
+    if len(params_or_shapes) == 0:
+        raise ValueError("params_or_shapes must hold at least one parameter tensor, got an empty sequence")
+    shapes = []
+    for i, item in enumerate(params_or_shapes):
+        if isinstance(item, tuple) and all(isinstance(d, numbers.Integral) for d in item):
+            shapes.append(tuple(integer(d, f"params_or_shapes[{i}][{j}]", low=0) for j, d in enumerate(item)))
+        else:
+            shapes.append(float_array(item, f"params_or_shapes[{i}]").shape)
+    return shapes
+
+
+class TemporalAndMaskAdam:
+    """Algorithm 1 of the paper, "temporal" AND-mask Adam (App. B.6), exactly as printed.
+
+    Sign agreement is accumulated over time (one environment per step) by a third exponential moving average.
+    With zero initial state ``m = v = a = 0`` and ``t = 0``, each ``step`` does, elementwise::
+
+        t <- t + 1
+        m <- beta1 m + (1 - beta1) g
+        v <- beta2 v + (1 - beta2) g*g            (from the unmasked g)
+        a <- beta3 a + (1 - beta3) sign(g)        (sign(0) = 0)
+        b <- 1[ |a| >= tau ]
+        theta <- theta - lr * (m * b) / (sqrt(v) + eps)      (the mask acts on the first moment only)
+
+    Decisions where the paper is silent (paper.md §4.7, §12 item 15):
+
+    - The initial state is 0 (the paper does not state it). So the first step can only move a component if
+      ``1 - beta3 >= tau``: e.g. beta3 = 0.8, tau = 0.5 gives |a| = 0.2 < tau and nothing moves.
+    - No bias correction by default, as printed. ``bias_correction=True`` uses ``m / (1 - beta1^t)``,
+      ``v / (1 - beta2^t)`` and ``a / (1 - beta3^t)``, each with its own beta: ``a`` is also an EMA started at
+      zero, biased towards 0 by the same factor, and its corrected value is a weighted mean of past signs in
+      [-1, 1]. The corrected values are used for the mask and the update; the stored state stays uncorrected.
+    - ``|a| >= tau`` is compared in float64 as printed, with no tie tolerance (``a`` is not an integer count):
+      e.g. ``1 - 0.8 = 0.19999999999999996 < 0.2``.
+    - Where ``sqrt(v) + eps == 0`` (only possible with eps = 0) the numerator is 0 as well and the update is 0,
+      the eps -> 0 limit; a nonzero numerator there (g*g underflowed to 0) raises ValueError.
+    - Weight decay is NOT part of this step: the paper applies it "as a second independent update after the
+      AND-mask routine" (decoupled); apply it separately.
+
+    Constructor: ``params_or_shapes`` is a list with one entry per parameter tensor, either a shape tuple of ints
+    or an array (only its shape is used). ``lr > 0``; ``beta1, beta2, beta3`` in [0, 1); ``tau`` in [0, 1];
+    ``eps >= 0``; ``bias_correction`` a bool.
+
+    ``step(params, grads)`` takes two lists of real floating, finite arrays of the registered shapes, returns
+    ``(new_params, masks)``: float64 arrays and the bool masks ``b``; the inputs are never modified. The state is
+    readable as ``m``, ``v``, ``a`` (lists of float64 arrays, uncorrected) and ``t`` (steps taken).
+    """
+
+    def __init__(
+        self,
+        params_or_shapes,
+        lr,
+        *,
+        beta3,
+        tau,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        bias_correction=False,
+    ):
+        self.shapes = _shapes_of(params_or_shapes)
+        self.lr = positive(lr, "lr")
+        self.beta1 = self._beta(beta1, "beta1")
+        self.beta2 = self._beta(beta2, "beta2")
+        self.beta3 = self._beta(beta3, "beta3")
+        self.tau = _validate_tau(tau)
+        self.eps = positive(eps, "eps", allow_zero=True)
+        if not isinstance(bias_correction, (bool, np.bool_)):
+            raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__} {bias_correction!r}")
+        self.bias_correction = bool(bias_correction)
+        self.m = [np.zeros(shape) for shape in self.shapes]
+        self.v = [np.zeros(shape) for shape in self.shapes]
+        self.a = [np.zeros(shape) for shape in self.shapes]
+        self.t = 0
+
+    @staticmethod
+    def _beta(value, name: str) -> float:
+        value = in_range(value, name, 0.0, 1.0)
+        if value == 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        return value
+
+    def _arrays(self, arrays, name: str) -> list[np.ndarray]:
+        if not isinstance(arrays, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of arrays, got {type(arrays).__name__}")
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"{name} must hold {len(self.shapes)} arrays (one per parameter), got {len(arrays)}")
+        out = []
+        for i, (x, shape) in enumerate(zip(arrays, self.shapes)):
+            arr = finite(float_array(x, f"{name}[{i}]"), f"{name}[{i}]")
+            if arr.shape != shape:
+                raise ValueError(f"{name}[{i}] must have shape {shape}, got shape {arr.shape}")
+            out.append(arr.astype(np.float64))
+        return out
+
+    def step(self, params, grads):
+        """One step of Algorithm 1; returns ``(new_params, masks)`` and updates ``m, v, a, t``."""
+        params64 = self._arrays(params, "params")
+        grads64 = self._arrays(grads, "grads")
+        t = self.t + 1
+        b1, b2, b3 = self.beta1, self.beta2, self.beta3
+        m = [b1 * m + (1 - b1) * g for m, g in zip(self.m, grads64)]
+        v = [b2 * v + (1 - b2) * g * g for v, g in zip(self.v, grads64)]
+        a = [b3 * a + (1 - b3) * np.sign(g) for a, g in zip(self.a, grads64)]
+        if self.bias_correction:
+            m_used = [x / (1 - b1**t) for x in m]
+            v_used = [x / (1 - b2**t) for x in v]
+            a_used = [x / (1 - b3**t) for x in a]
+        else:
+            m_used, v_used, a_used = m, v, a
+
+        new_params, masks = [], []
+        for i, (theta, m_i, v_i, a_i) in enumerate(zip(params64, m_used, v_used, a_used)):
+            mask = np.asarray(np.abs(a_i) >= self.tau, dtype=bool)
+            numerator = m_i * mask
+            denominator = np.sqrt(v_i) + self.eps
+            if np.any((denominator == 0) & (numerator != 0)):
+                raise ValueError(
+                    f"grads[{i}]: sqrt(v) + eps is 0 where the masked first moment is not (g*g underflowed to 0 "
+                    "with eps = 0); use eps > 0"
+                )
+            update = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+            new_params.append(np.asarray(theta - self.lr * update, dtype=np.float64))
+            masks.append(mask)
+
+        self.m, self.v, self.a, self.t = m, v, a, t
+        return new_params, masks
