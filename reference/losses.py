@@ -170,7 +170,9 @@ def predictions_correct(kind: str, logits, targets) -> np.ndarray:
     ``mse`` is a regression loss, for which correctness is not defined: ValueError.
     """
     if kind == "mse":
-        raise ValueError("loss kind 'mse' has no notion of a correct prediction; use 'bce_with_logits' or 'cross_entropy'")
+        raise ValueError(
+            "loss kind 'mse' has no notion of a correct prediction; use 'bce_with_logits' or 'cross_entropy'"
+        )
     z, y, form = _validated(kind, logits, targets)
     if kind == "bce_with_logits":
         return (z[..., 0] >= 0) == (y >= 0.5)
