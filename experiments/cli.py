@@ -61,7 +61,8 @@ def _add_synthetic(subparsers) -> None:
                    help="agreement threshold for and_mask / sand_mask (default: 1.0 and 0.5); ignored by mean")
     g = p.add_argument_group("data (spirals, paper §6.1-6.2)")
     g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="training environments")
-    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env)
+    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
+                   help="training examples per environment")
     g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
     g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
     g.add_argument("--n-revolutions", type=float, default=d.n_revolutions, help="spiral revolutions")
@@ -70,11 +71,13 @@ def _add_synthetic(subparsers) -> None:
     g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
     g = p.add_argument_group("model and training (paper Table 1)")
     g.add_argument("--hidden", type=_int_list, default=t.hidden, help="hidden widths, comma-separated")
-    g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation)
+    g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation,
+                   help="hidden-layer nonlinearity (LeakyReLU slope 0.01)")
     g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear")
     g.add_argument("--bn-semantics", choices=("pooled", "per_env"), default=t.bn_semantics,
                    help="BatchNorm statistics over all environments of a step, or per environment")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default=t.optimizer)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=t.optimizer,
+                   help="Adam (betas 0.9, 0.999) or SGD with momentum")
     g.add_argument("--lr", type=float, default=t.lr, help="learning rate")
     g.add_argument("--momentum", type=float, default=t.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_nonnegative, default=t.weight_decay, help="L2 coefficient")
@@ -86,7 +89,7 @@ def _add_synthetic(subparsers) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=t.batch_size, help="examples per environment")
     g.add_argument("--n-agreement-envs", type=_positive_int, default=None,
                    help="environments per step (must divide --n-envs; default: all of them)")
-    g.add_argument("--epochs", type=_positive_int, default=t.epochs)
+    g.add_argument("--epochs", type=_positive_int, default=t.epochs, help="passes over the training data")
     g.add_argument("--lr-milestones", type=_int_list, default=None,
                    help="epochs where the learning rate drops x0.1 (default: at 3/4 of the epochs)")
     g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation and batching")

@@ -143,11 +143,18 @@ def ridge_fixed_point():
     return np.linalg.solve(X.T @ X / 4 + 0.01 * np.eye(5), X.T @ y / 4)
 
 
-def test_averaging_reaches_the_patchwork_solution():
-    theta = training.train_patchwork_regression("mean")
-    np.testing.assert_allclose(theta, ridge_fixed_point(), atol=1e-3)
-    # the notebook's printed result
-    np.testing.assert_allclose(theta, [0.319, 0.319, 0.319, 0.319, 0.126], atol=5e-3)
+def test_averaging_converges_to_the_ridge_fixed_point():
+    theta = training.train_patchwork_regression("mean", lr_decay=1.0, n_iters=20000)
+    np.testing.assert_allclose(theta, ridge_fixed_point(), rtol=0, atol=1e-5)
+
+
+def test_averaging_reaches_the_patchwork_solution_with_the_notebook_settings():
+    for seed in range(3):
+        theta = training.train_patchwork_regression("mean", seed=seed)
+        # the notebook's printed result, ~[0.319, 0.319, 0.319, 0.319, 0.126]; after 1000 steps the slow direction
+        # (shared feature vs the four private ones) still remembers the random initialisation
+        np.testing.assert_allclose(theta[:4], 0.319, atol=3e-3)
+        assert abs(theta[4] - 0.126) < 0.025, theta
 
 
 @pytest.mark.parametrize("method", ["and_mask", "geometric_mean"])
@@ -155,5 +162,7 @@ def test_and_mask_and_geometric_mean_reach_the_invariant_solution(method):
     for seed in range(3):
         theta = training.train_patchwork_regression(method, seed=seed)
         # only the feature shared by every environment is used; its fixed point 0.3 (0.3 t - 1) + 0.01 t = 0 is 3
+        # (the frozen private weights, |theta_i| < 0.05 after weight decay, move it: mean_e 0.3 (3 theta_e + 0.3 t - 1)
+        # + 0.01 t = 0 gives t = 3 - 9 mean(theta_i))
         assert np.all(np.abs(theta[:4]) < 0.05), theta
-        assert abs(theta[4] - 3.0) < 0.02, theta
+        assert abs(theta[4] - (3.0 - 9 * np.mean(theta[:4]))) < 0.02, theta
