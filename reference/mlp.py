@@ -550,6 +550,20 @@ def update_running_stats(running, batch_stats, momentum: float = 0.1) -> list[Ru
     return updated
 
 
+def _check_gradient_call(spec: MLPSpec, params, X, Y, loss, semantics):
+    """Validate the arguments of a gradient computation on environment batches ``X[K, B, in]``; return the
+    checked ``(semantics, loss, params, X)``."""
+    _check_spec(spec)
+    semantics = _check_semantics(semantics)
+    loss = _check_loss(spec, loss)
+    params = _check_params(spec, params)
+    X = _check_inputs(spec, X, ndim=3)
+    K, B, _ = X.shape
+    _check_targets(spec, loss, Y, K, B)
+    _check_batch_norm_rows(spec, semantics, K, B)
+    return semantics, loss, params, X
+
+
 def env_gradients(spec: MLPSpec, params, X, Y, *, loss: str, semantics: str = "pooled") -> EnvGradients:
     """Per-environment gradients ``G[e] = dL_e/dtheta`` of environment batches, in training mode.
 
@@ -563,14 +577,8 @@ def env_gradients(spec: MLPSpec, params, X, Y, *, loss: str, semantics: str = "p
     ``[K, K*B, width]`` at K times the cost (module docstring). ``semantics='per_env'`` with BatchNorm and
     B = 1 raises ValueError, as torch does.
     """
-    _check_spec(spec)
-    semantics = _check_semantics(semantics)
-    loss = _check_loss(spec, loss)
-    params = _check_params(spec, params)
-    X = _check_inputs(spec, X, ndim=3)
+    semantics, loss, params, X = _check_gradient_call(spec, params, X, Y, loss, semantics)
     K, B, _ = X.shape
-    _check_targets(spec, loss, Y, K, B)
-    _check_batch_norm_rows(spec, semantics, K, B)
 
     flat = _flat_layout(spec, semantics)
     logits, tape, last_hidden = _forward(spec, params, X.reshape(K * B, -1) if flat else X)
@@ -594,14 +602,8 @@ def pooled_gradient(spec: MLPSpec, params, X, Y, *, loss: str, semantics: str = 
     parameter shapes. The forward runs over all K*B rows at once (``per_env`` BatchNorm: per-environment
     statistics, and the per-environment parameter gradients are summed).
     """
-    _check_spec(spec)
-    semantics = _check_semantics(semantics)
-    loss = _check_loss(spec, loss)
-    params = _check_params(spec, params)
-    X = _check_inputs(spec, X, ndim=3)
+    semantics, loss, params, X = _check_gradient_call(spec, params, X, Y, loss, semantics)
     K, B, _ = X.shape
-    _check_targets(spec, loss, Y, K, B)
-    _check_batch_norm_rows(spec, semantics, K, B)
 
     per_env_statistics = spec.batch_norm and semantics == "per_env"
     logits, tape, last_hidden = _forward(spec, params, X if per_env_statistics else X.reshape(K * B, -1))
