@@ -127,6 +127,65 @@ def _run_synthetic(args) -> int:
     return 0
 
 
+def _add_ilc(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ilc",
+        help="exact inconsistency scores and ILC of quadratic problems (paper §2, App. A.2)",
+        description=(
+            "Without a problem: the paper's worked examples (Fig. 3, Fig. 12, Remark 2, the Prop. 3 "
+            "counterexample) with the exact I^eps, the determinant ratio and the Prop. 3 bound as printed (2 eps, "
+            "false in general) and corrected (4 eps). With --hessians FILE.npz (H of shape [K, P, P] or [K, P] "
+            "for diagonal Hessians; optional mu [K, P] and c [K]) or --patchwork: the exact I^eps of that "
+            "problem at its common minimizer (else its pooled minimizer); with --compare also the ILC of "
+            "averaging, the AND-mask (tau = 1) and the geometric mean by Monte Carlo over initial points."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--hessians", type=Path, default=None, help="problem file (.npz with H, optional mu, c)")
+    source.add_argument("--patchwork", action="store_true",
+                        help="the notebook's patchwork regression with an L2 term (--l2) in each environment")
+    p.add_argument("--l2", type=_nonnegative, default=0.01, help="L2 coefficient of --patchwork")
+    p.add_argument("--eps", type=float, default=1.0, help="band width eps of the inconsistency score (> 0)")
+    p.add_argument("--compare", action="store_true", help="ILC of mean, AND-mask and geometric mean")
+    p.add_argument("--n-init", type=_positive_int, default=16, help="initial points for --compare")
+    p.add_argument("--eta", type=float, default=0.1, help="gradient-descent step size for --compare")
+    p.add_argument("--steps", type=_positive_int, default=5000, help="gradient-descent steps for --compare")
+    p.add_argument("--init-scale", type=_nonnegative, default=1.0, help="std of the initial points")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial points")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(run=_run_ilc)
+
+
+def _run_ilc(args) -> int:
+    import json
+
+    from hardtovary.experiments import ilc
+
+    if not args.eps > 0:
+        raise ValueError(f"--eps must be > 0, got {args.eps}")
+    if args.hessians is None and not args.patchwork:
+        reports = {}
+        for example in ilc.PAPER_EXAMPLES:
+            from hardtovary.reference import quadratic
+
+            reports[example.name] = {"description": example.description,
+                                     **ilc.score_report(quadratic.QuadraticProblem(example.hessians), args.eps)}
+        if args.json:
+            print(json.dumps({"examples": reports}, indent=2))
+        else:
+            print(ilc.format_examples(reports))
+        return 0
+    problem = ilc.load_problem(args.hessians) if args.hessians else ilc.patchwork_problem(args.l2)
+    report = ilc.score_report(problem, args.eps)
+    if args.compare:
+        report["compare"] = ilc.compare_rules(problem, args.eps, n_init=args.n_init, eta=args.eta,
+                                              n_steps=args.steps, init_scale=args.init_scale, seed=args.seed)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(ilc.format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hardtovary",
@@ -135,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hardtovary {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_synthetic(subparsers)
+    _add_ilc(subparsers)
     return parser
 
 

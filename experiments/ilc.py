@@ -1,0 +1,157 @@
+"""``hardtovary ilc``: exact inconsistency scores of quadratic problems and the ILC of averaging, the AND-mask and
+the geometric mean (paper §2, App. A.2).
+
+Three uses:
+
+- the paper's worked examples (Fig. 3, Fig. 12, Remark 2, the Prop. 3 counterexample) with the exact I^eps, the
+  determinant ratio and both versions of the Prop. 3 bound;
+- a user-supplied problem from an ``.npz`` file (``H`` of shape [K, P, P] or [K, P] for diagonal Hessians,
+  optional ``mu`` [K, P] and ``c`` [K]), scored at its pooled minimizer (or its common minimizer);
+- the ILC of the three aggregation rules on a problem: gradient descent with each rule from random initial points,
+  and the exact I^eps of the point each run reaches (Monte Carlo over the initialisation, with its standard error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hardtovary.reference import consistency, quadratic
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    description: str
+    hessians: np.ndarray  # [K, P] diagonal
+
+
+#: The paper's worked examples: diagonal two-environment problems with a common minimizer at 0.
+PAPER_EXAMPLES = (
+    Example("fig3", "Fig. 3: H_A = diag(0.05, 1), H_B = diag(1, 0.05)", np.array([[0.05, 1.0], [1.0, 0.05]])),
+    Example("fig12", "Fig. 12: H_A = diag(0.01, 1), H_B = diag(1, 0.01)", np.array([[0.01, 1.0], [1.0, 0.01]])),
+    Example("remark2a", "Remark 2(a): H_A = H_B", np.array([[0.3, 2.0], [0.3, 2.0]])),
+    Example("remark2b", "Remark 2(b): lamA_1 = 0 < lamB_1", np.array([[0.0, 1.0], [1.0, 1.0]])),
+    Example("prop3_counterexample", "erratum: P = 1, lamA = 1, lamB = 100", np.array([[1.0], [100.0]])),
+)
+
+
+def _finite_or_none(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def score_report(problem: quadratic.QuadraticProblem, eps: float, theta_star=None) -> dict:
+    """The exact I^eps of ``problem`` at ``theta_star`` (default: the common minimizer, else the pooled minimizer),
+    the attaining pair and direction, and the Prop. 3 bounds where they are defined (K = 2, diagonal Hessians)."""
+    score = quadratic.inconsistency_score(problem, eps, theta_star=theta_star)
+    report = {"K": problem.K, "P": problem.P, "eps": eps, "inconsistency": _finite_or_none(score.value),
+              "inconsistency_over_eps": _finite_or_none(score.value / eps), "pair": list(score.pair),
+              "direction": None if score.direction is None else [float(d) for d in score.direction],
+              "method": score.method}
+    if problem.K == 2 and problem.diagonal:
+        lams = np.diagonal(problem.H, axis1=1, axis2=2)
+        report["determinant_ratio"] = _finite_or_none(quadratic.determinant_ratio(lams))
+        report["bound_printed"] = _finite_or_none(quadratic.prop3_bound_printed(lams[0], lams[1], eps))
+        report["bound_corrected"] = _finite_or_none(quadratic.prop3_bound_corrected(lams[0], lams[1], eps))
+    return report
+
+
+def load_problem(path) -> quadratic.QuadraticProblem:
+    """Read ``H`` ([K, P, P] or [K, P]) and optional ``mu`` [K, P] and ``c`` [K] from an ``.npz`` file."""
+    with np.load(path) as f:
+        if "H" not in f:
+            raise ValueError(f"{path} must hold an array named 'H' of shape [K, P, P] or [K, P]; "
+                             f"it holds {sorted(f.files)}")
+        return quadratic.QuadraticProblem(f["H"], f["mu"] if "mu" in f else None, f["c"] if "c" in f else None)
+
+
+def patchwork_problem(l2: float) -> quadratic.QuadraticProblem:
+    """The notebook's patchwork regression (paper §10) with an L2 term in every environment's loss,
+    ``L_e = 1/2 (x_e . theta - 1)^2 + l2/2 ||theta||^2``: a quadratic with ``H_e = x_e x_e^T + l2 I``, minimizer
+    ``mu_e = H_e^{-1} x_e`` and minimum ``c_e = 1/2 - 1/2 x_e . mu_e``; strictly convex for ``l2 > 0``."""
+    from hardtovary.reference import data
+
+    X, y = data.patchwork_regression()
+    H = np.einsum("ki,kj->kij", X, X) + l2 * np.eye(X.shape[1])
+    mu = np.stack([np.linalg.solve(H[e], y[e] * X[e]) for e in range(len(X))])
+    c = 0.5 * y ** 2 - 0.5 * np.einsum("ki,ki->k", y[:, None] * X, mu)
+    return quadratic.QuadraticProblem(H, mu, c)
+
+
+RULES = {"mean": {"rule": "mean"}, "and_mask": {"rule": "and_mask", "tau": 1.0},
+         "geometric_mean": {"rule": "geometric_mean"}}
+
+
+def compare_rules(problem: quadratic.QuadraticProblem, eps: float, *, n_init: int = 16, eta: float = 0.1,
+                  n_steps: int = 5000, init_scale: float = 1.0, seed: int = 0, progress=None) -> dict:
+    """ILC of averaging, the AND-mask (tau = 1) and the geometric mean on ``problem`` (paper eq. (2)).
+
+    Each rule runs gradient descent from ``n_init`` initial points ``theta_0 ~ N(0, init_scale^2 I)``; the exact
+    I^eps of each end point is computed and ILC = -mean, with its standard error. Also reports the mean end point
+    and its pooled loss.
+    """
+    results = {}
+    for name, rule in RULES.items():
+        rng = np.random.default_rng(seed)
+        ends = []
+
+        def algorithm(theta0, rule=rule):
+            theta = consistency.gradient_descent(problem.gradients, theta0, eta, n_steps, **rule)
+            ends.append(theta)
+            return theta
+
+        estimate = consistency.ilc_monte_carlo(
+            algorithm, lambda r: init_scale * r.standard_normal(problem.P),
+            lambda theta: quadratic.inconsistency_score(problem, eps, theta_star=theta).value, n_init, rng)
+        mean_end = np.mean(ends, axis=0)
+        results[name] = {"ilc": _finite_or_none(estimate.value), "stderr": _finite_or_none(estimate.stderr),
+                         "mean_end_point": [float(t) for t in mean_end],
+                         "pooled_loss_at_mean_end": float(problem.pooled_loss(mean_end))}
+        if progress is not None:
+            progress(name)
+    return {"eps": eps, "n_init": n_init, "eta": eta, "n_steps": n_steps, "rules": results}
+
+
+def _fmt(x, width=12, digits=4):
+    if x is None:
+        return f"{'undefined':>{width}}"
+    if isinstance(x, str):
+        return f"{x:>{width}}"
+    return f"{x:>{width}.{digits}g}"
+
+
+def format_examples(reports: dict) -> str:
+    """The paper's worked examples as a table (values in units of eps)."""
+    lines = [f"{'example':<22}{'I/eps':>12}{'det ratio':>12}{'printed/eps':>12}{'corrected/eps':>14}  printed bound",
+             ]
+    for name, r in reports.items():
+        eps = r["eps"]
+        scaled = [None if b is None else (b if isinstance(b, str) else b / eps)
+                  for b in (r.get("bound_printed"), r.get("bound_corrected"))]
+        value = r["inconsistency"]
+        holds = ("n/a" if scaled[0] is None else
+                 "holds" if isinstance(scaled[0], str) or (not isinstance(value, str) and value <= r["bound_printed"])
+                 else "VIOLATED")
+        lines.append(f"{name:<22}{_fmt(r['inconsistency_over_eps'])}{_fmt(r.get('determinant_ratio'))}"
+                     f"{_fmt(scaled[0])}{_fmt(scaled[1], 14)}  {holds}")
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """One problem's score (and rule comparison) as text."""
+    lines = [f"K = {report['K']}, P = {report['P']}, eps = {report['eps']}",
+             f"I^eps = {report['inconsistency']}  (I/eps = {report['inconsistency_over_eps']}), "
+             f"attained by the pair (e, e') = {tuple(report['pair'])} [{report['method']}]"]
+    if "bound_printed" in report:
+        lines.append(f"Prop. 3 bound: printed {report['bound_printed']}, corrected {report['bound_corrected']}")
+    if "compare" in report:
+        lines.append(f"\n{'rule':<16}{'ILC':>14}{'stderr':>12}   mean end point")
+        for name, r in report["compare"]["rules"].items():
+            point = ", ".join(f"{t:.3f}" for t in r["mean_end_point"])
+            lines.append(f"{name:<16}{_fmt(r['ilc'], 14)}{_fmt(r['stderr'])}   [{point}]")
+    return "\n".join(lines)
