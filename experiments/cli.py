@@ -159,14 +159,13 @@ def _run_ilc(args) -> int:
     import json
 
     from hardtovary.experiments import ilc
+    from hardtovary.reference import quadratic
 
     if not args.eps > 0:
         raise ValueError(f"--eps must be > 0, got {args.eps}")
     if args.hessians is None and not args.patchwork:
         reports = {}
         for example in ilc.PAPER_EXAMPLES:
-            from hardtovary.reference import quadratic
-
             reports[example.name] = {"description": example.description,
                                      **ilc.score_report(quadratic.QuadraticProblem(example.hessians), args.eps)}
         if args.json:

@@ -117,28 +117,27 @@ def compare_rules(problem: quadratic.QuadraticProblem, eps: float, *, n_init: in
     return {"eps": eps, "n_init": n_init, "eta": eta, "n_steps": n_steps, "rules": results}
 
 
+def _as_float(x):
+    """Undo :func:`_finite_or_none` for display: "inf" -> inf; None stays None."""
+    return None if x is None else float(x)
+
+
 def _fmt(x, width=12, digits=4):
-    if x is None:
-        return f"{'undefined':>{width}}"
-    if isinstance(x, str):
-        return f"{x:>{width}}"
-    return f"{x:>{width}.{digits}g}"
+    x = _as_float(x)
+    return f"{'undefined':>{width}}" if x is None else f"{x:>{width}.{digits}g}"
 
 
 def format_examples(reports: dict) -> str:
-    """The paper's worked examples as a table (values in units of eps)."""
-    lines = [f"{'example':<22}{'I/eps':>12}{'det ratio':>12}{'printed/eps':>12}{'corrected/eps':>14}  printed bound",
-             ]
+    """The paper's worked examples as a table, in units of eps, with whether the printed Prop. 3 bound holds."""
+    lines = [f"{'example':<22}{'I/eps':>12}{'det ratio':>12}{'printed/eps':>12}{'corrected/eps':>14}  printed bound"]
     for name, r in reports.items():
-        eps = r["eps"]
-        scaled = [None if b is None else (b if isinstance(b, str) else b / eps)
-                  for b in (r.get("bound_printed"), r.get("bound_corrected"))]
-        value = r["inconsistency"]
-        holds = ("n/a" if scaled[0] is None else
-                 "holds" if isinstance(scaled[0], str) or (not isinstance(value, str) and value <= r["bound_printed"])
-                 else "VIOLATED")
-        lines.append(f"{name:<22}{_fmt(r['inconsistency_over_eps'])}{_fmt(r.get('determinant_ratio'))}"
-                     f"{_fmt(scaled[0])}{_fmt(scaled[1], 14)}  {holds}")
+        value, printed, corrected = (_as_float(r.get(k)) for k in ("inconsistency", "bound_printed",
+                                                                   "bound_corrected"))
+        holds = "n/a" if printed is None else ("holds" if value <= printed else "VIOLATED")
+        scale = 1 / r["eps"]
+        lines.append(f"{name:<22}{_fmt(value * scale)}{_fmt(r.get('determinant_ratio'))}"
+                     f"{_fmt(None if printed is None else printed * scale)}"
+                     f"{_fmt(None if corrected is None else corrected * scale, 14)}  {holds}")
     return "\n".join(lines)
 
 
