@@ -143,7 +143,16 @@ def _add_ilc(subparsers) -> None:
     source.add_argument("--hessians", type=Path, default=None, help="problem file (.npz with H, optional mu, c)")
     source.add_argument("--patchwork", action="store_true",
                         help="the notebook's patchwork regression with an L2 term (--l2) in each environment")
-    p.add_argument("--l2", type=_nonnegative, default=0.01, help="L2 coefficient of --patchwork")
+    source.add_argument("--spirals-mlp", action="store_true",
+                        help="train a small MLP on spirals with each rule and score its end point with the "
+                             "per-environment Hessians (finite differences; local quadratic model)")
+    p.add_argument("--l2", type=_nonnegative, default=None,
+                   help="L2 coefficient in each environment's loss (default 0.01 for --patchwork, 1e-3 for "
+                        "--spirals-mlp)")
+    p.add_argument("--mlp-envs", type=_positive_int, default=4, help="--spirals-mlp: training environments")
+    p.add_argument("--mlp-examples", type=_positive_int, default=64, help="--spirals-mlp: examples per environment")
+    p.add_argument("--mlp-hidden", type=_int_list, default=(16, 16), help="--spirals-mlp: hidden widths")
+    p.add_argument("--mlp-epochs", type=_positive_int, default=300, help="--spirals-mlp: full-batch epochs")
     p.add_argument("--eps", type=float, default=1.0, help="band width eps of the inconsistency score (> 0)")
     p.add_argument("--compare", action="store_true", help="ILC of mean, AND-mask and geometric mean")
     p.add_argument("--n-init", type=_positive_int, default=16, help="initial points for --compare")
@@ -163,6 +172,12 @@ def _run_ilc(args) -> int:
 
     if not args.eps > 0:
         raise ValueError(f"--eps must be > 0, got {args.eps}")
+    if args.spirals_mlp:
+        report = ilc.spirals_mlp_inconsistency(
+            args.eps, n_envs=args.mlp_envs, examples_per_env=args.mlp_examples, hidden=args.mlp_hidden,
+            epochs=args.mlp_epochs, l2=1e-3 if args.l2 is None else args.l2, seed=args.seed)
+        print(json.dumps(report, indent=2) if args.json else ilc.format_mlp_report(report))
+        return 0
     if args.hessians is None and not args.patchwork:
         reports = {}
         for example in ilc.PAPER_EXAMPLES:
@@ -173,7 +188,8 @@ def _run_ilc(args) -> int:
         else:
             print(ilc.format_examples(reports))
         return 0
-    problem = ilc.load_problem(args.hessians) if args.hessians else ilc.patchwork_problem(args.l2)
+    problem = (ilc.load_problem(args.hessians) if args.hessians else
+               ilc.patchwork_problem(0.01 if args.l2 is None else args.l2))
     report = ilc.score_report(problem, args.eps)
     if args.compare:
         report["compare"] = ilc.compare_rules(problem, args.eps, n_init=args.n_init, eta=args.eta,

@@ -92,18 +92,21 @@ def compare_rules(problem: quadratic.QuadraticProblem, eps: float, *, n_init: in
     """ILC of averaging, the AND-mask (tau = 1) and the geometric mean on ``problem`` (paper eq. (2)).
 
     Each rule runs gradient descent from ``n_init`` initial points ``theta_0 ~ N(0, init_scale^2 I)``; the exact
-    I^eps of each end point is computed and ILC = -mean, with its standard error. Also reports the mean end point
-    and its pooled loss.
+    I^eps of each end point is computed and ILC = -mean, with its standard error. Also reports the mean end point,
+    its pooled loss and how many runs converged (a step norm <= 1e-12 before ``n_steps``; the AND-mask can keep
+    oscillating across a sign boundary instead).
     """
     results = {}
     for name, rule in RULES.items():
         rng = np.random.default_rng(seed)
-        ends = []
+        ends, converged = [], []
 
         def algorithm(theta0, rule=rule):
-            theta = consistency.gradient_descent(problem.gradients, theta0, eta, n_steps, **rule)
-            ends.append(theta)
-            return theta
+            run = consistency.gradient_descent(problem.gradients, theta0, eta, n_steps, return_trajectory=True,
+                                               **rule)
+            ends.append(run.theta)
+            converged.append(run.converged)
+            return run.theta
 
         estimate = consistency.ilc_monte_carlo(
             algorithm, lambda r: init_scale * r.standard_normal(problem.P),
@@ -111,7 +114,8 @@ def compare_rules(problem: quadratic.QuadraticProblem, eps: float, *, n_init: in
         mean_end = np.mean(ends, axis=0)
         results[name] = {"ilc": _finite_or_none(estimate.value), "stderr": _finite_or_none(estimate.stderr),
                          "mean_end_point": [float(t) for t in mean_end],
-                         "pooled_loss_at_mean_end": float(problem.pooled_loss(mean_end))}
+                         "pooled_loss_at_mean_end": float(problem.pooled_loss(mean_end)),
+                         "converged": int(sum(converged))}
         if progress is not None:
             progress(name)
     return {"eps": eps, "n_init": n_init, "eta": eta, "n_steps": n_steps, "rules": results}
@@ -149,8 +153,95 @@ def format_report(report: dict) -> str:
     if "bound_printed" in report:
         lines.append(f"Prop. 3 bound: printed {report['bound_printed']}, corrected {report['bound_corrected']}")
     if "compare" in report:
-        lines.append(f"\n{'rule':<16}{'ILC':>14}{'stderr':>12}   mean end point")
+        n = report["compare"]["n_init"]
+        lines.append(f"\n{'rule':<16}{'ILC':>14}{'stderr':>12}{'converged':>11}   mean end point")
         for name, r in report["compare"]["rules"].items():
             point = ", ".join(f"{t:.3f}" for t in r["mean_end_point"])
-            lines.append(f"{name:<16}{_fmt(r['ilc'], 14)}{_fmt(r['stderr'])}   [{point}]")
+            lines.append(f"{name:<16}{_fmt(r['ilc'], 14)}{_fmt(r['stderr'])}{r['converged']:>6}/{n:<4}   [{point}]")
+    return "\n".join(lines)
+
+
+def flat_env_gradients(spec, params, X, Y, loss: str):
+    """Per-environment gradients of an MLP as one matrix ``[K, P]`` (parameters flattened in order)."""
+    from hardtovary.reference import mlp
+
+    out = mlp.env_gradients(spec, params, X, Y, loss=loss)
+    return np.concatenate([g.reshape(g.shape[0], -1) for g in out.grads], axis=1)
+
+
+def env_hessians_fd(spec, params, X, Y, loss: str, step: float = 1e-5) -> np.ndarray:
+    """Per-environment Hessians ``[K, P, P]`` of an MLP by central finite differences of the analytic
+    per-environment gradients (column j from ``theta +- step e_j``), symmetrised."""
+    shapes = [p.shape for p in params]
+    theta = np.concatenate([p.ravel() for p in params])
+    splits = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
+
+    def unflatten(t):
+        return [part.reshape(s) for part, s in zip(np.split(t, splits), shapes)]
+
+    K, P = X.shape[0], theta.size
+    H = np.empty((K, P, P))
+    for j in range(P):
+        shift = np.zeros(P)
+        shift[j] = step
+        H[:, :, j] = (flat_env_gradients(spec, unflatten(theta + shift), X, Y, loss)
+                      - flat_env_gradients(spec, unflatten(theta - shift), X, Y, loss)) / (2 * step)
+    return (H + H.transpose(0, 2, 1)) / 2
+
+
+def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_per_env: int = 64, n_dims: int = 2,
+                              hidden=(16, 16), epochs: int = 300, l2: float = 1e-3, seed: int = 0,
+                              progress=None) -> dict:
+    """I^eps at the solutions that averaging, the AND-mask and the geometric mean reach on a small spirals task.
+
+    Each method trains the same small MLP (reference implementation, Adam 1e-2, coupled L2 ``l2``, all
+    environments per step, full batches). At the end point theta* the per-environment Hessians come from finite
+    differences of the analytic gradients; the local model of environment e is the quadratic with Hessian
+    ``H_e+ + l2 I`` (``H_e+``: negative eigenvalues clipped to 0; ``l2 I``: the training's L2 term, which makes every
+    environment strictly convex) and theta* as its minimizer, so ``I^eps = eps max_{e != e'} lambda_max((H_e+ +
+    l2 I)^-1 (H_e'+ + l2 I))``. This treats theta* as every environment's minimizer: the report gives the largest
+    per-environment gradient norm and the negative curvature that was clipped, so that one can judge it.
+    """
+    import dataclasses as _dc
+
+    from hardtovary.reference import data, training
+
+    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=n_envs, examples_per_env=examples_per_env,
+                                                     n_test=1000, n_dims=n_dims, seed=seed))
+    env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+    base = training.TrainConfig(hidden=tuple(hidden), batch_size=examples_per_env, n_agreement_envs=n_envs,
+                                epochs=epochs, lr=1e-2, weight_decay=l2, rescale=True, seed=seed)
+    presets = {"mean": {"method": "mean", "tau": 0.0, "rescale": False}, "and_mask": {"method": "and_mask"},
+               "geometric_mean": {"method": "geometric_mean"}}
+    results = {}
+    for name, changes in presets.items():
+        config = _dc.replace(base, **changes)
+        run = training.train(env_data, config)
+        spec = training.model_spec(env_data, config)
+        X, Y = env_data.X_train.astype(np.float64), env_data.y_train.astype(np.float64)
+        H = env_hessians_fd(spec, run.params, X, Y, config.loss)
+        w, V = np.linalg.eigh(H)
+        negative = -np.minimum(w, 0).sum(axis=1) / np.abs(w).sum(axis=1)
+        H_local = np.einsum("kij,kj,klj->kil", V, np.maximum(w, 0), V) + l2 * np.eye(H.shape[1])
+        score = quadratic.inconsistency_score(quadratic.QuadraticProblem(H_local), eps)
+        grads = flat_env_gradients(spec, run.params, X, Y, config.loss)
+        results[name] = {"train_acc": run.final["train_acc"], "test_acc": run.final["test_acc"],
+                         "inconsistency": _finite_or_none(score.value),
+                         "inconsistency_over_eps": _finite_or_none(score.value / eps), "pair": list(score.pair),
+                         "max_env_gradient_norm": float(np.linalg.norm(grads, axis=1).max()),
+                         "clipped_negative_curvature": float(negative.max()), "P": int(H.shape[1])}
+        if progress is not None:
+            progress(name)
+    return {"eps": eps, "l2": l2, "n_envs": n_envs, "examples_per_env": examples_per_env, "hidden": list(hidden),
+            "epochs": epochs, "methods": results}
+
+
+def format_mlp_report(report: dict) -> str:
+    """:func:`spirals_mlp_inconsistency` as a table."""
+    lines = [f"{report['n_envs']} environments x {report['examples_per_env']} examples, hidden {report['hidden']}, "
+             f"{report['epochs']} epochs, L2 {report['l2']}, eps {report['eps']}",
+             f"{'method':<16}{'train acc':>10}{'test acc':>10}{'I/eps':>12}{'max |g_e|':>11}{'clipped neg.':>14}"]
+    for name, r in report["methods"].items():
+        lines.append(f"{name:<16}{r['train_acc']:>10.3f}{r['test_acc']:>10.3f}{_fmt(r['inconsistency_over_eps'])}"
+                     f"{r['max_env_gradient_norm']:>11.3g}{r['clipped_negative_curvature']:>14.3f}")
     return "\n".join(lines)

@@ -94,3 +94,30 @@ def test_rule_comparison_reports_ilc_for_every_rule(tmp_path, capsys):
     assert abs(rules["and_mask"]["mean_end_point"][0]) <= 1.0
     for r in rules.values():
         assert r["ilc"] <= -1.0 + 1e-9  # I^eps >= eps = 1
+
+
+def test_finite_difference_hessians_match_logistic_regression_in_closed_form():
+    from hardtovary.reference import mlp
+
+    rng = np.random.default_rng(2)
+    spec = mlp.MLPSpec(in_features=3, hidden=())
+    params = mlp.init_params(spec, rng)
+    X = rng.standard_normal((2, 5, 3))
+    Y = rng.integers(0, 2, (2, 5)).astype(float)
+    H = ilc.env_hessians_fd(spec, params, X, Y, "bce_with_logits")
+    # logistic regression: H_e = mean_b s(1 - s) [x_b, 1][x_b, 1]^T with s = sigmoid(w . x_b + b)
+    z = X @ params[0][0] + params[1][0]
+    s = 1 / (1 + np.exp(-z))
+    Z = np.concatenate([X, np.ones((2, 5, 1))], axis=2)
+    expected = np.einsum("kb,kbi,kbj->kij", s * (1 - s), Z, Z) / 5
+    np.testing.assert_allclose(H, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_spirals_mlp_report_has_every_method(capsys):
+    report = run_json(capsys, "--spirals-mlp", "--mlp-envs", "2", "--mlp-examples", "8", "--mlp-hidden", "4",
+                      "--mlp-epochs", "3", "--eps", "0.1")
+    assert set(report["methods"]) == {"mean", "and_mask", "geometric_mean"}
+    for r in report["methods"].values():
+        # I^eps >= eps for strictly convex local models (the e = e' pairs give eps)
+        assert r["inconsistency"] == "inf" or r["inconsistency"] >= 0.1 - 1e-12
+        assert r["P"] == 4 * (2 + 2) + 4 + 4 + 1
