@@ -121,3 +121,11 @@ def test_spirals_mlp_report_has_every_method(capsys):
         # I^eps >= eps for strictly convex local models (the e = e' pairs give eps)
         assert r["inconsistency"] == "inf" or r["inconsistency"] >= 0.1 - 1e-12
         assert r["P"] == 4 * (2 + 2) + 4 + 4 + 1
+
+
+def test_bounds_are_null_where_a_direction_is_flat_for_both_environments(tmp_path, capsys):
+    path = tmp_path / "flat.npz"
+    np.savez(path, H=np.array([[0.0, 1.0], [0.0, 2.0]]))
+    report = run_json(capsys, "--hessians", path, "--eps", "0.5")
+    assert report["inconsistency"] == pytest.approx(0.5 * 2.0)  # the flat direction contributes 0/0 -> 0
+    assert report["bound_printed"] is None and report["bound_corrected"] is None
