@@ -1,0 +1,122 @@
+"""Models of the experiments: the reference MLP as a torch ``nn.Sequential``, and FastResNet (CIFAR-10).
+
+- :func:`mlp_from_spec` builds ``Linear -> [BatchNorm1d] -> activation`` per hidden layer and a final ``Linear``
+  from a :class:`hardtovary.reference.mlp.MLPSpec`; its ``state_dict`` keys are
+  :func:`hardtovary.reference.mlp.param_names` (same Sequential indices), so :func:`load_reference_params`
+  copies the oracle's parameter list 1:1.
+- :class:`FastResNet` is the Page cifar10-fast network of the PyTorch-Ignite CIFAR-10 example (paper.md §8),
+  with a width multiplier for small tests. No module uses ``inplace=True``, so it runs under ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from hardtovary.reference import mlp as _mlp
+
+__all__ = ["mlp_from_spec", "load_reference_params", "FastResNet", "conv_bn", "Residual"]
+
+
+def _activation(spec: _mlp.MLPSpec) -> nn.Module:
+    if spec.activation == "leaky_relu":
+        return nn.LeakyReLU(spec.negative_slope)
+    if spec.activation == "relu":
+        return nn.ReLU()
+    return nn.Tanh()
+
+
+def mlp_from_spec(spec: _mlp.MLPSpec, *, dtype: torch.dtype | None = None, device=None) -> nn.Sequential:
+    """The ``nn.Sequential`` of ``spec``: per hidden layer ``Linear -> [BatchNorm1d(eps=spec.bn_eps)] ->
+    activation``, then ``Linear(last, out_features)``. Parameter order and names equal
+    ``reference.mlp.param_names(spec)``. Initialised with torch's defaults (use :func:`load_reference_params`
+    to copy the oracle's weights)."""
+    if not isinstance(spec, _mlp.MLPSpec):
+        raise TypeError(f"spec must be a hardtovary.reference.mlp.MLPSpec, got {type(spec).__name__}")
+    layers: list[nn.Module] = []
+    fan_in = spec.in_features
+    for width in spec.hidden:
+        layers.append(nn.Linear(fan_in, width))
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm1d(width, eps=spec.bn_eps))
+        layers.append(_activation(spec))
+        fan_in = width
+    layers.append(nn.Linear(fan_in, spec.out_features))
+    model = nn.Sequential(*layers)
+    if dtype is not None or device is not None:
+        model = model.to(dtype=dtype, device=device)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == _mlp.param_names(spec), (names, _mlp.param_names(spec))
+    return model
+
+
+def load_reference_params(model: nn.Module, params) -> nn.Module:
+    """Copy a list of arrays (the oracle's parameter list, in ``model.parameters()`` order) into ``model``,
+    converting to each parameter's dtype and device. Returns ``model``."""
+    model_params = list(model.parameters())
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list or tuple of arrays, got {type(params).__name__}")
+    if len(params) != len(model_params):
+        raise ValueError(f"params must hold {len(model_params)} arrays (one per parameter), got {len(params)}")
+    with torch.no_grad():
+        for i, (p, value) in enumerate(zip(model_params, params)):
+            value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"params[{i}] must have shape {tuple(p.shape)}, got {tuple(value.shape)}")
+            p.copy_(value.to(dtype=p.dtype, device=p.device))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FastResNet  [paper.md §8]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    """``Conv2d(3x3, padding 1, bias=False) -> BatchNorm2d -> ReLU``."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    )
+
+
+class Residual(nn.Module):
+    """``x + conv_bn(conv_bn(x))``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.res1 = conv_bn(channels, channels)
+        self.res2 = conv_bn(channels, channels)
+
+    def forward(self, x):
+        return x + self.res2(self.res1(x))
+
+
+class FastResNet(nn.Module):
+    """The cifar10-fast ResNet: prep conv 64; layer1 conv 128 + maxpool + residual(128); layer2 conv 256 +
+    maxpool; layer3 conv 512 + maxpool + residual(512); adaptive max-pool; ``Linear(512, num_classes,
+    bias=False)``; logits times ``scale`` (0.125). BatchNorm + ReLU throughout.
+
+    ``width`` multiplies every channel count (rounded, at least 1), e.g. ``width=0.125`` for fast tests.
+    Input ``[N, 3, H, W]`` with H, W divisible by 8 (32x32 for CIFAR-10); output ``[N, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int = 10, *, width: float = 1.0, scale: float = 0.125):
+        super().__init__()
+        if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+            raise ValueError(f"width must be a real > 0, got {width!r}")
+        c = [max(1, int(round(n * width))) for n in (64, 128, 256, 512)]
+        self.scale = float(scale)
+        self.prep = conv_bn(3, c[0])
+        self.layer1 = nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1]))
+        self.layer2 = nn.Sequential(conv_bn(c[1], c[2]), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3]))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.linear = nn.Linear(c[3], num_classes, bias=False)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        x = self.pool(x).flatten(1)
+        return self.linear(x) * self.scale

@@ -1,0 +1,369 @@
+"""The aggregation rules of :mod:`hardtovary.reference.rules` on torch tensors.
+
+Same semantics, argument rules and edge cases (implementations.md Table B) as the NumPy oracle; see its module
+docstring for the formulas and the table of edge cases. What differs is precision and dtype handling:
+
+- **dtype preserved.** Values come back in the gradients' dtype (float16 in, float16 out; bfloat16 in,
+  bfloat16 out). float16 / bfloat16 are computed internally in float32 (means, the log-domain geometric mean,
+  the variance of the SAND-mask, the rescaling) and rounded once at the end; float32 and float64 are computed in
+  their own dtype. Masks never promote: AND-masks are ``bool``, the SAND soft mask is in the gradients' dtype,
+  so ``mask * grad`` keeps the parameter's dtype (the authors' float32 mask raises on half-precision params).
+- **Masks and sign counts are exact** in every dtype: ``S`` is an int64 sum of signs and the canonical rule
+  ``|S| >= ceil(tau*K - 1e-9)`` compares integers. The SAND-mask's ``A > tau`` test is evaluated in float64 on
+  the K + 1 possible values of ``|S|`` (a lookup table), so it agrees with the oracle bit for bit.
+- Bad input raises ``TypeError`` / ``ValueError`` naming the argument, as the oracle does. Gradients must be
+  ``torch.Tensor`` of a floating dtype (float16, bfloat16, float32, float64) and finite (one host sync per call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hardtovary.reference import rules as _ref
+from hardtovary.reference._validate import choice, in_range, integer, positive
+
+RULES = _ref.RULES
+FLAVOURS = _ref.FLAVOURS
+TIE_TOLERANCE = _ref.TIE_TOLERANCE
+ORIGINAL_LOG_EPSILON = _ref.ORIGINAL_LOG_EPSILON
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = [
+    "sign_agreement", "agreement_threshold_count", "and_mask", "and_mask_count", "and_masked_mean",
+    "mean_gradient", "geometric_mean_mask", "geometric_mean", "sand_mask", "sand_masked_mean",
+    "rescale_inverse_sparsity", "aggregate", "compute_dtype",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rules compute in for gradients of ``dtype``: float32 for float16/bfloat16, else itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _float_tensor(x, name: str, *, min_ndim: int = 0) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a tensor of a real floating dtype (float16/bfloat16/float32/float64), got dtype {x.dtype}"
+        )
+    if x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def _raise_first_non_finite(x: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(x)
+    index = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+    count = int(bad.sum())
+    raise ValueError(
+        f"{name} must be finite, but {count} entr{'y is' if count == 1 else 'ies are'} not; "
+        f"the first is {name}[{', '.join(map(str, index))}] = {x[index].item()}"
+    )
+
+
+def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        _raise_first_non_finite(x, name)
+    return x
+
+
+def _stack(G, name: str = "G") -> torch.Tensor:
+    """Validate a gradient stack ``G[K, *shape]``: floating tensor, K >= 1, finite."""
+    G = _float_tensor(G, name, min_ndim=1)
+    if G.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one environment (K >= 1) on axis 0, got shape {tuple(G.shape)}")
+    return _finite(G, name)
+
+
+def _tau(tau) -> float:
+    return in_range(tau, "tau", 0.0, 1.0)
+
+
+def _sign_sum(G: torch.Tensor) -> torch.Tensor:
+    """``S = sum_e sign(G[e])`` (sign(0) = 0) as exact integers held in the compute dtype: sums of +-1 and 0 are
+    exact in float32 up to K = 2^24 (and in float64 beyond), so no rounding enters; one pass, no int64 stack."""
+    return torch.sign(G).sum(dim=0, dtype=compute_dtype(G.dtype))
+
+
+def _mean(G: torch.Tensor) -> torch.Tensor:
+    """Arithmetic mean over environments in the compute dtype."""
+    return G.to(compute_dtype(G.dtype)).mean(dim=0)
+
+
+def agreement_threshold_count(tau, K) -> int:
+    """Smallest ``|S|`` the AND-mask keeps: ``ceil(tau*K - 1e-9)`` (the oracle's canonical rule)."""
+    return _ref.agreement_threshold_count(tau, K)
+
+
+def _keep(S: torch.Tensor, K: int, tau: float) -> torch.Tensor:
+    return S.abs() >= agreement_threshold_count(tau, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sign agreement and the AND-mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_gradient(G) -> torch.Tensor:
+    """``mean_e G[e]`` in G's dtype (computed in float32 for half precision)."""
+    G = _stack(G)
+    return _mean(G).to(G.dtype)
+
+
+def sign_agreement(G) -> torch.Tensor:
+    """``S_j = sum_e sign(G[e, j])`` as int64 of shape ``G.shape[1:]`` (sign(0) = 0)."""
+    return _sign_sum(_stack(G)).to(torch.int64)
+
+
+def and_mask(G, tau) -> torch.Tensor:
+    """AND-mask, threshold form, ``|S_j| >= ceil(tau*K - 1e-9)`` as a bool tensor (paper §2.3)."""
+    tau = _tau(tau)
+    G = _stack(G)
+    return _keep(_sign_sum(G), G.shape[0], tau)
+
+
+def and_mask_count(G, t) -> torch.Tensor:
+    """AND-mask, count form: keep iff at least ``t`` environments agree, ``max(p_j, q_j) >= t`` (bool)."""
+    G = _stack(G)
+    t = integer(t, "t", low=0, high=G.shape[0])
+    return torch.maximum((G > 0).sum(dim=0), (G < 0).sum(dim=0)) >= t
+
+
+def and_masked_mean(G, tau) -> torch.Tensor:
+    """``and_mask(G, tau) * mean_e G[e]`` in G's dtype; masked components exactly 0."""
+    tau = _tau(tau)
+    G = _stack(G)
+    return _and_masked_mean(G, tau)[0].to(G.dtype)
+
+
+def _and_masked_mean(G: torch.Tensor, tau: float):
+    keep = _keep(_sign_sum(G), G.shape[0], tau)
+    mean = _mean(G)
+    return torch.where(keep, mean, torch.zeros((), dtype=mean.dtype, device=mean.device)), keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometric mean
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _geometric_mean_tau(flavour, tau) -> float:
+    return _ref._geometric_mean_tau(flavour, tau)
+
+
+def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
+    """Components where the geometric mean is not forced to 0 (bool): paper ``|S| == K``; original
+    ``and_mask(G, tau)`` with tau defaulting to 1."""
+    tau = _geometric_mean_tau(flavour, tau)
+    G = _stack(G)
+    S = _sign_sum(G)
+    if flavour == "paper":
+        return S.abs() == G.shape[0]
+    return _keep(S, G.shape[0], tau)
+
+
+def _geometric_mean(G: torch.Tensor, flavour: str, tau: float):
+    K = G.shape[0]
+    S = _sign_sum(G)
+    Gc = G.to(compute_dtype(G.dtype))
+    zero = torch.zeros((), dtype=Gc.dtype, device=Gc.device)
+    if flavour == "paper":
+        keep = S.abs() == K
+        magnitudes = torch.where(keep, Gc.abs(), torch.ones((), dtype=Gc.dtype, device=Gc.device))
+        value = torch.sign(S) * torch.exp(torch.log(magnitudes).mean(dim=0))
+    else:
+        keep = _keep(S, K, tau)
+        value = torch.sign(Gc.mean(dim=0)) * torch.exp(torch.log(Gc.abs() + ORIGINAL_LOG_EPSILON).mean(dim=0))
+    return torch.where(keep, value, zero), keep
+
+
+def geometric_mean(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
+    """Elementwise signed geometric mean in the log domain, flavours ``"paper"`` / ``"original"`` exactly as
+    :func:`hardtovary.reference.rules.geometric_mean`; result in G's dtype (computed in float32 for half
+    precision, so the log-domain mean cannot underflow)."""
+    tau = _geometric_mean_tau(flavour, tau)
+    G = _stack(G)
+    return _geometric_mean(G, flavour, tau)[0].to(G.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAND-mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sand_mask(G: torch.Tensor, tau: float, k: float) -> torch.Tensor:
+    """Soft mask in the compute dtype; the limit rules of the oracle for var = 0 and K = 1."""
+    K = G.shape[0]
+    cdt = compute_dtype(G.dtype)
+    absS = _sign_sum(G).abs().to(torch.int64)
+    # A - tau and the test A > tau, evaluated in float64 (as the oracle) on the K + 1 possible values of |S|.
+    diffs = [s / K - tau for s in range(K + 1)]
+    diff = torch.tensor(diffs, dtype=torch.float64, device=G.device).to(cdt)[absS]
+    above = torch.tensor([d > 0 for d in diffs], device=G.device)[absS]
+    limit = above.to(cdt)
+    if K == 1:
+        return limit
+    Gc = G.to(cdt)
+    identical = (G == G[0:1]).all(dim=0)
+    variance = torch.where(identical, torch.zeros((), dtype=cdt, device=G.device), Gc.var(dim=0, unbiased=True))
+    degenerate = variance == 0
+    safe = torch.where(degenerate, torch.ones((), dtype=cdt, device=G.device), variance)
+    smooth = torch.clamp(torch.tanh(k * diff / safe), min=0.0)
+    return torch.where(degenerate, limit, smooth)
+
+
+def sand_mask(G, tau, k=10.0) -> torch.Tensor:
+    """SAND-mask ``max(tanh(k (A - tau) / var), 0)`` with the oracle's limit rules (var = 0: 1 where A > tau,
+    else 0; K = 1: spread 0). Returned in G's dtype (a soft mask that does not promote the gradients)."""
+    tau = _tau(tau)
+    k = positive(k, "k")
+    G = _stack(G)
+    return _sand_mask(G, tau, k).to(G.dtype)
+
+
+def sand_masked_mean(G, tau, k=10.0) -> torch.Tensor:
+    """``sand_mask(G, tau, k) * mean_e G[e]`` in G's dtype (not rescaled)."""
+    tau = _tau(tau)
+    k = positive(k, "k")
+    G = _stack(G)
+    return (_sand_mask(G, tau, k) * _mean(G)).to(G.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rescaling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rescale(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``value * n / n_kept``; exactly 0 where nothing is kept. No host sync."""
+    n = value.numel()
+    if mask.dtype == torch.bool:
+        n_kept = mask.sum().to(torch.float64)
+    else:
+        n_kept = mask.to(torch.float64).sum()
+    nothing = n_kept == 0
+    factor = n / torch.where(nothing, torch.ones_like(n_kept), n_kept)
+    if value.dtype != torch.float64:
+        # a soft-mask sum so small that n / n_kept overflows the compute dtype: divide first (as the oracle)
+        overflow = factor > torch.finfo(value.dtype).max
+        scaled = torch.where(overflow, value / n_kept.to(value.dtype) * n, value * factor.to(value.dtype))
+    else:
+        scaled = torch.where(torch.isinf(factor), value / n_kept * n, value * factor)
+    return torch.where(nothing, torch.zeros((), dtype=value.dtype, device=value.device), scaled)
+
+
+def rescale_inverse_sparsity(g, mask) -> torch.Tensor:
+    """Per-tensor "inverse sparsity" rescaling ``g * n / n_kept`` (paper App. B.3.1); exactly 0 when nothing is
+    kept (footnote 14). ``mask`` is bool or floating in [0, 1] of g's shape. Returns g's dtype."""
+    g = _finite(_float_tensor(g, "g"), "g")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        mask = _finite(_float_tensor(mask, "mask"), "mask")
+        if mask.numel() and (bool(mask.min() < 0) or bool(mask.max() > 1)):
+            raise ValueError(
+                f"mask must hold values in [0, 1], got min {mask.min().item()} and max {mask.max().item()}"
+            )
+    if tuple(mask.shape) != tuple(g.shape):
+        raise ValueError(f"mask must have the shape of g {tuple(g.shape)}, got shape {tuple(mask.shape)}")
+    return _rescale(g.to(compute_dtype(g.dtype)), mask).to(g.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A rule applied to a whole model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate_gradient_list(grads) -> list[torch.Tensor]:
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list or tuple of gradient stacks G[K, *shape], got {type(grads).__name__}")
+    if len(grads) == 0:
+        raise ValueError("grads must hold at least one gradient stack, got an empty sequence")
+    stacks = []
+    for i, G in enumerate(grads):
+        G = _float_tensor(G, f"grads[{i}]", min_ndim=1)
+        if G.shape[0] == 0:
+            raise ValueError(
+                f"grads[{i}] must hold at least one environment (K >= 1) on axis 0, got shape {tuple(G.shape)}"
+            )
+        stacks.append(G)
+    K0 = stacks[0].shape[0]
+    for i, G in enumerate(stacks):
+        if G.shape[0] != K0:
+            raise ValueError(
+                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
+                f"grads[{i}] has K={G.shape[0]} (shape {tuple(G.shape)})"
+            )
+    for i, G in enumerate(stacks):
+        if G.dtype != stacks[0].dtype:
+            raise TypeError(
+                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is {G.dtype}"
+            )
+    return stacks
+
+
+def _check_finite_stacks(stacks, means) -> None:
+    """One host sync for the whole model: the environment means are finite iff the stacks are, except where a
+    finite sum overflows; only then is the exact (slower) check run on the full stacks."""
+    flags = torch.stack([torch.isfinite(m).all() for m in means])
+    if bool(flags.all()):
+        return
+    for i, G in enumerate(stacks):
+        if not bool(flags[i]):
+            _finite(G, f"grads[{i}]")
+
+
+def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None):
+    """Apply one rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate` (same argument
+    rules: ``tau`` None means 0 for and_mask / sand_mask and 1 for geometric_mean; ``flavour`` only with
+    geometric_mean, ``k`` only with sand_mask; ``rule='mean'`` accepts tau None or 0).
+
+    ``grads``: list of tensors ``G[K, *shape_i]`` with one K and one floating dtype. Returns ``(aggregated,
+    masks)``: values in the gradients' dtype; masks bool (mean, and_mask, geometric_mean) or, for sand_mask, the
+    soft mask in the gradients' dtype.
+    """
+    rule = choice(rule, "rule", RULES)
+    if not isinstance(rescale, bool):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
+    if flavour is not None and rule != "geometric_mean":
+        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
+    if k is not None and rule != "sand_mask":
+        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
+    if rule == "mean" and tau is not None and _tau(tau) != 0.0:
+        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
+    if rule in ("and_mask", "sand_mask"):
+        tau = 0.0 if tau is None else _tau(tau)
+    if rule == "geometric_mean":
+        flavour = "paper" if flavour is None else flavour
+        tau = _geometric_mean_tau(flavour, tau)
+    if rule == "sand_mask":
+        k = positive(10.0 if k is None else k, "k")
+    stacks = _validate_gradient_list(grads)
+    means = [_mean(G) for G in stacks]
+    _check_finite_stacks(stacks, means)
+
+    aggregated, masks = [], []
+    for G, mean in zip(stacks, means):
+        if rule == "mean":
+            value = mean
+            mask = torch.ones(G.shape[1:], dtype=torch.bool, device=G.device)
+        elif rule == "and_mask":
+            mask = _keep(_sign_sum(G), G.shape[0], tau)
+            value = torch.where(mask, mean, torch.zeros((), dtype=mean.dtype, device=mean.device))
+        elif rule == "geometric_mean":
+            value, mask = _geometric_mean(G, flavour, tau)
+        else:
+            mask = _sand_mask(G, tau, k)
+            value = mask * mean
+        if rescale:
+            value = _rescale(value, mask)
+        aggregated.append(value.to(G.dtype))
+        masks.append(mask if mask.dtype == torch.bool else mask.to(G.dtype))
+    return aggregated, masks
