@@ -1,0 +1,269 @@
+"""Planted mutants: the suite's teeth.
+
+Each mutant is a target built on the oracle (:class:`~hardtovary.conformance.targets.ReferenceTarget`) with one
+deliberate bug taken from a real implementation's mistake (implementations.md §1.6 Tables A and B, paper.md).
+``MUTANTS`` maps a name to ``(target, area, catching_check_ids, description)``; ``area`` is the check-id prefix
+whose checks the teeth test runs; ``catching_check_ids`` are the checks known to catch it (the test asserts the
+mutant FAILs at least one check of its area, and that each listed check is among the FAILs).
+Run one by hand: ``--target hardtovary.conformance.mutants:strict_gt``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hardtovary.reference import mlp as _mlp
+from hardtovary.reference import rules as _rules
+
+from .targets import ReferenceTarget
+
+
+def _signs(G, zero_as_plus=False):
+    s = np.sign(G)
+    return np.where(s == 0, 1.0, s) if zero_as_plus else s
+
+
+class _RuleMutant(ReferenceTarget):
+    """Reimplements aggregate from parts so that one piece can be swapped."""
+
+    rescale_mode = "per_tensor"   # "per_tensor" | "always" | "never" | "global"
+
+    def keep(self, G, tau):  # canonical
+        K = G.shape[0]
+        return np.abs(np.sign(G).sum(0)) >= _rules.agreement_threshold_count(tau, K)
+
+    def combine(self, G):
+        return G.mean(0)
+
+    def value_and_mask(self, G, rule, tau, flavour, k):
+        if rule == "and_mask":
+            keep = self.keep(G, tau)
+            return np.where(keep, self.combine(G), 0.0), keep.astype(float)
+        if rule == "mean":
+            return self.combine(G), np.ones(G.shape[1:])
+        if rule == "geometric_mean":
+            return self.geometric(G, flavour or "paper", tau)
+        k = 10.0 if k is None else k
+        m = self.sand(G, tau, k)
+        return m * G.mean(0), m
+
+    def geometric(self, G, flavour, tau):
+        v = _rules.geometric_mean(G, flavour=flavour, tau=tau if flavour == "original" else None)
+        return v, _rules.geometric_mean_mask(G, flavour=flavour, tau=tau if flavour == "original" else None)
+
+    def sand(self, G, tau, k):
+        return _rules.sand_mask(G, tau, k)
+
+    def aggregate(self, grads, *, rule, tau, rescale, flavour=None, k=None):
+        grads = [np.asarray(g) for g in grads]
+        for g in grads:
+            if not np.all(np.isfinite(g)):
+                raise ValueError("non-finite gradient")
+        pairs = [self.value_and_mask(np.asarray(g, dtype=np.float64), rule, tau, flavour, k) for g in grads]
+        do = {"per_tensor": rescale, "always": True, "never": False, "global": rescale}[self.rescale_mode]
+        if not do:
+            return [v for v, _ in pairs]
+        if self.rescale_mode == "global":
+            n = sum(m.size for _, m in pairs)
+            kept = sum(float(m.sum()) for _, m in pairs)
+            return [v * (n / kept) if kept else v * 0 for v, _ in pairs]
+        return [v * (m.size / m.sum()) if m.sum() else v * 0 for v, m in pairs]
+
+
+class StrictGreater(_RuleMutant):
+    def keep(self, G, tau):
+        return np.abs(np.sign(G).sum(0)) > tau * G.shape[0]
+
+
+class SumNotMean(_RuleMutant):
+    def combine(self, G):
+        return G.sum(0)
+
+
+class RescaleAlways(_RuleMutant):
+    rescale_mode = "always"
+
+
+class RescaleNever(_RuleMutant):
+    rescale_mode = "never"
+
+
+class RescaleGlobal(_RuleMutant):
+    rescale_mode = "global"
+
+
+class SignZeroPlus(_RuleMutant):
+    def keep(self, G, tau):
+        return np.abs(_signs(G, True).sum(0)) >= _rules.agreement_threshold_count(tau, G.shape[0])
+
+
+class Float32Agreement(_RuleMutant):
+    """|mean sign| in float32 compared with a float64 tau, no tie tolerance."""
+
+    def keep(self, G, tau):
+        A = np.abs(np.sign(G).astype(np.float32).mean(0, dtype=np.float32))
+        return A.astype(np.float64) >= tau
+
+
+class GeoMeanNotebookFloat32(_RuleMutant):
+    """The notebook's exp(sum log)^(1/K), computed in float32 (underflows for K = 16, |g| = 1e-3)."""
+
+    def geometric(self, G, flavour, tau):
+        if flavour == "original":
+            return super().geometric(G, flavour, tau)
+        K = G.shape[0]
+        keep = np.abs(np.sign(G).sum(0)) == K
+        mags = np.abs(G).astype(np.float32)
+        with np.errstate(divide="ignore", over="ignore", under="ignore"):
+            prod = np.exp(np.log(np.where(keep, mags, 1)).sum(0, dtype=np.float32)).astype(np.float32)
+        v = np.sign(G.sum(0)) * prod.astype(np.float64) ** (1.0 / K)
+        return np.where(keep, v, 0.0), keep.astype(float)
+
+
+class GeoMeanPartialAgreement(_RuleMutant):
+    """Paper flavour asked, but partly agreeing components kept with sign(arithmetic mean) (majority vote)."""
+
+    def geometric(self, G, flavour, tau):
+        if flavour == "original":
+            return super().geometric(G, flavour, tau)
+        K = G.shape[0]
+        keep = np.abs(np.sign(G).sum(0)) >= math.ceil(0.5 * K)
+        with np.errstate(divide="ignore"):
+            mag = np.exp(np.log(np.abs(G)).mean(0))
+        v = np.where(keep, np.sign(G.mean(0)) * mag, 0.0)
+        return v, keep.astype(float)
+
+
+class SandDomainBed(_RuleMutant):
+    """DomainBed's SANDMask: population variance (ddof=0) and NaN -> 1e-17 substitutes."""
+
+    def sand(self, G, tau, k):
+        A = np.abs(np.sign(G).mean(0))
+        var = G.var(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            m = np.maximum(np.tanh(k * (A - tau) / var), 0.0)
+        return np.nan_to_num(m, nan=1e-17)
+
+
+class CountForm(_RuleMutant):
+    def keep(self, G, tau):
+        K = G.shape[0]
+        t = math.ceil(K * (tau + 1) / 2 - 1e-9)
+        return np.maximum((G > 0).sum(0), (G < 0).sum(0)) >= t
+
+
+class BNPerEnv(ReferenceTarget):
+    def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        return super().env_gradients(spec, params, X, Y, loss=loss, semantics="per_env" if X.shape[1] >= 2 else
+                                     semantics)
+
+
+class LossSummed(ReferenceTarget):
+    def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        B = np.asarray(X).shape[1]
+        return [g * B for g in super().env_gradients(spec, params, X, Y, loss=loss, semantics=semantics)]
+
+
+class L1Masked(ReferenceTarget):
+    def _masked_update(self, params, grads, *, rule, tau, rescale, l1, weight_decay, weight_decay_order):
+        if l1:
+            grads = [np.asarray(G) + l1 * np.sign(p) for G, p in zip(grads, params)]
+        return self.aggregate(grads, rule=rule, tau=tau, rescale=rescale)
+
+
+class WeightDecayMasked(ReferenceTarget):
+    """Coupled weight decay added to every environment's gradient before the mask (and not again later)."""
+
+    def step(self, params, grads, *, weight_decay, weight_decay_order, state=None, **kw):
+        if weight_decay and weight_decay_order == "before":
+            grads = [np.asarray(G) + weight_decay * np.asarray(p) for G, p in zip(grads, params)]
+            weight_decay = 0.0
+        return super().step(params, grads, weight_decay=weight_decay, weight_decay_order=weight_decay_order,
+                            state=state, **kw)
+
+
+class TemporalBiasCorrected(ReferenceTarget):
+    def temporal(self, params, grad_sequence, *, bias_correction, **kw):
+        return super().temporal(params, grad_sequence, bias_correction=True, **kw)
+
+
+class TemporalMaskOnGradient(ReferenceTarget):
+    """The mask applied to g before the moments (the usual AND-mask-then-Adam) instead of to m in the update."""
+
+    def temporal(self, params, grad_sequence, *, lr, beta1, beta2, beta3, tau, eps, bias_correction):
+        params = [np.asarray(p, dtype=np.float64) for p in params]
+        m = [np.zeros_like(p) for p in params]
+        v = [np.zeros_like(p) for p in params]
+        a = [np.zeros_like(p) for p in params]
+        out = []
+        for grads in grad_sequence:
+            new = []
+            for i, g in enumerate(grads):
+                g = np.asarray(g, dtype=np.float64)
+                a[i] = beta3 * a[i] + (1 - beta3) * np.sign(g)
+                b = np.abs(a[i]) >= tau
+                m[i] = beta1 * m[i] + (1 - beta1) * g * b
+                v[i] = beta2 * v[i] + (1 - beta2) * g * g
+                new.append(params[i] - lr * m[i] / (np.sqrt(v[i]) + eps))
+            params = new
+            out.append(params)
+        return out
+
+
+class SpiralsNoiseFirst(ReferenceTarget):
+    """Radius noise added before the angle is computed (the paper's text order), RNG calls unchanged."""
+
+    def spirals(self, n_examples, n_revolutions, env, n_envs, n_dims, seed):
+        rng = np.random.RandomState(seed)
+        sig = rng.randn(n_envs, n_dims)
+        radii = rng.uniform(0.08, 1, n_examples)
+        labels = rng.randint(0, 2, n_examples)
+        radii = radii + rng.uniform(-0.02, 0.02, n_examples)
+        angles = 2 * n_revolutions * np.pi * radii + np.pi * labels
+        xs, ys = np.cos(angles) * radii, np.sin(angles) * radii
+        if env == "test":
+            signatures = rng.randn(n_examples, n_dims)
+        else:
+            signatures = sig[env] * (labels * 2 - 1).reshape(1, -1).T
+        mech = np.stack((xs, ys), axis=1)
+        mech /= mech.std(axis=0)
+        return np.hstack((mech, signatures)).astype(np.float32), labels.astype(np.float32)
+
+
+# name -> (target, area, checks that catch it, description)
+MUTANTS = {
+    "strict_gt": (StrictGreater(), "agg", ("agg.ties.exact",), "strict > instead of >= (InvarianceUnitTests)"),
+    "sum_not_mean": (SumNotMean(), "agg", ("agg.oracle.mean.plain",), "sum instead of mean (DGvGS Agr-Sum)"),
+    "rescale_always": (RescaleAlways(), "agg", ("agg.oracle.and_mask.plain",), "rescaling always on (DomainBed)"),
+    "rescale_never": (RescaleNever(), "agg", ("agg.oracle.and_mask.rescaled", "agg.special.k1"),
+                      "rescaling always off"),
+    "rescale_global": (RescaleGlobal(), "agg", ("agg.special.per_tensor_rescale",),
+                       "rescaling over the whole model instead of per tensor"),
+    "sign0_plus": (SignZeroPlus(), "agg", ("agg.special.exact_zeros",), "sign(0) counted as +1"),
+    "float32_agreement": (Float32Agreement(), "agg", ("agg.ties.exact",),
+                          "float32 |mean sign| compared with a float64 tau, no tie tolerance"),
+    "geomean_float32_underflow": (GeoMeanNotebookFloat32(), "agg", ("agg.special.underflow",),
+                                  "geometric mean as exp(sum log)^(1/K) in float32 (notebook)"),
+    "geomean_partial_agreement": (GeoMeanPartialAgreement(), "agg", ("agg.special.partial_agreement",),
+                                  "paper GM asked; partial agreement kept with sign of the arithmetic mean"),
+    "sand_domainbed": (SandDomainBed(), "agg", ("agg.oracle.sand_mask.plain", "agg.special.identical"),
+                       "SAND-mask with DomainBed's ddof=0 variance and 1e-17 NaN substitutes"),
+    "count_form": (CountForm(), "agg", ("agg.special.exact_zeros",), "count form instead of threshold form"),
+    "bn_per_env": (BNPerEnv(), "envgrad", ("envgrad.bn_pooled.bce",),
+                   "BatchNorm statistics per environment where pooled was asked"),
+    "loss_summed": (LossSummed(), "envgrad", ("envgrad.nobn.mse",), "per-environment loss summed, not averaged"),
+    "l1_masked": (L1Masked(), "step", ("step.l1_after_mask",), "L1 term added before the mask (masked)"),
+    "weight_decay_masked": (WeightDecayMasked(), "step", ("step.adam.before",),
+                            "coupled weight decay added to the env gradients before the mask"),
+    "temporal_bias_correction": (TemporalBiasCorrected(), "temporal", ("temporal.oracle",),
+                                 "Algorithm 1 with bias correction"),
+    "temporal_mask_on_gradient": (TemporalMaskOnGradient(), "temporal", ("temporal.oracle",),
+                                  "Algorithm 1 with the mask on g entering the moments instead of on m"),
+    "spirals_noise_first": (SpiralsNoiseFirst(), "spirals", ("spirals.bit_identical",),
+                            "spirals with radius noise before the angle"),
+}
+
+# module attributes, so that `--target hardtovary.conformance.mutants:strict_gt` works
+globals().update({name: entry[0] for name, entry in MUTANTS.items()})

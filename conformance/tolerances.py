@@ -1,0 +1,85 @@
+"""Per-dtype tolerance policy for comparing a target with the float64 oracle.
+
+Starting point: ``torch.testing.assert_close``'s defaults (implementations.md §4.3)::
+
+    dtype      rtol     atol
+    float16    1e-3     1e-5
+    bfloat16   1.6e-2   1e-5
+    float32    1.3e-6   1e-5
+    float64    1e-7     1e-7
+
+The dtype is the dtype of the *inputs* the target was given (gradient stacks) or, for checks whose inputs are
+always float64 (env_gradients, step, temporal), the dtype of the arrays the target returns: a target that
+computes in float32 is held to float32 tolerances.
+
+A component passes when ``|t - o| <= rtol * |o| + atol_eff``. Documented widenings of torch's rule:
+
+1. **atol is relative to the component's input scale.** Gradient magnitudes span many orders (1e-20 .. 1e20 in
+   the strategies), so an absolute 1e-5 is meaningless: at 1e-12 it accepts anything, at 1e12 nothing. We use
+   ``atol_eff = (atol + K * eps(dtype)) * scale`` with ``scale = max_e |G[e, j]|`` (times the tensor's rescale
+   factor ``n / n_kept`` when rescaling is on: rescaling amplifies the error by that same factor).
+2. **The ``K * eps(dtype)`` term** is the classical bound on the rounding error of a K-term sum computed in the
+   target's dtype; without it a correct float16/float32 mean with cancellation (e.g. 1e8 + 1 - 1e8) fails.
+
+Discrete decisions are **exact**: where the oracle masks a component (its output is exactly 0.0 because the mask
+is 0), the target must return exactly 0.0, whatever the dtype. Sign counts are integers and never need a
+tolerance. The only place where a discrete disagreement is reported instead of failed is the named check
+``agg.ties.float_noise`` (tau carrying float noise, where the answer depends on the dtype the target compares in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: torch.testing defaults, by dtype name.
+DEFAULTS = {
+    "float16": (1e-3, 1e-5),
+    "bfloat16": (1.6e-2, 1e-5),
+    "float32": (1.3e-6, 1e-5),
+    "float64": (1e-7, 1e-7),
+}
+
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    dtype: str
+    rtol: float
+    atol: float
+    eps: float
+
+    def bound(self, oracle, scale, K: int = 1):
+        """Elementwise allowed |t - o|."""
+        o = np.asarray(oracle, dtype=np.float64)
+        return self.rtol * np.abs(o) + (self.atol + K * self.eps) * np.asarray(scale, dtype=np.float64)
+
+
+def dtype_name(dtype) -> str:
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("torch.", "")
+    return name if name in DEFAULTS else "float64"
+
+
+def for_dtype(dtype) -> Tolerance:
+    """The policy for one dtype (numpy dtype, dtype name, or anything whose str is e.g. 'torch.float32')."""
+    name = dtype_name(dtype)
+    rtol, atol = DEFAULTS[name]
+    return Tolerance(name, rtol, atol, _EPS[name])
+
+
+def widest(*dtypes) -> Tolerance:
+    """The loosest policy among the dtypes (used when input and output dtypes differ)."""
+    tols = [for_dtype(d) for d in dtypes]
+    return max(tols, key=lambda t: (t.rtol, t.eps))
+
+
+def within(target, oracle, bound) -> np.ndarray:
+    """Elementwise pass mask; NaN in the target never passes."""
+    t = np.asarray(target, dtype=np.float64)
+    o = np.asarray(oracle, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.abs(t - o) <= bound
+    return ok & np.isfinite(t)
