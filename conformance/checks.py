@@ -158,6 +158,12 @@ def compare_aggregate(grads, out, *, rule, tau, rescale, flavour=None, k=None, d
         factor = (m64.size / kept) if (rescale and kept > 0) else 1.0
         scale = (np.abs(G64).max(axis=0) if G64.size else np.zeros(o.shape)) * factor
         bound = tol.bound(o, scale, K)
+        if rule == "geometric_mean":
+            # exp(mean log|g|) evaluated in the target's dtype: a relative error of |mean log|g|| * eps from the
+            # log-domain mean is inherent (5e-6 in float32 near |g| ~ 1e-37), so it is allowed on top.
+            with np.errstate(divide="ignore"):
+                logs = np.abs(np.log(np.abs(o)))
+            bound = bound + np.where(np.isfinite(logs), logs, 0.0) * tol.eps * np.abs(o)
         decision_bad = (m64 == 0) & (t64 != 0)
         value_bad = ~T.within(t64, o, bound)
         bad = decision_bad | value_bad
@@ -541,8 +547,12 @@ def _envgrad_check(bn_mode, loss_key):
                 Y = rng.standard_normal((K, B, out_f))
             expected = _mlp.env_gradients(mspec, params, X, Y, loss=loss, semantics=semantics).grads
             got = adapter.env_gradients(spec, params, X, Y, loss=loss, semantics=semantics)
+            # Rounding in a backward pass is relative to the magnitudes flowing through it, not to each tensor's own
+            # size: a Linear bias feeding BatchNorm has a gradient that is exactly 0 in exact arithmetic and
+            # rounding noise (~1e-17) in any implementation. The global gradient scale is added to each tensor's.
+            global_scale = max((float(np.abs(e).max()) for e in expected if e.size), default=0.0)
             _compare_lists(got, expected, {"spec": spec, "K": K, "B": B, "seed": seed, "loss": loss,
-                                           "semantics": semantics}, what="grads")
+                                           "semantics": semantics}, what="grads", scale_extra=global_scale)
             if not notes:
                 notes.append("compared on drawn inputs")
         return _hypothesis(settings, body, cap=15)

@@ -201,6 +201,21 @@ def _run_ilc(args) -> int:
     return 0
 
 
+def _add_conformance(subparsers) -> None:
+    from hardtovary.conformance import cli as conformance_cli
+
+    p = subparsers.add_parser(
+        "conformance",
+        help="check an implementation of the rules, gradients and optimizer steps against the oracle",
+        description=(
+            "Run the conformance suite against a target named as module:attribute (see README, 'Verify your "
+            "implementation'). Built-in targets: hardtovary.conformance.targets:reference (the oracle), "
+            "hardtovary.conformance.torch_target:target (hardtovary.accel.torch), and the planted mutants "
+            "hardtovary.conformance.mutants:<name>. Exit status 0 exactly when no check fails unexpectedly."))
+    conformance_cli.add_arguments(p)
+    p.set_defaults(run=conformance_cli.run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hardtovary",
@@ -210,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_synthetic(subparsers)
     _add_ilc(subparsers)
+    _add_conformance(subparsers)
     return parser
 
 
