@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, assume, given, note, settings as hsettings
+from hypothesis import HealthCheck, Phase, assume, given, settings as hsettings
 from hypothesis import strategies as st
 
 from hardtovary.reference import consistency as _consistency
 from hardtovary.reference import mlp as _mlp
-from hardtovary.reference import optim as _optim
 from hardtovary.reference import rules as _rules
 from hardtovary.reference import data as _data
 
@@ -125,14 +124,8 @@ def _valid_tau(rule, flavour, tau):
 
 
 def _oracle_aggregate(grads, rule, tau, rescale, flavour=None, k=None):
-    extra = {}
-    if rule != "mean":
-        extra["tau"] = tau
-    if flavour is not None:
-        extra["flavour"] = flavour
-    if k is not None:
-        extra["k"] = k
-    return _rules.aggregate([np.asarray(g) for g in grads], rule=rule, rescale=rescale, **extra)
+    return _rules.aggregate([np.asarray(g) for g in grads], rule=rule, rescale=rescale,
+                            **_rules.rule_options(rule, tau, flavour, k))
 
 
 def compare_aggregate(grads, out, *, rule, tau, rescale, flavour=None, k=None, dtype=None, case=None,

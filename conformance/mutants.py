@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 
-from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import rules as _rules
 
 from .targets import ReferenceTarget

@@ -167,14 +167,8 @@ class ReferenceTarget:
     """The oracle behind the target protocol. Subclassed by :mod:`hardtovary.conformance.mutants`."""
 
     def aggregate(self, grads, *, rule, tau, rescale, flavour=None, k=None):
-        extra = {}
-        if rule != "mean":
-            extra["tau"] = tau
-        if flavour is not None:
-            extra["flavour"] = flavour
-        if k is not None:
-            extra["k"] = k
-        return _rules.aggregate(list(grads), rule=rule, rescale=bool(rescale), **extra)[0]
+        return _rules.aggregate(list(grads), rule=rule, rescale=bool(rescale),
+                                **_rules.rule_options(rule, tau, flavour, k))[0]
 
     def env_gradients(self, spec, params, X, Y, *, loss, semantics):
         return _mlp.env_gradients(_mlp.MLPSpec(**spec), params, X, Y, loss=loss, semantics=semantics).grads

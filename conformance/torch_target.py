@@ -19,6 +19,7 @@ from hardtovary.accel.torch import models as _models
 from hardtovary.accel.torch import optim as _optim
 from hardtovary.accel.torch import rules as _rules
 from hardtovary.reference import mlp as _mlp
+from hardtovary.reference.rules import rule_options
 
 LOSSES = {
     "bce_with_logits": lambda logits, y: F.binary_cross_entropy_with_logits(logits.squeeze(-1), y),
@@ -39,10 +40,8 @@ class TorchTarget:
     """Adapter from the target protocol (NumPy in, NumPy out) to :mod:`hardtovary.accel.torch`."""
 
     def aggregate(self, grads, *, rule, tau, rescale, flavour=None, k=None):
-        extra = {key: val for key, val in (("flavour", flavour), ("k", k)) if val is not None}
-        if rule != "mean":
-            extra["tau"] = tau
-        values, _ = _rules.aggregate([_tensor(g) for g in grads], rule=rule, rescale=bool(rescale), **extra)
+        values, _ = _rules.aggregate([_tensor(g) for g in grads], rule=rule, rescale=bool(rescale),
+                                     **rule_options(rule, tau, flavour, k))
         return _numpy(values)
 
     def env_gradients(self, spec, params, X, Y, *, loss, semantics):
@@ -59,7 +58,7 @@ class TorchTarget:
                 tensors, optimizer, lr=lr, weight_decay=weight_decay, weight_decay_order=weight_decay_order,
                 momentum=momentum))
         values, _ = _rules.aggregate([_tensor(g) for g in grads], rule=rule, rescale=bool(rescale),
-                                     **({} if rule == "mean" else {"tau": tau}))
+                                     **rule_options(rule, tau))
         for p, value in zip(state.params, values):
             p.grad = value + l1 * torch.sign(p.detach()) if l1 else value
         for group in state.opt.param_groups:

@@ -99,7 +99,7 @@ def _add_synthetic(subparsers) -> None:
 
 def _run_synthetic(args) -> int:
     from hardtovary.experiments import plots, synthetic
-    from hardtovary.reference import data, training
+    from hardtovary.reference import data
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in synthetic.METHOD_PRESETS]
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         print(f"hardtovary {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished methods are kept in the run folder and a rerun resumes", file=sys.stderr)
+        print("\ninterrupted; finished methods are kept in the run folder and a rerun resumes", file=sys.stderr)
         return 130
 
 

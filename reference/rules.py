@@ -401,6 +401,40 @@ def _validate_gradient_list(grads) -> list[np.ndarray]:
     return [G.astype(np.float64) for G in stacks]
 
 
+def aggregate_arguments(rule, tau=None, rescale=False, flavour=None, k=None):
+    """Validate the options of :func:`aggregate` and fill in their defaults; returns ``(rule, tau, flavour, k)``.
+
+    Shared with the other implementations (``hardtovary.accel.torch.rules``) so that every one accepts and refuses
+    the same combinations: ``flavour`` only with ``geometric_mean`` (default ``"paper"``), ``k`` only with
+    ``sand_mask`` (default 10), ``tau`` None or 0 for ``mean``, default 0 for the masks and 1 for the geometric
+    mean, ``rescale`` a bool.
+    """
+    rule = choice(rule, "rule", RULES)
+    if not isinstance(rescale, (bool, np.bool_)):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
+    if flavour is not None and rule != "geometric_mean":
+        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
+    if k is not None and rule != "sand_mask":
+        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
+    if rule == "mean" and tau is not None and _validate_tau(tau) != 0.0:
+        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
+    if rule in ("and_mask", "sand_mask"):
+        tau = 0.0 if tau is None else _validate_tau(tau)
+    if rule == "geometric_mean":
+        flavour = "paper" if flavour is None else flavour
+        tau = _geometric_mean_tau(flavour, tau)
+    if rule == "sand_mask":
+        k = positive(10.0 if k is None else k, "k")
+    return rule, tau, flavour, k
+
+
+def rule_options(rule: str, tau=None, flavour=None, k=None) -> dict:
+    """Keyword arguments for ``aggregate(grads, rule=rule, **rule_options(...))`` from a caller that always has a
+    tau: drops tau for ``"mean"`` (which takes none) and the options that are None."""
+    options = {"flavour": flavour, "k": k, "tau": None if rule == "mean" else tau}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None):
     """Apply one aggregation rule to every parameter tensor of a model, rescaling per tensor when asked.
 
@@ -424,22 +458,7 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
     Returns ``(aggregated, masks)``: two lists with one float64 array (resp. mask) of shape ``shape_i`` per
     parameter tensor.
     """
-    rule = choice(rule, "rule", RULES)
-    if not isinstance(rescale, (bool, np.bool_)):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
-    if flavour is not None and rule != "geometric_mean":
-        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
-    if k is not None and rule != "sand_mask":
-        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
-    if rule == "mean" and tau is not None and _validate_tau(tau) != 0.0:
-        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
-    if rule in ("and_mask", "sand_mask"):
-        tau = 0.0 if tau is None else _validate_tau(tau)
-    if rule == "geometric_mean":
-        flavour = "paper" if flavour is None else flavour
-        tau = _geometric_mean_tau(flavour, tau)
-    if rule == "sand_mask":
-        k = positive(10.0 if k is None else k, "k")
+    rule, tau, flavour, k = aggregate_arguments(rule, tau, rescale, flavour, k)
     stacks = _validate_gradient_list(grads)
 
     aggregated, masks = [], []

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hardtovary.reference._validate import choice, in_range, positive
+from hardtovary.reference.rules import rule_options
 
 from . import rules as _rules
 from .env_gradients import env_gradients
@@ -32,14 +33,8 @@ def and_mask_backward(model: nn.Module, X, Y, loss_fn, *, rule: str = "and_mask"
     ``engine_options`` go to :func:`.env_gradients.env_gradients` (e.g. ``chunk_size``, ``pooled_method``)."""
     l1 = positive(l1, "l1", allow_zero=True)
     out = env_gradients(model, X, Y, loss_fn, semantics=semantics, **engine_options)
-    options = {"rescale": rescale}
-    if rule != "mean":
-        options["tau"] = tau
-    if flavour is not None:
-        options["flavour"] = flavour
-    if k is not None:
-        options["k"] = k
-    aggregated, masks = _rules.aggregate(out.grads, rule=rule, **options)
+    aggregated, masks = _rules.aggregate(out.grads, rule=rule, rescale=rescale,
+                                         **rule_options(rule, tau, flavour, k))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p, g in zip(params, aggregated):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference._validate import choice, in_range, integer, positive
+from hardtovary.reference._validate import in_range, integer, positive
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS
@@ -329,22 +329,7 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
     masks)``: values in the gradients' dtype; masks bool (mean, and_mask, geometric_mean) or, for sand_mask, the
     soft mask in the gradients' dtype.
     """
-    rule = choice(rule, "rule", RULES)
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
-    if flavour is not None and rule != "geometric_mean":
-        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
-    if k is not None and rule != "sand_mask":
-        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
-    if rule == "mean" and tau is not None and _tau(tau) != 0.0:
-        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
-    if rule in ("and_mask", "sand_mask"):
-        tau = 0.0 if tau is None else _tau(tau)
-    if rule == "geometric_mean":
-        flavour = "paper" if flavour is None else flavour
-        tau = _geometric_mean_tau(flavour, tau)
-    if rule == "sand_mask":
-        k = positive(10.0 if k is None else k, "k")
+    rule, tau, flavour, k = _ref.aggregate_arguments(rule, tau, rescale, flavour, k)
     stacks = _validate_gradient_list(grads)
     means = [_mean(G) for G in stacks]
     _check_finite_stacks(stacks, means)
