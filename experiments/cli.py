@@ -44,10 +44,10 @@ def _add_synthetic(subparsers) -> None:
     d, t = synthetic.DEFAULT_DATA, synthetic.DEFAULT_TRAIN
     p = subparsers.add_parser(
         "synthetic",
-        help="synthetic memorization task: averaging vs AND-mask vs geometric mean (reference implementation)",
+        help="synthetic memorization task: averaging vs AND-mask vs geometric mean",
         description=(
             "Train one MLP per method on the spirals memorization task (paper §3.1) with the NumPy reference "
-            "implementation, print final train and o.o.d. test accuracy, and write OUT/results.json "
+            "implementation (or, with --backend accel, all methods at once as one batched sweep), print final train and o.o.d. test accuracy, and write OUT/results.json "
             "(per method train_acc, test_acc, losses and per-epoch history, plus the full configuration), "
             "OUT/units/<method>.json for each finished method and OUT/learning_curves.png. A run killed "
             "midway resumes from OUT when started again with the same options."),
@@ -93,6 +93,10 @@ def _add_synthetic(subparsers) -> None:
     g.add_argument("--lr-milestones", type=_int_list, default=None,
                    help="epochs where the learning rate drops x0.1 (default: at 3/4 of the epochs)")
     g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation and batching")
+    p.add_argument("--backend", choices=synthetic.BACKENDS, default="reference",
+                   help="reference: the NumPy oracle, one method after another; accel: all methods trained "
+                        "together as one batched sweep (CuPy on a GPU, else NumPy; float64, same results to "
+                        "rounding; no --batch-norm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_synthetic)
 
@@ -118,12 +122,131 @@ def _run_synthetic(args) -> int:
         lr_milestones=tuple(m for m in milestones if m >= 1), seed=args.seed)
     overrides = {"tau": args.tau} if args.tau is not None else None
     results = synthetic.run(args.out, data_config=data_config, train_config=train_config, methods=methods,
-                            overrides=overrides, fresh=args.fresh, progress=not args.no_progress)
+                            overrides=overrides, fresh=args.fresh, progress=not args.no_progress,
+                            backend=args.backend)
     print(synthetic.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}")
     figure = plots.plot_learning_curves(results, args.out / "learning_curves.png")
     print(f"learning curves: {figure}" if figure else
           "learning curves: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+    return 0
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"must hold at least one number, got {text!r}")
+    return values
+
+
+def _name_list(choices):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(part.strip() for part in text.split(",") if part.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"must be comma-separated names from {', '.join(choices)}, got {text!r}")
+        return values
+    return parse
+
+
+def _bool_list(text: str) -> tuple[bool, ...]:
+    words = {"yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
+    values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not values or any(v not in words for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated yes/no, got {text!r}")
+    return tuple(dict.fromkeys(words[v] for v in values))
+
+
+def _add_sweep(subparsers) -> None:
+    from hardtovary.experiments import sweep
+
+    s, d = sweep.SearchSpace(), sweep.DEFAULT_DATA
+    p = subparsers.add_parser(
+        "sweep",
+        help="random hyperparameter search on the synthetic task (paper Table 1), best configurations over seeds",
+        description=(
+            "Random search over the paper's Table 1 space (App. B.3; BatchNorm and dropout excluded) on the spirals "
+            "memorization task: draw --budget configurations (method, tau, rescaling, hidden units, layers, batch "
+            "size, optimizer, learning rate, and one of L2 / L1 / none with its coefficient), train them as batched "
+            "sweeps (many runs at once; CuPy on a GPU, else NumPy), rank them by final o.o.d. test accuracy, re-run "
+            "the best --top with --seeds fresh seeds, and print a table of mean ± standard deviation (over seeds) "
+            "of train and o.o.d. test accuracy. Search trials stop early when train acc > 0.97 while test acc < "
+            "0.6 (paper §6.3) unless --no-early-abort. Writes OUT/config.json, OUT/units/search-NNN.json and "
+            "OUT/units/seeds-NNN.json (one per batch of runs, atomically), OUT/results.json and OUT/table.txt; a "
+            "rerun with the same options resumes, skipping finished batches. The defaults are small (a few minutes on two CPU "
+            "cores); --paper-space uses Table 1's 256/512 units, 3/5 layers and batch 64/128/256."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--budget", type=_positive_int, default=32, help="random-search trials")
+    p.add_argument("--top", type=_positive_int, default=3, help="best configurations re-run over seeds (<= budget)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per re-run configuration")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the search: draws the trials; trial i trains with seed SEED + i")
+    p.add_argument("--epochs", type=_positive_int, default=40,
+                   help="epochs per run; the learning rate drops x0.1 at 1/2 and 3/4 of them (paper App. B.3)")
+    g = p.add_argument_group("search space (paper Table 1; comma-separated values, each drawn uniformly)")
+    g.add_argument("--paper-space", action="store_true",
+                   help="Table 1's architecture values: --hidden-units 256,512 --layers 3,5 --batch-sizes 64,128,256 "
+                        "(overrides those three options; needs --examples-per-env >= 256)")
+    g.add_argument("--methods", type=_name_list(sweep.METHODS), default=s.methods,
+                   help=f"rules, from {', '.join(sweep.METHODS)} (mean ignores tau and rescaling; geometric_mean "
+                        "uses tau = 1)")
+    g.add_argument("--hidden-units", type=_int_list, default=s.hidden_units, help="hidden layer widths")
+    g.add_argument("--layers", type=_int_list, default=s.layers, help="numbers of hidden layers")
+    g.add_argument("--batch-sizes", type=_int_list, default=s.batch_sizes, help="examples per environment per step")
+    g.add_argument("--optimizers", type=_name_list(sweep.OPTIMIZERS), default=s.optimizers,
+                   help="adam (betas 0.9, 0.999) and/or sgd (momentum 0.9)")
+    g.add_argument("--lrs", type=_float_list, default=s.lrs, help="learning rates")
+    g.add_argument("--l2", type=_float_list, default=s.l2,
+                   help="L2 (coupled weight decay) coefficients, used when the drawn regulariser is L2")
+    g.add_argument("--l1", type=_float_list, default=s.l1,
+                   help="L1 coefficients, used when the drawn regulariser is L1 (L1 and L2 are never combined)")
+    g.add_argument("--taus", type=_float_list, default=s.taus,
+                   help="agreement thresholds in [0, 1] (the paper does not give this range)")
+    g.add_argument("--rescale", type=_bool_list, default=s.rescale,
+                   help="inverse-sparsity rescaling choices, e.g. 'no,yes' or 'yes'")
+    g = p.add_argument_group("data (spirals, paper §6.1-6.2)")
+    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs,
+                   help="training environments (all of them agree in every step)")
+    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
+                   help="training examples per environment")
+    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
+    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    g = p.add_argument_group("execution")
+    g.add_argument("--runs-per-batch", type=_positive_int, default=32,
+                   help="runs trained at once (runs of one architecture); each finished batch is saved")
+    g.add_argument("--early-abort", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop a search trial when train acc > 0.97 while test acc < 0.6 (paper §6.3)")
+    g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="precision of the batched training")
+    g.add_argument("--backend", choices=("auto", "numpy", "cupy"), default=None,
+                   help="array backend (default: environment variable HARDTOVARY_BACKEND, else auto: CuPy when a "
+                        "GPU is usable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from hardtovary.experiments import sweep
+    from hardtovary.reference import data
+
+    arch = ({"hidden_units": (256, 512), "layers": (3, 5), "batch_sizes": (64, 128, 256)} if args.paper_space else
+            {"hidden_units": args.hidden_units, "layers": args.layers, "batch_sizes": args.batch_sizes})
+    space = sweep.SearchSpace(methods=args.methods, optimizers=args.optimizers, lrs=args.lrs, l2=args.l2,
+                              l1=args.l1, taus=args.taus, rescale=args.rescale, **arch)
+    data_config = data.SpiralsConfig(n_train_envs=args.n_envs, examples_per_env=args.examples_per_env,
+                                     n_test=args.n_test, n_dims=args.n_dims, seed=args.data_seed)
+    results = sweep.run(args.out, space=space, data_config=data_config, budget=args.budget, seeds=args.seeds,
+                        top=args.top, epochs=args.epochs, seed=args.seed, runs_per_batch=args.runs_per_batch,
+                        early_abort=args.early_abort, dtype=args.dtype, backend=args.backend, fresh=args.fresh,
+                        progress=not args.no_progress)
+    print(sweep.format_table(results))
+    print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     return 0
 
 
@@ -224,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hardtovary {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_synthetic(subparsers)
+    _add_sweep(subparsers)
     _add_ilc(subparsers)
     _add_conformance(subparsers)
     return parser

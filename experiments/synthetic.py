@@ -25,6 +25,8 @@ METHOD_PRESETS = {
     "sand_mask": {"method": "sand_mask", "tau": 0.5},
 }
 DEFAULT_METHODS = ("mean", "and_mask", "geometric_mean")
+#: Implementations that ``run`` can train with.
+BACKENDS = ("reference", "accel")
 
 #: The authors' code defaults for the data (16 environments of 1024 examples, 8 shortcut dimensions) and the
 #: paper's best AND-mask configuration (App. B.3.1: tau = 1, 3 x 256, batch 128, Adam 1e-2, L2 1e-4), with
@@ -51,8 +53,16 @@ def method_config(base: training.TrainConfig, name: str, overrides: dict | None 
 
 def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
         train_config: training.TrainConfig = DEFAULT_TRAIN, methods=DEFAULT_METHODS,
-        overrides: dict | None = None, fresh: bool = False, progress: bool = True) -> dict:
+        overrides: dict | None = None, fresh: bool = False, progress: bool = True,
+        backend: str = "reference") -> dict:
     """Run every method, resuming from ``out`` where a previous run with the same configuration stopped.
+
+    ``backend="reference"`` trains the methods one after another with :func:`hardtovary.reference.training.train`;
+    ``backend="accel"`` trains the unfinished ones together as one sweep
+    (:func:`hardtovary.accel.sweep.train_sweep`, NumPy or CuPy, float64; no BatchNorm), with the same results to
+    rounding. The backend is not part of the run folder's configuration (either one resumes the other's folder);
+    each unit records the backend that produced it. With ``accel``, ``seconds`` is the sweep's wall time divided
+    by the number of methods it trained.
 
     Returns the results dictionary that is also written to ``out/results.json``: ``config`` (data, base training
     configuration and each method's full configuration) and ``methods`` (per method ``train_acc``, ``test_acc``,
@@ -66,9 +76,13 @@ def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
     n_envs, n_examples = task.X_train.shape[:2]
 
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     todo = [name for name in methods if folder.finished(name) is None]
     total = sum(configs[n].epochs * training.steps_per_epoch(n_envs, n_examples, configs[n]) for n in todo)
     results = {"config": config, "methods": {}}
+    if backend == "accel":
+        return _run_accel(folder, env_data, configs, methods, todo, total, results, progress)
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
         for name in methods:
             stored = folder.finished(name)
@@ -84,10 +98,38 @@ def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
                 final = outcome.final
                 stored = {"train_acc": final["train_acc"], "test_acc": final["test_acc"],
                           "train_loss": final["train_loss"], "test_loss": final["test_loss"],
-                          "seconds": time.perf_counter() - start, "history": outcome.history}
+                          "seconds": time.perf_counter() - start, "backend": "reference",
+                          "history": outcome.history}
                 folder.save(name, stored)
             results["methods"][name] = stored
             folder.write("results.json", results)
+    return results
+
+
+def _run_accel(folder: RunFolder, env_data, configs: dict, methods, todo: list, total: int, results: dict,
+               progress: bool) -> dict:
+    """The unfinished methods as one sweep of :func:`hardtovary.accel.sweep.train_sweep`; units saved after it."""
+    from hardtovary.accel.sweep import train_sweep
+
+    if todo:
+        with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+            bar.set_description(f"sweep of {len(todo)}")
+
+            def show(index, record, bar=bar):
+                bar.set_postfix(method=todo[index], epoch=record["epoch"], test=f"{record['test_acc']:.3f}")
+
+            start = time.perf_counter()
+            outcomes = train_sweep(env_data, [configs[n] for n in todo], backend=None, on_epoch=show,
+                                   on_step=bar.update)
+            seconds = (time.perf_counter() - start) / len(todo)
+        for name, outcome in zip(todo, outcomes):
+            final = outcome.final
+            folder.save(name, {"train_acc": final["train_acc"], "test_acc": final["test_acc"],
+                               "train_loss": final["train_loss"], "test_loss": final["test_loss"],
+                               "seconds": seconds, "backend": "accel", "history": outcome.history})
+    for name in methods:
+        results["methods"][name] = folder.finished(name)
+    folder.write("results.json", results)
     return results
 
 

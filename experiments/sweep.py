@@ -1,0 +1,267 @@
+"""Random hyperparameter search on the synthetic memorization task (paper §3.1, App. B.3, Table 1).
+
+``hardtovary sweep`` draws ``budget`` configurations from the search space, trains them as batched sweeps
+(:func:`hardtovary.accel.sweep.train_sweep`), ranks them by final o.o.d. test accuracy (the paper's selection:
+"the best run was re-run with 50 seeds"), re-runs the best ``top`` configurations with ``seeds`` fresh seeds, and
+reports mean and standard deviation over those seeds of the final train and o.o.d. test accuracy.
+
+The search space is Table 1 without what the sweep does not train (BatchNorm, dropout): hidden units, hidden
+layers, batch size (per environment), optimizer (Adam (0.9, 0.999) or SGD with momentum 0.9), learning rate, and
+a regulariser chosen first among {L2, L1, none} then its coefficient (never both), plus the rule: method, its
+agreement threshold tau (the paper does not give tau's range) and inverse-sparsity rescaling. The defaults shrink
+the architecture and data so that a search finishes in minutes on two CPU cores; ``paper_space()`` is Table 1.
+
+Sampling: one ``numpy.random.default_rng(seed)`` draws every trial's fields in a fixed order, so a search is a pure
+function of its options. Trial i trains with seed ``seed + i``; the re-runs of the best configurations use seeds
+``RERUN_SEED_OFFSET + seed + s`` (s = 0 .. seeds - 1), disjoint from the search's. The early abort of paper §6.3
+(train acc > 0.97 while test acc < 0.6) applies to the search trials only, not to the re-runs, whose statistics
+cover full training.
+
+Run folder: ``config.json`` (every option that changes results), ``units/search-NNN.json`` and
+``units/seeds-NNN.json`` (one per batch of runs trained together, written atomically when the batch finishes),
+``results.json`` (the table's data) and ``table.txt``. A rerun with the same options skips the finished batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.reference import data, training
+
+#: Methods the search can draw, and the rule options each one takes.
+METHODS = ("and_mask", "mean", "geometric_mean", "sand_mask")
+OPTIMIZERS = ("adam", "sgd")
+#: Re-run seeds start here (plus the search seed), far from the search trials' seeds.
+RERUN_SEED_OFFSET = 1_000_000
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The values each hyperparameter is drawn from, uniformly. ``l2`` and ``l1`` are the coefficients of the
+    regulariser chosen first, uniformly among {L2, L1, none} (paper Table 1: "never combined")."""
+
+    hidden_units: tuple[int, ...] = (32, 64)
+    layers: tuple[int, ...] = (2, 3)
+    batch_sizes: tuple[int, ...] = (32, 64)
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    l2: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    l1: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
+    taus: tuple[float, ...] = (0.5, 0.75, 1.0)
+    rescale: tuple[bool, ...] = (False, True)
+    methods: tuple[str, ...] = ("and_mask", "mean")
+
+    def __post_init__(self):
+        for name in ("hidden_units", "layers", "batch_sizes", "optimizers", "lrs", "l2", "l1", "taus", "rescale",
+                     "methods"):
+            values = tuple(getattr(self, name))
+            if not values:
+                raise ValueError(f"search space {name} must hold at least one value, got none")
+            object.__setattr__(self, name, values)
+        for name in ("hidden_units", "layers", "batch_sizes"):
+            bad = [x for x in getattr(self, name) if not isinstance(x, (int, np.integer)) or x < 1]
+            if bad:
+                raise ValueError(f"search space {name} must hold positive integers, got {bad}")
+        for name, allowed in (("optimizers", OPTIMIZERS), ("methods", METHODS)):
+            bad = [x for x in getattr(self, name) if x not in allowed]
+            if bad:
+                raise ValueError(f"search space {name} must be among {list(allowed)}, got {bad}")
+        for name in ("lrs",):
+            if any(not (x > 0 and math.isfinite(x)) for x in self.lrs):
+                raise ValueError(f"search space lrs must be positive, got {list(self.lrs)}")
+        for name in ("l2", "l1"):
+            if any(not (x >= 0 and math.isfinite(x)) for x in getattr(self, name)):
+                raise ValueError(f"search space {name} must be >= 0, got {list(getattr(self, name))}")
+        if any(not 0.0 <= x <= 1.0 for x in self.taus):
+            raise ValueError(f"search space taus must lie in [0, 1], got {list(self.taus)}")
+
+
+def paper_space(**changes) -> SearchSpace:
+    """Table 1 of the paper (App. B.3) for what the sweep trains: 256 or 512 units, 3 or 5 layers, batch 64, 128 or
+    256 per environment."""
+    return dataclasses.replace(SearchSpace(hidden_units=(256, 512), layers=(3, 5), batch_sizes=(64, 128, 256)),
+                               **changes)
+
+
+#: Small data so that the default search runs in a few minutes on two CPU cores (paper: 32 x 1280, d_S = 32).
+DEFAULT_DATA = data.SpiralsConfig(n_train_envs=4, examples_per_env=512, n_test=1000, n_revolutions=3, n_dims=8,
+                                  seed=0)
+
+
+def sample_trials(space: SearchSpace, budget: int, *, epochs: int, n_agreement_envs: int,
+                  seed: int = 0) -> list[training.TrainConfig]:
+    """``budget`` configurations drawn from ``space``; trial i has seed ``seed + i``. The learning rate drops x0.1
+    at 1/2 and 3/4 of the epochs (paper App. B.3)."""
+    rng = np.random.default_rng(seed)
+    milestones = tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1}))
+    pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
+    trials = []
+    for i in range(budget):
+        method, units, layers = pick(space.methods), pick(space.hidden_units), pick(space.layers)
+        batch, optimizer, lr = pick(space.batch_sizes), pick(space.optimizers), pick(space.lrs)
+        regulariser = pick(("l2", "l1", "none"))
+        l2, l1 = pick(space.l2), pick(space.l1)
+        tau, rescale = pick(space.taus), pick(space.rescale)
+        if method == "mean":
+            tau, rescale = 0.0, False
+        elif method == "geometric_mean":
+            tau = 1.0                                            # the paper's geometric mean needs all K signs
+        trials.append(training.TrainConfig(
+            method=method, tau=float(tau), rescale=bool(rescale), hidden=(int(units),) * int(layers),
+            optimizer=optimizer, lr=float(lr), momentum=0.9,
+            weight_decay=float(l2) if regulariser == "l2" else 0.0, weight_decay_order="before",
+            l1=float(l1) if regulariser == "l1" else 0.0, batch_size=int(batch), n_agreement_envs=n_agreement_envs,
+            epochs=epochs, lr_milestones=milestones, seed=seed + i))
+    return trials
+
+
+def _batches(configs: list[training.TrainConfig], runs_per_batch: int) -> list[list[int]]:
+    """Indices of ``configs`` in batches of at most ``runs_per_batch`` that share an architecture, in a
+    deterministic order (groups by first appearance)."""
+    from hardtovary.accel.sweep import group_key
+
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(group_key(c), []).append(i)
+    return [idx[s:s + runs_per_batch] for idx in groups.values() for s in range(0, len(idx), runs_per_batch)]
+
+
+def _summary(config: training.TrainConfig) -> dict:
+    return {"method": config.method, "tau": config.tau, "rescale": config.rescale,
+            "hidden_units": config.hidden[0], "layers": len(config.hidden), "batch_size": config.batch_size,
+            "optimizer": config.optimizer, "lr": config.lr, "l2": config.weight_decay, "l1": config.l1,
+            "seed": config.seed}
+
+
+def _train_units(folder: RunFolder, phase: str, env_data, configs: list, labels: list[dict], *,
+                 runs_per_batch: int, early_abort: bool, backend, dtype: str, bar) -> list[dict]:
+    """Train ``configs`` in batches, each saved as unit ``<phase>-NNN``; finished units are read back, not
+    retrained. Returns one record per config (its label, final metrics, why it stopped and its history)."""
+    from hardtovary.accel.sweep import train_sweep
+
+    records: list[dict | None] = [None] * len(configs)
+    for b, idx in enumerate(_batches(configs, runs_per_batch)):
+        name = f"{phase}-{b:03d}"
+        stored = folder.finished(name)
+        if stored is None:
+            bar.set_description(f"{phase} batch {b + 1} ({len(idx)} runs)")
+            start = time.perf_counter()
+            outcomes = train_sweep(env_data, [configs[i] for i in idx], backend=backend, dtype=dtype,
+                                   early_abort=early_abort, on_epoch=lambda i, r: bar.update(1))
+            runs = []
+            for i, out in zip(idx, outcomes):
+                final = out.final if out.history else {}
+                runs.append({**labels[i], **_summary(configs[i]), "stopped": out.stopped,
+                             "epochs_run": len(out.history),
+                             "train_acc": final.get("train_acc", math.nan), "test_acc": final.get("test_acc", math.nan),
+                             "train_loss": final.get("train_loss", math.nan),
+                             "test_loss": final.get("test_loss", math.nan), "history": out.history})
+                bar.update(configs[i].epochs - len(out.history))
+            stored = {"runs": runs, "seconds": time.perf_counter() - start}
+            folder.save(name, stored)
+        for i, run in zip(idx, stored["runs"]):
+            records[i] = run
+    return records
+
+
+def _rank_key(record: dict):
+    """Best first: highest final o.o.d. test accuracy, then highest train accuracy, then trial number."""
+    test = record["test_acc"] if record["test_acc"] == record["test_acc"] else -1.0
+    train = record["train_acc"] if record["train_acc"] == record["train_acc"] else -1.0
+    return (-test, -train, record["trial"])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.SpiralsConfig = DEFAULT_DATA,
+        budget: int = 32, seeds: int = 3, top: int = 3, epochs: int = 40, seed: int = 0,
+        runs_per_batch: int = 32, early_abort: bool = True, dtype: str = "float64", backend=None,
+        fresh: bool = False, progress: bool = True) -> dict:
+    """Search, re-run the best, and return (and write to ``out/results.json``) the results.
+
+    Returns ``{"config", "search": [one record per trial, best first, without history], "best": [per re-run
+    configuration: rank, trial, hyperparameters, the search's test accuracy, train_acc_mean/std and
+    test_acc_mean/std over the seeds (sample std, 0 for one seed), n_seeds, stopped counts]}``.
+    """
+    for name, value, low in (("budget", budget, 1), ("seeds", seeds, 1), ("top", top, 1), ("epochs", epochs, 1),
+                             ("runs_per_batch", runs_per_batch, 1), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if top > budget:
+        raise ValueError(f"top must be at most budget ({budget}), got {top}")
+    too_big = [b for b in space.batch_sizes if b > data_config.examples_per_env]
+    if too_big:
+        raise ValueError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
+    n_envs = data_config.n_train_envs
+    config = {"experiment": "sweep", "data": dataclasses.asdict(data_config), "space": dataclasses.asdict(space),
+              "budget": budget, "seeds": seeds, "top": top, "epochs": epochs, "seed": seed,
+              "runs_per_batch": runs_per_batch, "early_abort": early_abort, "dtype": dtype}
+    folder = RunFolder(out, config, fresh=fresh)
+    task = data.make_spirals_task(data_config)
+    env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+
+    trials = sample_trials(space, budget, epochs=epochs, n_agreement_envs=n_envs, seed=seed)
+    total = (budget + top * seeds) * epochs
+    with tqdm(total=total, disable=not progress, unit="run-epoch", dynamic_ncols=True) as bar:
+        search = _train_units(folder, "search", env_data, trials, [{"trial": i} for i in range(budget)],
+                              runs_per_batch=runs_per_batch, early_abort=early_abort, backend=backend,
+                              dtype=dtype, bar=bar)
+        ranked = sorted(search, key=_rank_key)
+        best = ranked[:top]
+        reruns, labels = [], []
+        for rank, record in enumerate(best):
+            for s in range(seeds):
+                reruns.append(dataclasses.replace(trials[record["trial"]], seed=RERUN_SEED_OFFSET + seed + s))
+                labels.append({"rank": rank + 1, "trial": record["trial"]})
+        repeated = _train_units(folder, "seeds", env_data, reruns, labels, runs_per_batch=runs_per_batch,
+                                early_abort=False, backend=backend, dtype=dtype, bar=bar)
+
+    rows = []
+    for rank, record in enumerate(best):
+        runs = [r for r in repeated if r["rank"] == rank + 1]
+        train_mean, train_std = _mean_std([r["train_acc"] for r in runs])
+        test_mean, test_std = _mean_std([r["test_acc"] for r in runs])
+        hyper = {k: v for k, v in _summary(trials[record["trial"]]).items() if k != "seed"}
+        rows.append({"rank": rank + 1, "trial": record["trial"], **hyper,
+                     "search_test_acc": record["test_acc"], "train_acc_mean": train_mean,
+                     "train_acc_std": train_std, "test_acc_mean": test_mean, "test_acc_std": test_std,
+                     "n_seeds": len(runs), "diverged": sum(r["stopped"] == "diverged" for r in runs)})
+    results = {"config": config,
+               "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
+               "best": rows}
+    folder.write("results.json", results)
+    (folder.root / "table.txt").write_text(format_table(results) + "\n")
+    return results
+
+
+def _coefficient(value: float) -> str:
+    return f"{value:.0e}" if value else "-"
+
+
+def format_table(results: dict) -> str:
+    """The best configurations, one row each: hyperparameters and mean ± std over seeds of the final accuracies."""
+    n_search = len(results["search"])
+    aborted = sum(r["stopped"] == "early_abort" for r in results["search"])
+    head = (f"{'rank':>4} {'method':<15}{'tau':>5} {'resc':<5}{'units':>6}{'layers':>7}{'batch':>6} {'opt':<5}"
+            f"{'lr':>7}{'l2':>8}{'l1':>8}{'search test':>12}{'train acc (mean±std)':>22}"
+            f"{'test acc o.o.d. (mean±std)':>28}{'seeds':>6}")
+    lines = [f"search: {n_search} trials ({aborted} stopped early, paper §6.3); best re-run over seeds:", head]
+    for r in results["best"]:
+        lines.append(
+            f"{r['rank']:>4} {r['method']:<15}{r['tau']:>5.2f} {('yes' if r['rescale'] else 'no'):<5}"
+            f"{r['hidden_units']:>6}{r['layers']:>7}{r['batch_size']:>6} {r['optimizer']:<5}{r['lr']:>7.0e}"
+            f"{_coefficient(r['l2']):>8}{_coefficient(r['l1']):>8}{r['search_test_acc']:>12.3f}"
+            f"{r['train_acc_mean']:>14.3f} ± {r['train_acc_std']:.3f}"
+            f"{r['test_acc_mean']:>20.3f} ± {r['test_acc_std']:.3f}{r['n_seeds']:>6}")
+    return "\n".join(lines)
