@@ -1,0 +1,449 @@
+"""The aggregation rules of :mod:`hardtovary.reference.rules`, as single-pass computations over a ``[K, P]`` stack.
+
+Same semantics and argument rules as the oracle (see its module docstring for the formulas and Table B of edge
+cases); written once against an array module ``xp`` (NumPy or CuPy, :func:`hardtovary.accel.backend.array_module`),
+so the code CI runs on NumPy is the code a GPU runs, except for the fused CUDA kernels below, which compute the same
+expressions in one pass and are checked against the NumPy path by ``bench/gpu_check.py``.
+
+How a stack is computed
+-----------------------
+A gradient stack ``G[K, *shape]`` is viewed as ``[K, P]`` (``P = prod(shape)``). One pass over the K rows gives,
+per coordinate j, the statistics every rule needs:
+
+- ``S_j = sum_e sign(G[e, j])`` (sign(0) = 0), an exact integer: the mask decisions are integer comparisons,
+  ``|S| >= ceil(tau*K - 1e-9)`` (canonical AND-mask), ``|S| == K`` (paper geometric mean), so masks are bit-equal
+  with the oracle in every dtype;
+- ``sum_e G[e, j]`` (the mean is ``sum / K``);
+- ``sum_e log|G[e, j]|`` (paper geometric mean) or ``sum_e log(|G[e, j]| + 1e-10)`` (original flavour);
+- for the SAND-mask, the shifted sums ``sum_e d`` and ``sum_e d*d`` with ``d = G[e, j] - G[0, j]`` (the one-pass
+  variance ``(sum d^2 - (sum d)^2 / K) / (K - 1)``; shifting by a sample bounds the cancellation: the relative
+  error is at most about ``K (K + 1) eps``, since ``(G[0] - mean)^2`` is one term of the sum of squared deviations).
+  ``var == 0`` (identical gradients, K = 1, or a spread below the dtype's range) takes the oracle's limit rule:
+  1 where ``A > tau``, else 0; a sum of squares that overflows gives ``var = inf`` (mask 0, as the oracle's tiny
+  value). ``A - tau`` and ``A > tau`` are evaluated in float64, exactly as the oracle.
+
+and writes the rule's value and mask. On NumPy the pass runs over column blocks that stay in cache
+(:data:`NUMPY_BLOCK_ELEMENTS`), so the stack is read from memory once. On CuPy a fused ``cupy.ElementwiseKernel``
+(one thread per coordinate looping over K, coalesced reads; :data:`HARD_KERNEL_SOURCE`, :data:`SAND_KERNEL_SOURCE`)
+computes the same thing; :func:`_block_spec_hard` / :func:`_block_spec_sand` are the NumPy expressions that
+specify what the kernels compute, line for line.
+
+Precision: float64 input is computed in float64, float32 and float16 in float32 (:func:`compute_dtype`); values
+(and the SAND soft mask) are returned in the input dtype, AND-masks as ``bool``. A float32 stack whose sum over
+environments overflows float32 is recomputed in float64. Non-finite gradients raise ``ValueError`` naming the
+stack and the first bad entry (detected from the non-finite sums, one host synchronisation per call).
+
+Rescaling (paper App. B.3.1, footnote 14) is per tensor: one reduction of the mask gives ``n_kept`` and the value
+is multiplied by ``n / n_kept`` on the device; a fully masked tensor is exactly 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from hardtovary.reference import rules as _ref
+from hardtovary.reference._validate import finite as _finite_or_raise
+
+from .backend import array_module, to_numpy
+
+RULES = _ref.RULES
+FLAVOURS = _ref.FLAVOURS
+TIE_TOLERANCE = _ref.TIE_TOLERANCE
+ORIGINAL_LOG_EPSILON = _ref.ORIGINAL_LOG_EPSILON
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: Elements of a ``[K, block]`` slab processed at once on NumPy (about 1 MiB in float32: it and its temporaries
+#: stay in L2, so the stack is streamed from memory once).
+NUMPY_BLOCK_ELEMENTS = 1 << 18
+
+__all__ = ["aggregate", "aggregate_stack", "compute_dtype", "Plan", "plan", "stack_rule", "RULES", "FLAVOURS",
+           "HARD_KERNEL_SOURCE", "SAND_KERNEL_SOURCE"]
+
+# Rule ids shared by the Python plan and the CUDA source (#defines in _KERNEL_PREAMBLE).
+_MEAN, _AND, _GM_PAPER, _GM_ORIGINAL, _SAND = 0, 1, 2, 3, 4
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype the rules compute in for gradients of ``dtype``: float64 for float64, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+class Plan(NamedTuple):
+    """A validated rule for stacks of K environments: ``kind`` (one of the ``_MEAN``.. ids), ``thr`` the canonical
+    threshold ``ceil(tau*K - 1e-9)`` (or K for the paper geometric mean), ``tau`` and ``k`` (SAND)."""
+
+    kind: int
+    K: int
+    thr: int
+    tau: float
+    k: float
+
+
+def plan(K: int, *, rule, tau=None, rescale=False, flavour=None, k=None) -> Plan:
+    """Validate the options with :func:`hardtovary.reference.rules.aggregate_arguments` and resolve them for K."""
+    rule, tau, flavour, k = _ref.aggregate_arguments(rule, tau, rescale, flavour, k)
+    if rule == "mean":
+        return Plan(_MEAN, K, 0, 0.0, 0.0)
+    if rule == "and_mask":
+        return Plan(_AND, K, _ref.agreement_threshold_count(tau, K), tau, 0.0)
+    if rule == "geometric_mean" and flavour == "paper":
+        return Plan(_GM_PAPER, K, K, 1.0, 0.0)
+    if rule == "geometric_mean":
+        return Plan(_GM_ORIGINAL, K, _ref.agreement_threshold_count(tau, K), tau, 0.0)
+    return Plan(_SAND, K, 0, tau, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The spec: NumPy/CuPy expressions over a [K, C] block (what the CUDA kernels compute)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _block_spec_hard(g, p: Plan, cdt: np.dtype, xp):
+    """Mean, AND-mask and geometric mean of a ``[K, C]`` block: ``(value [C] in cdt, keep [C] bool)``.
+
+    Specification of :data:`HARD_KERNEL_SOURCE`. Where the sum over environments is not finite (non-finite input,
+    or float32 overflow) the value is NaN; :func:`aggregate` turns that into an error or a float64 recomputation.
+    """
+    g = g.astype(cdt, copy=False)
+    K = p.K
+    S = xp.sign(g).sum(axis=0)  # exact small integers (|S| <= K < 2**24) held in cdt
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> non-finite total -> handled by aggregate
+        total = g.sum(axis=0)
+    mean = total / cdt.type(K)
+    absS = xp.abs(S)
+    zero = cdt.type(0)
+    if p.kind == _MEAN:
+        keep = xp.ones(total.shape, dtype=bool)
+        value = mean
+    elif p.kind == _AND:
+        keep = absS >= p.thr
+        value = xp.where(keep, mean, zero)
+    elif p.kind == _GM_PAPER:
+        keep = absS == K
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sumlog = xp.log(xp.abs(g)).sum(axis=0)  # -inf where some |g| = 0; such a component has |S| < K
+        value = xp.where(keep, xp.sign(S) * xp.exp(sumlog / cdt.type(K)), zero)
+    else:  # _GM_ORIGINAL
+        keep = absS >= p.thr
+        with np.errstate(invalid="ignore"):
+            sumlog = xp.log(xp.abs(g) + cdt.type(ORIGINAL_LOG_EPSILON)).sum(axis=0)
+        value = xp.where(keep, xp.sign(mean) * xp.exp(sumlog / cdt.type(K)), zero)
+    value = xp.where(xp.isfinite(total), value, cdt.type(np.nan))
+    return value.astype(cdt, copy=False), keep
+
+
+def _block_spec_sand(g, p: Plan, cdt: np.dtype, xp):
+    """SAND-mask of a ``[K, C]`` block: ``(value [C], mask [C])`` in cdt. Specification of
+    :data:`SAND_KERNEL_SOURCE` (one-pass variance shifted by the first environment; limit rules)."""
+    g = g.astype(cdt, copy=False)
+    K = p.K
+    S = xp.sign(g).sum(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflows are handled below / by aggregate
+        total = g.sum(axis=0)
+        mean = total / cdt.type(K)
+        d = g - g[0]
+        sd = d.sum(axis=0)
+        sdd = (d * d).sum(axis=0)
+    diff = xp.abs(S).astype(np.float64) / K - p.tau  # A - tau in float64, as the oracle
+    above = diff > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if K == 1:
+            var = xp.zeros_like(total)
+        else:
+            var = (sdd - (sd / cdt.type(K)) * sd) / cdt.type(K - 1)
+            var = xp.where(xp.isinf(sdd), cdt.type(np.inf), xp.maximum(var, cdt.type(0)))
+            var = xp.where(sdd == 0, cdt.type(0), var)
+        arg = (p.k * diff).astype(cdt) / var  # k (A - tau) in float64, then in cdt (inf -> tanh = +-1)
+        t = xp.tanh(arg)
+        smooth = xp.where(t > 0, t, cdt.type(0))  # max(tanh, 0); inf/inf (k and var both beyond cdt) -> 0
+    mask = xp.where(var == 0, above.astype(cdt), smooth).astype(cdt, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        value = xp.where(xp.isfinite(total), mask * mean, cdt.type(np.nan))
+    return value.astype(cdt, copy=False), mask
+
+
+def _xp_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
+    """The spec applied to a whole ``[K, P]`` stack, in cache-sized column blocks on NumPy (one block on CuPy)."""
+    K, P = G2.shape
+    spec = _block_spec_sand if p.kind == _SAND else _block_spec_hard
+    # Non-finite sums (bad input, float32 overflow) are marked NaN and resolved by aggregate: no warnings here.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if xp is not np or K * P <= NUMPY_BLOCK_ELEMENTS:
+            return spec(G2, p, cdt, xp)
+        value = np.empty(P, dtype=cdt)
+        mask = np.empty(P, dtype=cdt if p.kind == _SAND else bool)
+        step = max(1, NUMPY_BLOCK_ELEMENTS // K)
+        for start in range(0, P, step):
+            stop = min(P, start + step)
+            value[start:stop], mask[start:stop] = spec(G2[:, start:stop], p, cdt, xp)
+        return value, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused CUDA kernels (CuPy only)
+# ----------------------------------------------------------------------------------------------------------------
+
+_KERNEL_PREAMBLE = r"""
+#define HTV_MEAN 0
+#define HTV_AND 1
+#define HTV_GM_PAPER 2
+#define HTV_GM_ORIGINAL 3
+"""
+
+#: ``cupy.ElementwiseKernel`` operation for mean / AND-mask / geometric mean. Parameters:
+#: in ``raw T G`` (the C-contiguous ``[K, P]`` stack, passed flattened to 1-D), ``int32 K``, ``int64 P``, ``int32 rule``, ``int32 thr``,
+#: ``float64 log_eps``; out ``C out`` (value in the compute dtype), ``bool keep``. One thread per coordinate i.
+HARD_KERNEL_SOURCE = r"""
+// Coordinate i of the [K, P] stack: walk the K environments with stride P. Neighbouring threads read
+// neighbouring addresses, so every load is coalesced. C (float or double) is the compute type, bound by `out`.
+int S = 0;                   // sum of signs, sign(0) = 0: exact
+C sum = 0;                   // sum over environments (mean = sum / K)
+C sumlog = 0;                // sum of log|g| (paper) or log(|g| + 1e-10) (original)
+const C leps = (C)log_eps;
+#pragma unroll 4
+for (int e = 0; e < K; ++e) {
+    const C x = (C)G[(ptrdiff_t)e * P + i];
+    S += (x > (C)0) - (x < (C)0);
+    sum += x;
+    if (rule == HTV_GM_PAPER) {
+        sumlog += log(fabs(x));          // -inf where x == 0: that coordinate has |S| < K and is masked
+    } else if (rule == HTV_GM_ORIGINAL) {
+        sumlog += log(fabs(x) + leps);
+    }
+}
+const int absS = S < 0 ? -S : S;
+const C mean = sum / (C)K;
+bool k;
+C v;
+if (rule == HTV_MEAN) {
+    k = true;
+    v = mean;
+} else if (rule == HTV_AND) {
+    k = absS >= thr;
+    v = k ? mean : (C)0;
+} else if (rule == HTV_GM_PAPER) {
+    k = absS == K;
+    v = k ? (S > 0 ? (C)1 : (C)-1) * exp(sumlog / (C)K) : (C)0;
+} else {  // HTV_GM_ORIGINAL: sign of the arithmetic mean, geometric mean of the magnitudes
+    k = absS >= thr;
+    const C s = (C)((mean > (C)0) - (mean < (C)0));
+    v = k ? s * exp(sumlog / (C)K) : (C)0;
+}
+if (!isfinite(sum)) {
+    v = sum - sum;           // NaN: non-finite input or overflow, resolved on the host
+}
+out = v;
+keep = k;
+"""
+
+#: ``cupy.ElementwiseKernel`` operation for the SAND-mask. in ``raw T G``, ``int32 K``, ``int64 P``,
+#: ``float64 tau``, ``float64 sharp`` (k); out ``C out`` (value), ``C mask`` (soft mask).
+SAND_KERNEL_SOURCE = r"""
+// One pass: sign count, sum, and the sums of d and d*d with d = g - g[0] (shifted one-pass variance).
+int S = 0;
+C sum = 0, sd = 0, sdd = 0;
+const C g0 = (C)G[i];
+#pragma unroll 4
+for (int e = 0; e < K; ++e) {
+    const C x = (C)G[(ptrdiff_t)e * P + i];
+    S += (x > (C)0) - (x < (C)0);
+    sum += x;
+    const C d = x - g0;
+    sd += d;
+    sdd += d * d;
+}
+const int absS = S < 0 ? -S : S;
+const double diff = (double)absS / (double)K - tau;     // A - tau in float64, exactly as the oracle
+C var;
+if (K == 1 || sdd == (C)0) {
+    var = 0;                                            // identical gradients / K = 1: the limit rule
+} else if (isinf(sdd)) {
+    var = (C)1 / (C)0;                                  // +inf: spread beyond the dtype's range, mask ~ 0
+} else {
+    var = (sdd - (sd / (C)K) * sd) / (C)(K - 1);
+    if (var < (C)0) var = 0;
+}
+C m;
+if (var == (C)0) {
+    m = diff > 0 ? (C)1 : (C)0;
+} else {
+    m = tanh((C)(sharp * diff) / var);                  // k (A - tau) in float64, then the compute type
+    if (!(m > (C)0)) m = 0;                             // max(tanh, 0); inf/inf -> NaN -> 0, as the spec
+}
+C v = m * (sum / (C)K);
+if (!isfinite(sum)) {
+    v = sum - sum;
+}
+out = v;
+mask = m;
+"""
+
+_KERNELS: dict = {}
+
+
+def _kernel(which: str):
+    """The cached ``cupy.ElementwiseKernel`` (created once per process; CuPy compiles per dtype on first use)."""
+    if which not in _KERNELS:
+        import cupy
+
+        if which == "hard":
+            _KERNELS[which] = cupy.ElementwiseKernel(
+                "raw T G, int32 K, int64 P, int32 rule, int32 thr, float64 log_eps", "C out, bool keep",
+                HARD_KERNEL_SOURCE, "htv_rules_hard", preamble=_KERNEL_PREAMBLE)
+        else:
+            _KERNELS[which] = cupy.ElementwiseKernel(
+                "raw T G, int32 K, int64 P, float64 tau, float64 sharp", "C out, C mask",
+                SAND_KERNEL_SOURCE, "htv_rules_sand")
+    return _KERNELS[which]
+
+
+def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
+    K, P = G2.shape
+    flat = xp.ascontiguousarray(G2).reshape(K * P)  # 1-D raw view: G[e * P + i] is one multiply-add, no div/mod
+    out = xp.empty(P, dtype=cdt)
+    if p.kind == _SAND:
+        mask = xp.empty(P, dtype=cdt)
+        _kernel("sand")(flat, np.int32(K), np.int64(P), np.float64(p.tau), np.float64(p.k), out, mask)
+    else:
+        mask = xp.empty(P, dtype=bool)
+        _kernel("hard")(flat, np.int32(K), np.int64(P), np.int32(p.kind), np.int32(p.thr),
+                        np.float64(ORIGINAL_LOG_EPSILON), out, mask)
+    return out, mask
+
+
+def stack_rule(G2, p: Plan, *, cdt=None, use_kernel=None):
+    """One rule over a ``[K, P]`` stack of xp: ``(value [P] in the compute dtype, mask [P])``; values are NaN where
+    the sum over environments is not finite.
+
+    ``use_kernel``: None (default) uses the fused CUDA kernel for CuPy arrays and the xp expression for NumPy;
+    True requires CuPy; False forces the xp expression (on CuPy too, for comparisons).
+    """
+    xp = array_module(G2)
+    cdt = compute_dtype(G2.dtype) if cdt is None else np.dtype(cdt)
+    if use_kernel is None:
+        use_kernel = xp is not np
+    if use_kernel:
+        if xp is np:
+            raise ValueError("use_kernel=True needs CuPy arrays: the fused kernels run on CUDA only")
+        return _cupy_stack_rule(G2, p, cdt, xp)
+    return _xp_stack_rule(G2, p, cdt, xp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, rescaling and the model-level entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate_gradient_list(grads):
+    """``(xp, stacks)``: the arrays of one module, real floating (float16/32/64), K >= 1, one K, one dtype.
+    Finiteness is checked later, from the sums (no extra pass over the stacks)."""
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list or tuple of gradient stacks G[K, *shape], got {type(grads).__name__}")
+    if len(grads) == 0:
+        raise ValueError("grads must hold at least one gradient stack, got an empty sequence")
+    xp = array_module(*grads)
+    if xp is not np and any(isinstance(G, np.ndarray) for G in grads):
+        raise TypeError("grads must all be NumPy arrays or all CuPy arrays, got a mix of both")
+    stacks = []
+    for i, G in enumerate(grads):
+        G = xp.asarray(G)
+        if G.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"grads[{i}] must be an array of a real floating dtype (float16/32/64), got dtype {G.dtype}")
+        if G.ndim < 1:
+            raise ValueError(f"grads[{i}] must have at least 1 dimension(s), got shape {G.shape}")
+        if G.shape[0] == 0:
+            raise ValueError(f"grads[{i}] must hold at least one environment (K >= 1) on axis 0, got shape {G.shape}")
+        stacks.append(G)
+    K0 = stacks[0].shape[0]
+    for i, G in enumerate(stacks):
+        if G.shape[0] != K0:
+            raise ValueError(
+                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
+                f"grads[{i}] has K={G.shape[0]} (shape {G.shape})")
+    for i, G in enumerate(stacks):
+        if G.dtype != stacks[0].dtype:
+            raise TypeError(
+                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is {G.dtype}")
+    return xp, stacks
+
+
+def _as_2d(G):
+    """``G[K, *shape]`` viewed as ``[K, P]`` (a view for contiguous input; P may be 0)."""
+    return G.reshape(G.shape[0], int(np.prod(G.shape[1:], dtype=np.int64)))
+
+
+def _kept_count(mask, xp):
+    """``n_kept`` of one tensor as a 0-d float64 device value: one reduction (a count for bool masks)."""
+    return mask.sum(dtype=np.float64)
+
+
+def _rescale(value, n_kept, xp, big: bool):
+    """``value * n / n_kept`` (exactly 0 when nothing is kept), on the device. ``big``: the factor overflows the
+    compute dtype (only possible for a soft mask with a tiny sum); then divide first, in float64, as the oracle."""
+    n = value.size
+    if n == 0:
+        return value
+    cdt = value.dtype
+    if big:
+        return (value.astype(np.float64) / n_kept * n).astype(cdt)
+    positive = n_kept > 0
+    factor = xp.where(positive, n / xp.where(positive, n_kept, 1.0), 0.0)
+    return value * factor.astype(cdt)
+
+
+def _factor_too_big(n_kept, n: int, cdt) -> bool:
+    nk = float(n_kept)
+    return nk > 0 and (n / nk) > float(np.finfo(cdt).max)
+
+
+def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
+    """Apply one aggregation rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate`.
+
+    ``grads``: a non-empty list or tuple of NumPy or CuPy arrays ``G[K, *shape_i]``, one K >= 1 and one dtype
+    (float16/32/64), finite. ``rule``, ``tau``, ``rescale``, ``flavour``, ``k``: as the oracle, validated by
+    :func:`hardtovary.reference.rules.aggregate_arguments` (``tau`` None means 0 for and_mask / sand_mask and 1
+    for geometric_mean; ``flavour`` only with geometric_mean, ``k`` only with sand_mask). ``use_kernel``: see
+    :func:`stack_rule`.
+
+    Returns ``(values, masks)``, lists of arrays of the input's module: values of shape ``shape_i`` in the input
+    dtype (computed in float64 for float64 input, float32 otherwise); masks ``bool`` (mean, and_mask,
+    geometric_mean; bit-equal with the oracle) or, for sand_mask, the soft mask in the input dtype.
+    Non-finite gradients raise ValueError naming the stack and its first bad entry.
+    """
+    xp, stacks = _validate_gradient_list(grads)
+    p = plan(stacks[0].shape[0], rule=rule, tau=tau, rescale=rescale, flavour=flavour, k=k)
+    out = [stack_rule(_as_2d(G), p, use_kernel=use_kernel) for G in stacks]
+
+    # One host synchronisation: which tensors have a non-finite value (non-finite input, or float32 overflow)?
+    flags = to_numpy(xp.stack([xp.isfinite(v).all() for v, _ in out])) if out else np.ones(0, bool)
+    for i in np.flatnonzero(~flags):
+        G = stacks[i]
+        _finite_or_raise(to_numpy(G), f"grads[{i}]")  # raises ValueError on a NaN/inf entry
+        if compute_dtype(G.dtype) == np.float64:
+            raise ValueError(f"grads[{i}]: the sum over the K environments overflows float64 (finite entries of "
+                             "magnitude near the float64 maximum); rescale the gradients")
+        out[i] = stack_rule(_as_2d(G), p, cdt=np.float64, use_kernel=use_kernel)
+
+    values, masks = [], []
+    if rescale:
+        counts = [_kept_count(m, xp) for _, m in out]
+        bigs = [False] * len(out)
+        if p.kind == _SAND:  # a soft mask whose sum is tiny: one more synchronisation, SAND only
+            host = to_numpy(xp.stack(counts))
+            bigs = [_factor_too_big(c, v.size, v.dtype) for c, (v, _) in zip(host, out)]
+        out = [(_rescale(v, c, xp, big), m) for (v, m), c, big in zip(out, counts, bigs)]
+    for G, (v, m) in zip(stacks, out):
+        shape = G.shape[1:]
+        values.append(v.astype(G.dtype, copy=False).reshape(shape))
+        masks.append((m if m.dtype == bool else m.astype(G.dtype, copy=False)).reshape(shape))
+    return values, masks
+
+
+def aggregate_stack(G, *, rule: str, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
+    """One stack ``G[K, *shape]``: ``aggregate([G], ...)`` unpacked to ``(value, mask)``."""
+    values, masks = aggregate([G], rule=rule, tau=tau, rescale=rescale, flavour=flavour, k=k, use_kernel=use_kernel)
+    return values[0], masks[0]

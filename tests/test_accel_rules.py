@@ -1,0 +1,324 @@
+"""accel/rules.py against the NumPy oracle (reference/rules.py); the CUDA kernel sources compiled as C++ and run on
+the CPU against their NumPy spec; CuPy-only checks skip with the reason CuPy is unusable."""
+
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from hardtovary.accel import rules as A
+from hardtovary.accel.backend import cupy_status
+from hardtovary.conformance import tolerances
+from hardtovary.reference import rules as R
+
+ROOT = Path(__file__).resolve().parents[1]
+CUPY_OK, CUPY_REASON = cupy_status()
+
+CASES = [("mean", {}), ("and_mask", {"tau": 0.0}), ("and_mask", {"tau": 0.5}), ("and_mask", {"tau": 1.0}),
+         ("geometric_mean", {}), ("geometric_mean", {"flavour": "original"}),
+         ("geometric_mean", {"flavour": "original", "tau": 0.5}), ("sand_mask", {"tau": 0.3}),
+         ("sand_mask", {"tau": 0.5, "k": 3.0})]
+
+
+def assert_matches_oracle(grads, rule, options, rescale):
+    ref_values, ref_masks = R.aggregate(grads, rule=rule, rescale=rescale, **options)
+    values, masks = A.aggregate(grads, rule=rule, rescale=rescale, **options)
+    dtype = grads[0].dtype
+    tol = tolerances.for_dtype(dtype)
+    K = grads[0].shape[0]
+    for G, v, m, rv, rm in zip(grads, values, masks, ref_values, ref_masks):
+        assert v.dtype == dtype and v.shape == rv.shape
+        if rm.dtype == bool:
+            assert m.dtype == bool
+            np.testing.assert_array_equal(m, rm)  # bit-exact masks
+            assert np.all(v[~rm] == 0)  # masked components exactly 0
+        else:
+            assert m.dtype == dtype
+            np.testing.assert_allclose(m.astype(np.float64), rm, rtol=8 * tol.rtol, atol=1e-6)
+            assert np.all(v[rm == 0] == 0)
+        scale = np.max(np.abs(G.astype(np.float64)), axis=0)
+        if rescale and rv.size and rm.sum() > 0:
+            scale = scale * rv.size / float(np.sum(rm))
+        bound = tol.bound(rv, scale, K)
+        assert np.all(np.abs(v.astype(np.float64) - rv) <= bound), (rule, options, rescale, v, rv)
+
+
+@st.composite
+def gradient_lists(draw):
+    K = draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from([np.float64, np.float32, np.float16]))
+    shapes = draw(st.lists(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5), min_size=1, max_size=3))
+    grads = []
+    for shape in shapes:
+        values = draw(hnp.arrays(np.float64, (K, *shape),
+                                 elements=st.sampled_from([0.0, 1.0, -1.0, 2.5, -0.5, 1e-3, -3e-4, 7.0])))
+        grads.append(values.astype(dtype))
+    return grads
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grads=gradient_lists(), case=st.sampled_from(CASES), rescale=st.booleans())
+def test_aggregate_matches_oracle_on_drawn_inputs(grads, case, rescale):
+    rule, options = case
+    assert_matches_oracle(grads, rule, options, rescale)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), K=st.integers(1, 16), case=st.sampled_from(CASES), rescale=st.booleans(),
+       dtype=st.sampled_from([np.float64, np.float32]))
+def test_wide_magnitudes_and_blocked_path_match_oracle(monkeypatch, seed, K, case, rescale, dtype):
+    """Magnitudes over 12 decades, zeros and identical environments; small blocks force the multi-block path."""
+    monkeypatch.setattr(A, "NUMPY_BLOCK_ELEMENTS", 64)
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((K, 300)) * np.exp(rng.uniform(-14, 14, (K, 300)))
+    G[rng.random(G.shape) < 0.2] = 0.0
+    G[:, :20] = G[0, :20]
+    rule, options = case
+    assert_matches_oracle([G.astype(dtype), G[:, :7].astype(dtype)], rule, options, rescale)
+
+
+@pytest.mark.parametrize("rule,options", CASES)
+def test_blocked_and_single_block_paths_are_bit_identical(monkeypatch, rule, options):
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((6, 1000)).astype(np.float32)
+    whole = A.aggregate([G], rule=rule, **options)
+    monkeypatch.setattr(A, "NUMPY_BLOCK_ELEMENTS", 100)
+    blocked = A.aggregate([G], rule=rule, **options)
+    for a, b in zip(whole[0] + whole[1], blocked[0] + blocked[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ties_are_kept_and_zeros_count_as_sign_zero():
+    G = np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 0.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 0.0]])  # |S| = 2, 2, 2
+    values, masks = A.aggregate([G], rule="and_mask", tau=0.5)
+    assert masks[0].tolist() == [True, True, True]
+    values, masks = A.aggregate([G], rule="and_mask", tau=0.51)
+    assert masks[0].tolist() == [False, False, False] and values[0].tolist() == [0.0, 0.0, 0.0]
+    # float-noise tau: 2*0.8 - 1 = 0.6000000000000001 with K = 10 keeps |S| = 6
+    H = np.array([1.0] * 8 + [-1.0] * 2)[:, None]
+    assert A.aggregate([H], rule="and_mask", tau=2 * 0.8 - 1)[1][0].tolist() == [True]
+
+
+def test_fully_masked_rescaled_tensor_is_exactly_zero_and_rescale_is_per_tensor():
+    G1 = np.array([[1.0, -1.0], [-1.0, 1.0]])  # nothing kept at tau = 1
+    G2 = np.array([[1.0, 2.0, -1.0, 0.0], [1.0, 2.0, 1.0, 0.0]])  # 2 of 4 kept
+    values, masks = A.aggregate([G1, G2], rule="and_mask", tau=1.0, rescale=True)
+    assert values[0].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(values[1], [2.0, 4.0, 0.0, 0.0])
+
+
+def test_geometric_mean_does_not_underflow_in_float32():
+    G = np.full((16, 3), 1e-3, dtype=np.float32)
+    values, _ = A.aggregate([G], rule="geometric_mean")
+    np.testing.assert_allclose(values[0], 1e-3, rtol=1e-6)
+
+
+def test_float32_sum_overflow_is_recomputed_in_float64():
+    G = np.array([[3e38, -3e38], [3e38, -3e38]], dtype=np.float32)
+    values, _ = A.aggregate([G], rule="mean")
+    np.testing.assert_allclose(values[0].astype(np.float64), [3e38, -3e38], rtol=1e-6)
+    values, masks = A.aggregate([G * np.float32(1)], rule="sand_mask", tau=0.5)
+    assert np.all(np.isfinite(values[0]))
+
+
+def test_sand_variance_overflow_gives_mask_near_zero_not_nan():
+    G = np.array([[3e37], [-3e37], [2e37]], dtype=np.float32)  # d*d overflows float32
+    values, masks = A.aggregate([G], rule="sand_mask", tau=0.0)
+    ref = R.aggregate([G], rule="sand_mask", tau=0.0)
+    assert np.isfinite(values[0]).all() and np.isfinite(masks[0]).all()
+    np.testing.assert_allclose(masks[0].astype(float), ref[1][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradients_raise_naming_the_entry(bad):
+    G = np.ones((3, 2, 2), dtype=np.float32)
+    G[1, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"grads\[1\]\[1, 0, 1\]"):
+        A.aggregate([np.ones((3, 4)), G.astype(np.float64)], rule="geometric_mean")
+
+
+def test_bad_arguments_are_refused_like_the_oracle():
+    G = np.ones((2, 3))
+    with pytest.raises(TypeError, match="grads\\[0\\]"):
+        A.aggregate([np.ones((2, 3), dtype=np.int64)], rule="mean")
+    with pytest.raises(ValueError, match="same number of environments"):
+        A.aggregate([G, np.ones((3, 3))], rule="mean")
+    with pytest.raises(TypeError, match="same dtype"):
+        A.aggregate([G, G.astype(np.float32)], rule="mean")
+    with pytest.raises(ValueError, match="flavour applies only"):
+        A.aggregate([G], rule="and_mask", flavour="paper")
+    with pytest.raises(ValueError, match="tau must be None or 1"):
+        A.aggregate([G], rule="geometric_mean", tau=0.5)
+    with pytest.raises(ValueError, match="K >= 1"):
+        A.aggregate([np.ones((0, 3))], rule="mean")
+    with pytest.raises(TypeError):
+        A.aggregate(G, rule="mean")
+    with pytest.raises(ValueError, match="CuPy"):
+        A.aggregate([G], rule="mean", use_kernel=True)
+
+
+def test_empty_tensor_and_scalar_parameters():
+    values, masks = A.aggregate([np.ones((3, 0, 2)), np.ones(3)], rule="and_mask", tau=1.0, rescale=True)
+    assert values[0].shape == (0, 2) and values[1].shape == () and values[1] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CUDA kernel sources, compiled as C++ and run on the CPU against their NumPy spec
+# ----------------------------------------------------------------------------------------------------------------
+
+HARNESS = r"""
+#include <cmath>
+#include <cstddef>
+using std::log; using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
+%(preamble)s
+template <typename T, typename C>
+void hard(const T* G, int K, long long P, int rule, int thr, double log_eps, C* out_, bool* keep_) {
+    for (ptrdiff_t i = 0; i < P; ++i) {
+        C& out = out_[i]; bool& keep = keep_[i];
+        %(hard)s
+    }
+}
+template <typename T, typename C>
+void sand(const T* G, int K, long long P, double tau, double sharp, C* out_, C* mask_) {
+    for (ptrdiff_t i = 0; i < P; ++i) {
+        C& out = out_[i]; C& mask = mask_[i];
+        %(sand)s
+    }
+}
+extern "C" {
+void hard_f32(const float* G, int K, long long P, int r, int t, double e, float* o, bool* k) { hard<float, float>(G, K, P, r, t, e, o, k); }
+void hard_f64(const double* G, int K, long long P, int r, int t, double e, double* o, bool* k) { hard<double, double>(G, K, P, r, t, e, o, k); }
+void sand_f32(const float* G, int K, long long P, double t, double s, float* o, float* m) { sand<float, float>(G, K, P, t, s, o, m); }
+void sand_f64(const double* G, int K, long long P, double t, double s, double* o, double* m) { sand<double, double>(G, K, P, t, s, o, m); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("no C++ compiler (g++) to compile the CUDA kernel sources for the CPU")
+    folder = tmp_path_factory.mktemp("kernels")
+    source = folder / "kernels.cpp"
+    source.write_text(HARNESS % {"preamble": A._KERNEL_PREAMBLE, "hard": A.HARD_KERNEL_SOURCE,
+                                 "sand": A.SAND_KERNEL_SOURCE})
+    library = folder / "kernels.so"
+    subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", str(library), str(source)],
+                   check=True, capture_output=True)
+    return ctypes.CDLL(str(library))
+
+
+def run_cpu_kernel(lib, G2, p, cdt):
+    K, P = G2.shape
+    G2 = np.ascontiguousarray(G2.astype(cdt))
+    out = np.empty(P, dtype=cdt)
+    suffix = "f32" if cdt == np.float32 else "f64"
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    if p.kind == A._SAND:
+        mask = np.empty(P, dtype=cdt)
+        getattr(lib, f"sand_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_double(p.tau),
+                                       ctypes.c_double(p.k), ptr(out), ptr(mask))
+    else:
+        mask = np.empty(P, dtype=np.bool_)
+        getattr(lib, f"hard_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_int(p.kind),
+                                       ctypes.c_int(p.thr), ctypes.c_double(A.ORIGINAL_LOG_EPSILON), ptr(out),
+                                       ptr(mask))
+    return out, mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), K=st.integers(1, 12), case=st.sampled_from(CASES),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dtype):
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((K, 200)) * np.exp(rng.uniform(-10, 10, (K, 200)))
+    G[rng.random(G.shape) < 0.2] = 0.0
+    G[:, :10] = G[0, :10]
+    G[:, 10:20] = np.sign(G[:, 10:20])
+    G[0, 20] = np.nan
+    G[1 % K, 21] = np.inf
+    G = G.astype(dtype)
+    rule, options = case
+    p = A.plan(K, rule=rule, **options)
+    want_v, want_m = A.stack_rule(G, p)
+    got_v, got_m = run_cpu_kernel(cpu_kernels, G, p, np.dtype(dtype))
+    ok = np.isfinite(G).all(axis=0)  # masks of non-finite columns are unspecified: their value is NaN (raised)
+    if want_m.dtype == bool:
+        np.testing.assert_array_equal(got_m[ok], want_m[ok])
+    else:
+        np.testing.assert_allclose(got_m[ok], want_m[ok], rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+    np.testing.assert_array_equal(np.isnan(got_v), np.isnan(want_v))
+    np.testing.assert_allclose(got_v, want_v, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CuPy (GPU) only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)
+@pytest.mark.parametrize("rule,options", CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_cupy_kernels_match_the_oracle(rule, options, dtype):
+    import cupy
+
+    rng = np.random.default_rng(7)
+    grads = [(rng.standard_normal((5, *s)) * (rng.random((5, *s)) > 0.2)).astype(dtype) for s in [(40, 3), (7,)]]
+    for rescale in (False, True):
+        ref_values, ref_masks = R.aggregate(grads, rule=rule, rescale=rescale, **options)
+        values, masks = A.aggregate([cupy.asarray(g) for g in grads], rule=rule, rescale=rescale, **options)
+        for v, m, rv, rm in zip(values, masks, ref_values, ref_masks):
+            assert isinstance(v, cupy.ndarray) and v.dtype == dtype
+            if rm.dtype == bool:
+                np.testing.assert_array_equal(cupy.asnumpy(m), rm)
+            np.testing.assert_allclose(cupy.asnumpy(v).astype(np.float64), rv,
+                                       rtol=1e-3 if dtype == np.float16 else 1e-5, atol=1e-6)
+
+
+def test_gpu_check_numpy_dry_run_passes(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    assert gpu_check.main(["--numpy-dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"^FAIL ", out, re.M) and len(re.findall(r"^PASS ", out, re.M)) > 50
+    assert "problems/s" in out and ("runs/s" in out or "sweep not available" in out)
+
+
+def test_gpu_check_without_cupy_exits_2(capsys):
+    if CUPY_OK:
+        pytest.skip("CuPy is usable here: the exit-2 path is for machines without it")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    assert gpu_check.main(["--no-timings"]) == 2
+    assert "CuPy is not usable" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The built-in conformance target
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_accel_target_passes_every_aggregate_check(tmp_path):
+    from hardtovary.conformance import cli
+
+    report_path = tmp_path / "report.json"
+    status = cli.main(["--target", "hardtovary.conformance.accel_target:target", "--checks", "agg",
+                       "--max-examples", "10", "--report", str(report_path)])
+    text = report_path.read_text()
+    verdicts = re.findall(r'"verdict": "(\w+)"', text)
+    assert status == 0
+    assert verdicts and set(verdicts) == {"pass"} and len(verdicts) >= 25
