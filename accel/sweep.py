@@ -39,8 +39,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from hardtovary.accel import rules as accel_rules
 from hardtovary.accel.backend import get_backend, to_numpy
-from hardtovary.reference import mlp, optim, rules, training
+from hardtovary.reference import mlp, optim, training
 from hardtovary.reference.training import EnvironmentData, TrainConfig, TrainResult
 
 __all__ = ["SweepResult", "train_sweep", "group_key", "EARLY_ABORT_TRAIN_ACC", "EARLY_ABORT_TEST_ACC"]
@@ -119,40 +120,34 @@ class _RuleGroups:
 
 
 def _aggregate(xp, grads: list, rule_groups: _RuleGroups) -> tuple[list, np.ndarray]:
-    """Apply each run's rule to its per-environment stacks.
+    """Apply each run's rule to its per-environment stacks, on the device.
 
     ``grads``: list (parameter order) of ``[R, K, *shape]`` arrays. Returns ``(values, kept)``: a list of
     ``[R, *shape]`` arrays in the dtype of ``grads``, and the kept fraction per run (NumPy float64 ``[R]``, soft masks
     count their mass, as reference.training).
 
     Every rule is elementwise over the environment axis except the per-tensor rescaling, so the runs that share rule
-    options are aggregated in one call of :func:`hardtovary.reference.rules.aggregate` on the stack
-    ``[K, R_group, *shape]`` without rescaling, and each run's tensors are then rescaled by
-    :func:`hardtovary.reference.rules.rescale_inverse_sparsity` with that run's own mask. This runs the oracle on the
-    host (NumPy); a device implementation of the rules (``hardtovary.accel.rules``) replaces this function only.
+    options are aggregated in one call of :func:`hardtovary.accel.rules.aggregate` on the stack
+    ``[K, R_group, *shape]`` without rescaling; each run's tensors are then rescaled with that run's own mask
+    (``n / n_kept``, a fully masked tensor stays 0), as :func:`hardtovary.reference.rules.rescale_inverse_sparsity`.
     """
     R = rule_groups.n_runs
-    dtype = grads[0].dtype
-    host = [to_numpy(G) for G in grads]
-    values = [np.empty((R,) + G.shape[2:]) for G in host]
-    kept_sum = np.zeros(R)
+    values = [xp.empty((R,) + G.shape[2:], dtype=G.dtype) for G in grads]
+    kept_sum = xp.zeros(R, dtype=xp.float64)
     for idx, config in rule_groups.groups:
-        stacks = [np.moveaxis(G[idx], 1, 0) for G in host]       # [K, R_group, *shape]
-        unscaled = training.aggregate_gradients(stacks, _replace_rescale(config))
-        for j, (value, mask) in enumerate(zip(*unscaled)):
-            mask = np.asarray(mask)
-            kept_sum[idx] += mask.reshape(len(idx), -1).sum(axis=1, dtype=np.float64)
-            for g, r in enumerate(idx):
-                values[j][r] = (rules.rescale_inverse_sparsity(value[g], mask[g]) if rule_groups.rescale[r]
-                                else value[g])
-    total = sum(int(np.prod(G.shape[2:])) for G in host)
-    return [xp.asarray(v, dtype=dtype) for v in values], kept_sum / total
-
-
-def _replace_rescale(config: TrainConfig) -> TrainConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, rescale=False) if config.rescale else config
+        rows = xp.asarray(idx)
+        stacks = [xp.moveaxis(G[rows], 1, 0) for G in grads]       # [K, R_group, *shape]
+        unscaled, masks = accel_rules.aggregate(stacks, rescale=False, **training.rule_arguments(config))
+        rescale = xp.asarray(rule_groups.rescale[idx])
+        for j, (value, mask) in enumerate(zip(unscaled, masks)):
+            n = int(np.prod(value.shape[1:]))
+            kept = mask.reshape(len(idx), -1).sum(axis=1, dtype=xp.float64)   # [R_group]
+            kept_sum[rows] += kept
+            safe = xp.where(kept > 0, kept, 1.0)
+            factor = xp.where(rescale, xp.where(kept > 0, n / safe, 0.0), 1.0)
+            values[j][rows] = value * factor.reshape((-1,) + (1,) * (value.ndim - 1)).astype(value.dtype)
+    total = sum(int(np.prod(G.shape[2:])) for G in grads)
+    return values, to_numpy(kept_sum) / total
 
 
 # --------------------------------------------------------------------------------------------------------------

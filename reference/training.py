@@ -195,9 +195,10 @@ def make_optimizer(config: TrainConfig, params: list):
                      weight_decay_order=config.weight_decay_order)
 
 
-def aggregate_gradients(G: list, config: TrainConfig) -> tuple[list, list]:
-    """Apply the configured rule to the per-environment stacks; ``method="mean"`` ignores ``tau``."""
-    extra = {}
+def rule_arguments(config: TrainConfig) -> dict:
+    """Keyword arguments of ``aggregate`` for the configured rule (without ``rescale``): ``method="mean"`` takes no
+    tau, the paper's geometric mean takes none either (it needs unanimity), the original flavour and the masks do."""
+    extra = {"rule": config.method}
     if config.method == "geometric_mean":
         extra["flavour"] = config.flavour or "paper"
         if extra["flavour"] == "original":
@@ -206,7 +207,12 @@ def aggregate_gradients(G: list, config: TrainConfig) -> tuple[list, list]:
         extra["tau"] = config.tau
         if config.method == "sand_mask" and config.sand_k is not None:
             extra["k"] = config.sand_k
-    return rules.aggregate(G, rule=config.method, rescale=config.rescale, **extra)
+    return extra
+
+
+def aggregate_gradients(G: list, config: TrainConfig) -> tuple[list, list]:
+    """Apply the configured rule to the per-environment stacks (:func:`rule_arguments`), rescaled if configured."""
+    return rules.aggregate(G, rescale=config.rescale, **rule_arguments(config))
 
 
 def evaluate(spec: mlp.MLPSpec, params: list, X: np.ndarray, y: np.ndarray, loss: str,
