@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hardtovary.reference import rules as _ref
+from hardtovary.reference._validate import consistent_stacks
 from hardtovary.reference._validate import finite as _finite_or_raise
 
 from .backend import array_module, to_numpy
@@ -358,16 +359,7 @@ def _validate_gradient_list(grads):
         if G.shape[0] == 0:
             raise ValueError(f"grads[{i}] must hold at least one environment (K >= 1) on axis 0, got shape {G.shape}")
         stacks.append(G)
-    K0 = stacks[0].shape[0]
-    for i, G in enumerate(stacks):
-        if G.shape[0] != K0:
-            raise ValueError(
-                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
-                f"grads[{i}] has K={G.shape[0]} (shape {G.shape})")
-    for i, G in enumerate(stacks):
-        if G.dtype != stacks[0].dtype:
-            raise TypeError(
-                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is {G.dtype}")
+    consistent_stacks(stacks)
     return xp, stacks
 
 

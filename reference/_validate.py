@@ -87,3 +87,19 @@ def choice(x, name: str, options) -> str:
     if x not in options:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {x!r}")
     return x
+
+
+def consistent_stacks(stacks, name: str = "grads") -> None:
+    """Check that a list of gradient stacks (NumPy, CuPy or torch arrays) shares one K on axis 0 and one dtype."""
+    K0, dtype0 = stacks[0].shape[0], stacks[0].dtype
+    for i, G in enumerate(stacks):
+        if G.shape[0] != K0:
+            raise ValueError(
+                f"every gradient stack must have the same number of environments K on axis 0: {name}[0] has "
+                f"K={K0}, {name}[{i}] has K={G.shape[0]} (shape {tuple(G.shape)})"
+            )
+    for i, G in enumerate(stacks):
+        if G.dtype != dtype0:
+            raise TypeError(
+                f"every gradient stack must have the same dtype: {name}[0] is {dtype0}, {name}[{i}] is {G.dtype}"
+            )

@@ -67,7 +67,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import choice, finite, float_array, gradient_stack, in_range, integer, positive
+from ._validate import choice, consistent_stacks, finite, float_array, gradient_stack, in_range, integer, positive
 
 RULES = ("mean", "and_mask", "geometric_mean", "sand_mask")
 FLAVOURS = ("paper", "original")
@@ -385,19 +385,7 @@ def _validate_gradient_list(grads) -> list[np.ndarray]:
     if len(grads) == 0:
         raise ValueError("grads must hold at least one gradient stack, got an empty sequence")
     stacks = [gradient_stack(G, f"grads[{i}]") for i, G in enumerate(grads)]
-    K0 = stacks[0].shape[0]
-    for i, G in enumerate(stacks):
-        if G.shape[0] != K0:
-            raise ValueError(
-                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
-                f"grads[{i}] has K={G.shape[0]} (shape {G.shape})"
-            )
-    for i, G in enumerate(stacks):
-        if G.dtype != stacks[0].dtype:
-            raise TypeError(
-                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is "
-                f"{G.dtype}"
-            )
+    consistent_stacks(stacks)
     return [G.astype(np.float64) for G in stacks]
 
 

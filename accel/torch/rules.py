@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference._validate import in_range, integer, positive
+from hardtovary.reference._validate import consistent_stacks, in_range, integer, positive
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS
@@ -294,18 +294,7 @@ def _validate_gradient_list(grads) -> list[torch.Tensor]:
                 f"grads[{i}] must hold at least one environment (K >= 1) on axis 0, got shape {tuple(G.shape)}"
             )
         stacks.append(G)
-    K0 = stacks[0].shape[0]
-    for i, G in enumerate(stacks):
-        if G.shape[0] != K0:
-            raise ValueError(
-                f"every gradient stack must have the same number of environments K on axis 0: grads[0] has K={K0}, "
-                f"grads[{i}] has K={G.shape[0]} (shape {tuple(G.shape)})"
-            )
-    for i, G in enumerate(stacks):
-        if G.dtype != stacks[0].dtype:
-            raise TypeError(
-                f"every gradient stack must have the same dtype: grads[0] is {stacks[0].dtype}, grads[{i}] is {G.dtype}"
-            )
+    consistent_stacks(stacks)
     return stacks
 
 
