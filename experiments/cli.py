@@ -38,6 +38,29 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
 
 
+def _add_spirals_options(parser, d) -> None:
+    """The spirals data options (paper §6.1-6.2) with the defaults of the SpiralsConfig ``d``."""
+    g = parser.add_argument_group("data (spirals, paper §6.1-6.2)")
+    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="training environments")
+    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
+                   help="training examples per environment")
+    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
+    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
+    g.add_argument("--n-revolutions", type=float, default=d.n_revolutions, help="spiral revolutions")
+    g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
+                   help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+
+
+def _spirals_config(args):
+    """The SpiralsConfig of the options added by :func:`_add_spirals_options`."""
+    from hardtovary.reference import data
+
+    return data.SpiralsConfig(n_train_envs=args.n_envs, examples_per_env=args.examples_per_env, n_test=args.n_test,
+                              n_revolutions=args.n_revolutions, n_dims=args.n_dims, seed=args.data_seed,
+                              shortcut_scale=args.shortcut_scale)
+
+
 def _add_synthetic(subparsers) -> None:
     from hardtovary.experiments import synthetic
 
@@ -59,16 +82,7 @@ def _add_synthetic(subparsers) -> None:
                         "'mean' is averaging (AND-mask with tau = 0)")
     p.add_argument("--tau", type=_fraction, default=None,
                    help="agreement threshold for and_mask / sand_mask (default: 1.0 and 0.5); ignored by mean")
-    g = p.add_argument_group("data (spirals, paper §6.1-6.2)")
-    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="training environments")
-    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
-                   help="training examples per environment")
-    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
-    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
-    g.add_argument("--n-revolutions", type=float, default=d.n_revolutions, help="spiral revolutions")
-    g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
-                   help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
-    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    _add_spirals_options(p, d)
     g = p.add_argument_group("model and training (paper Table 1)")
     g.add_argument("--hidden", type=_int_list, default=t.hidden, help="hidden widths, comma-separated")
     g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation,
@@ -103,15 +117,12 @@ def _add_synthetic(subparsers) -> None:
 
 def _run_synthetic(args) -> int:
     from hardtovary.experiments import plots, synthetic
-    from hardtovary.reference import data
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in synthetic.METHOD_PRESETS]
     if unknown or not methods:
         raise ValueError(f"--methods must name some of {sorted(synthetic.METHOD_PRESETS)}, got {args.methods!r}")
-    data_config = data.SpiralsConfig(n_train_envs=args.n_envs, examples_per_env=args.examples_per_env,
-                                     n_test=args.n_test, n_revolutions=args.n_revolutions, n_dims=args.n_dims,
-                                     seed=args.data_seed, shortcut_scale=args.shortcut_scale)
+    data_config = _spirals_config(args)
     milestones = args.lr_milestones if args.lr_milestones is not None else (3 * args.epochs // 4,)
     train_config = dataclasses.replace(
         synthetic.DEFAULT_TRAIN, hidden=args.hidden, activation=args.activation, batch_norm=args.batch_norm,
@@ -339,6 +350,186 @@ def _add_conformance(subparsers) -> None:
     p.set_defaults(run=conformance_cli.run_from_args)
 
 
+def _add_cifar10(subparsers) -> None:
+    from hardtovary.experiments import cifar10
+
+    p = subparsers.add_parser(
+        "cifar10",
+        help="CIFAR-10 memorization (Figs. 8, 16) and label noise (Fig. 9) with the per-example AND-mask",
+        description=(
+            "Train FastResNet on CIFAR-10 with every example its own environment (pooled BatchNorm, paper §3.2). "
+            "memorization: the tau grid on original and random labels; label-noise: 25%% of the labels re-drawn, "
+            "Adam (tau 0, lr 1e-3) vs AND-mask (tau 0.2, lr 5e-3). Prints a table and writes OUT/results.json, "
+            "OUT/units/<trial>.json, OUT/trials/<trial>/{checkpoint.pt,history.json} (every epoch, atomically) "
+            "and the figures; a killed run resumes at the last finished epoch when started again with the same "
+            "options. Needs the 'CIFAR-10 python version' batches (cifar-10-batches-py/) in --data."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="folder with data_batch_1..5, test_batch, batches.meta")
+    p.add_argument("--experiment", choices=cifar10.EXPERIMENTS, default="memorization", help="which figure")
+    p.add_argument("--taus", type=_float_list, default=None,
+                   help="comma-separated taus (default: 0,0.05,0.1,0.2,0.4,0.6,0.8 for memorization, 0,0.2 for "
+                        "label-noise); 0 is plain Adam")
+    p.add_argument("--epochs", type=_positive_int, default=80, help="passes over the training data")
+    p.add_argument("--n-train", type=_positive_int, default=None, help="use the first N training images")
+    p.add_argument("--n-test", type=_positive_int, default=None, help="use the first N test images")
+    p.add_argument("--width", type=float, default=1.0, help="FastResNet channel multiplier")
+    p.add_argument("--batch-size", type=_positive_int, default=80, help="examples (= environments) per step")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every trial (default: 5e-4 memorization; label-noise 1e-3 for tau 0, "
+                        "5e-3 otherwise)")
+    p.add_argument("--lr-milestones", type=_int_list, default=None,
+                   help="epochs where the LR drops x0.1 (default: one at 3/4 of the epochs, the authors' code; "
+                        "the paper's text says 40,60 for memorization)")
+    p.add_argument("--weight-decay", type=_nonnegative, default=1e-6, help="L2 added before Adam's moments")
+    p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True,
+                   help="inverse-sparsity rescaling of the masked gradient (tau > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and batch order")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/cifar10-EXPERIMENT)")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        if args.taus is not None and any(not 0.0 <= t <= 1.0 for t in args.taus):
+            raise ValueError(f"--taus must lie in [0, 1], got {args.taus}")
+        out = args.out or Path(f"runs/cifar10-{args.experiment}")
+        try:
+            results = cifar10.run(out, args.data, experiment=args.experiment, taus=args.taus, epochs=args.epochs,
+                                  n_train=args.n_train, n_test=args.n_test, width=args.width,
+                                  batch_size=args.batch_size, lr=args.lr, lr_milestones=args.lr_milestones,
+                                  weight_decay=args.weight_decay, rescale=args.rescale, seed=args.seed,
+                                  device=args.device, fresh=args.fresh, progress=not args.no_progress)
+        except FileNotFoundError as exc:
+            print(f"hardtovary cifar10: error: {exc}", file=sys.stderr)
+            return 2
+        print(cifar10.format_table(results))
+        print(f"\nresults: {out / 'results.json'}")
+        figures = cifar10.plot_results(results, out)
+        print("figures: " + ", ".join(map(str, figures)) if figures else
+              "figures: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_baselines(subparsers) -> None:
+    from hardtovary.experiments import baselines
+
+    d, c = baselines.DEFAULT_DATA, baselines.DEFAULT_CONFIG
+    p = subparsers.add_parser(
+        "baselines",
+        help="synthetic task baselines: ERM (dropout/L1/L2/BatchNorm), DANN, IRM, AND-mask (torch)",
+        description=(
+            "Train each method in torch on the spirals memorization task (paper §3.1, App. B.3) with the "
+            "reference batching (one batch per environment per step), print final train and o.o.d. test "
+            "accuracy, and write OUT/config.json, OUT/units/<method>.json (one per finished method, atomically), "
+            "OUT/results.json and OUT/accuracy_bars.png (Fig. 6 style). A rerun with the same options resumes. "
+            "Per-method presets: erm and dann L2 1e-4; irm penalty 100 after 8 annealing steps; and_mask / "
+            "geometric_mean tau 1 with rescaling and L2 1e-4; options given explicitly override them."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/baselines"), help="run folder")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--methods", type=_name_list(baselines.METHODS), default=baselines.DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(baselines.METHODS)}")
+    p.add_argument("--epochs", type=_positive_int, default=c.epochs, help="passes over the training data")
+    _add_spirals_options(p, d)
+    g = p.add_argument_group("model and training (defaults: each method's preset)")
+    g.add_argument("--hidden", type=_int_list, default=c.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--batch-size", type=_positive_int, default=c.batch_size, help="examples per environment")
+    g.add_argument("--n-agreement-envs", type=_positive_int, default=None,
+                   help="environments per step (must divide --n-envs; default: all of them)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=c.optimizer, help="Adam or SGD + momentum 0.9")
+    g.add_argument("--lr", type=float, default=c.lr, help="learning rate (x0.1 at 1/2 and 3/4 of the epochs)")
+    g.add_argument("--seed", type=int, default=c.seed, help="seed of initialisation and batching")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout after each hidden activation (erm, irm; and_mask and geometric_mean ignore it)")
+    g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear (not dann)")
+    g.add_argument("--l1", type=_nonnegative, default=None, help="L1 coefficient")
+    g.add_argument("--l2", type=_nonnegative, default=None, help="L2 coefficient (coupled weight decay)")
+    g.add_argument("--tau", type=_fraction, default=None, help="and_mask / geometric_mean threshold")
+    g.add_argument("--dann-lambda", type=_nonnegative, default=None, help="gradient-reversal coefficient")
+    g.add_argument("--penalty-weight", type=_nonnegative, default=None, help="IRMv1 penalty weight")
+    g.add_argument("--anneal-iters", type=int, default=None, help="IRM steps with penalty weight 1")
+    g.add_argument("--early-abort", action="store_true",
+                   help="stop a run when train acc > 0.97 while test acc < 0.6 (paper App. B.3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_baselines)
+
+
+def _run_baselines(args) -> int:
+    from hardtovary.experiments import baselines
+
+    data_config = _spirals_config(args)
+    milestones = tuple(m for m in (args.epochs // 2, 3 * args.epochs // 4) if m >= 1)
+    base = dataclasses.replace(baselines.DEFAULT_CONFIG, hidden=args.hidden, batch_size=args.batch_size,
+                               n_agreement_envs=args.n_agreement_envs, optimizer=args.optimizer, lr=args.lr,
+                               seed=args.seed, epochs=args.epochs, lr_milestones=milestones,
+                               batch_norm=args.batch_norm, early_abort=args.early_abort)
+    named = {"dropout": args.dropout, "l1": args.l1, "weight_decay": args.l2, "tau": args.tau,
+             "dann_lambda": args.dann_lambda, "irm_penalty_weight": args.penalty_weight,
+             "irm_anneal_iters": args.anneal_iters}
+    overrides = {k: v for k, v in named.items() if v is not None}
+    results = baselines.run(args.out, data_config=data_config, base=base, methods=args.methods,
+                            overrides=overrides, fresh=args.fresh, progress=not args.no_progress)
+    print(baselines.format_table(results))
+    print(f"\nresults: {args.out / 'results.json'}")
+    figure = baselines.plot_bars(results, args.out / "accuracy_bars.png")
+    print(f"bar plot: {figure}" if figure else
+          "bar plot: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+    return 0
+
+
+def _add_gradient_correlation(subparsers) -> None:
+    from hardtovary.experiments import gradient_correlation as gc
+
+    d, c = gc.DEFAULT_DATA, gc.GradientCorrelationConfig()
+    p = subparsers.add_parser(
+        "gradient-correlation",
+        help="gradient correlations with the mechanism and shortcut signals against the threshold (Fig. 7)",
+        description=(
+            "For randomly initialised MLPs (one per seed) on the spirals environments, correlate the masked "
+            "average gradient of the original data with the average gradients of the mechanism-only and "
+            "shortcut-only data (paper §3.1, Fig. 7, App. B.3.5): AND-mask for tau >= 0, XOR-mask (keep iff "
+            "|a_j| <= 1 - |tau|) for tau < 0. Prints mean ± std over seeds per tau and writes OUT/results.json, "
+            "OUT/table.txt and OUT/gradient_correlation.png. See hardtovary.experiments.gradient_correlation for "
+            "the choices the paper leaves open."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/gradient_correlation"), help="output folder")
+    p.add_argument("--seeds", type=_positive_int, default=c.n_seeds, help="weight seeds (0 .. N-1)")
+    p.add_argument("--taus", type=_float_list, default=c.taus,
+                   help="thresholds in [-1, 1], comma-separated (write --taus=-1,0,1 when the first is negative)")
+    p.add_argument("--hidden", type=_int_list, default=c.hidden, help="hidden widths, comma-separated")
+    g = p.add_argument_group("data (spirals, paper §6.1-6.2; one batch = one whole environment)")
+    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="environments")
+    g.add_argument("--batch-size", type=_positive_int, default=d.examples_per_env, help="examples per environment")
+    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
+    g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
+                   help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_gradient_correlation)
+
+
+def _run_gradient_correlation(args) -> int:
+    from hardtovary.experiments import gradient_correlation as gc
+
+    data_config = dataclasses.replace(gc.DEFAULT_DATA, n_train_envs=args.n_envs, examples_per_env=args.batch_size,
+                                      n_dims=args.n_dims, shortcut_scale=args.shortcut_scale, seed=args.data_seed)
+    config = gc.GradientCorrelationConfig(hidden=args.hidden, n_seeds=args.seeds, taus=args.taus, data=data_config)
+    results = gc.run(config, out=args.out, progress=not args.no_progress)
+    table = gc.format_table(results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / ".table.txt.tmp"
+    tmp.write_text(table + "\n")
+    tmp.replace(args.out / "table.txt")
+    print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
+    figure = gc.plot_curves(results, args.out / "gradient_correlation.png")
+    print(f"plot: {figure}" if figure else
+          "plot: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hardtovary",
@@ -350,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(subparsers)
     _add_ilc(subparsers)
     _add_conformance(subparsers)
+    _add_baselines(subparsers)
+    _add_gradient_correlation(subparsers)
+    _add_cifar10(subparsers)
     return parser
 
 

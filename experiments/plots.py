@@ -17,6 +17,20 @@ def matplotlib_pyplot():
     return plt
 
 
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) atomically -- a temporary file in the same folder, then a rename -- and close
+    it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def plot_learning_curves(results: dict, path: Path) -> Path | None:
     """Training and o.o.d. test accuracy per epoch, one line per method (in the manner of the paper's Fig. 14).
 
@@ -39,9 +53,4 @@ def plot_learning_curves(results: dict, path: Path) -> Path | None:
     axes[0].set_ylabel("accuracy")
     axes[1].legend(loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -16,15 +16,15 @@ import tempfile
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+def write_atomic(path: Path, write, *, binary: bool = False) -> None:
+    """Create ``path`` atomically: ``write(file)`` fills a temporary file in the same folder, which is flushed to
+    disk and renamed into place, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +32,16 @@ def write_json_atomic(path: Path, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_atomic`)."""
+
+    def write(f):
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+    write_atomic(path, write)
 
 
 def read_json(path: Path):

@@ -1,0 +1,477 @@
+"""Baselines of the synthetic memorization task (paper §3.1, App. B.3; spec ``notes/paper.md`` §6.3), in torch.
+
+Every method trains on the spirals environments with the batching of :mod:`hardtovary.reference.training`: each
+optimizer step takes one batch of ``batch_size`` examples from each of ``n_agreement_envs`` environments, grouped
+by :func:`~hardtovary.reference.training.permutation_groups` (:func:`~hardtovary.reference.training.epoch_batches`).
+
+Methods (:data:`METHODS`):
+
+``erm``
+    The MLP (LeakyReLU, Kaiming-normal weights, bias 0.01, as the authors') on the pooled loss ``mean_e L_e``,
+    with optional dropout (after each hidden activation), L1 (``l1 * sum |theta|`` added to the loss, i.e.
+    ``l1 * sign(theta)`` in the gradient), L2 (coupled weight decay of the optimizer, ``weight_decay_order
+    'before'``) and BatchNorm (pooled statistics over the step's stacked batch).
+``dann``
+    Domain-adversarial training (Ganin et al. 2016): an embedding net, a label classifier and a domain
+    discriminator, each a 2-layer MLP (``Linear -> LeakyReLU -> Linear``, the embedding also ends in a
+    LeakyReLU). The discriminator reads the embedding through a :class:`GradientReversal` layer with coefficient
+    ``dann_lambda`` and classifies the training environment (``n_train_envs`` classes, cross-entropy over the
+    step's environments). Total loss ``L_task + L_domain``: the heads minimise their own losses, the embedding
+    receives ``grad L_task - lambda grad L_domain``. Lambda is constant (Ganin's ramp is not used; [choice]).
+``irm``
+    IRMv1 (Arjovsky et al. 2019): ``mean_e R^e + lambda_t mean_e ||d R^e(w * Phi) / dw at w=1||^2`` (a dummy
+    scalar ``w`` per environment, :func:`irm_penalty`). ``lambda_t = 1`` for the first ``irm_anneal_iters``
+    optimizer steps, ``irm_penalty_weight`` afterwards, and, as the official implementation, the loss is divided
+    by ``lambda_t`` whenever ``lambda_t > 1``. Risks and penalties are averaged over environments (the official
+    code and the project's convention ``L = mean_e L_e``); the paper's sum differs by the constant factor K.
+``and_mask`` / ``geometric_mean``
+    The aggregation rules through :func:`hardtovary.accel.torch.optim.and_mask_backward` (per-environment
+    gradients of the torch engine, the rule per parameter tensor, L1 after masking), then the optimizer step.
+
+:func:`train_baseline` returns the per-epoch history (train accuracy of the step's forward passes before each
+update, as the authors count it; o.o.d. test accuracy in eval mode). With ``early_abort`` a run stops after the
+first epoch with train accuracy > 0.97 and test accuracy < 0.6 (paper App. B.3).
+:func:`run` trains several methods into a resumable run folder (``hardtovary baselines``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
+from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.reference import data as _data
+from hardtovary.reference import mlp as _mlp
+from hardtovary.reference import training as _training
+
+__all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
+           "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "train_baseline",
+           "method_config", "run", "format_table", "plot_bars"]
+
+METHODS = ("erm", "dann", "irm", "and_mask", "geometric_mean")
+DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
+
+EARLY_ABORT_TRAIN = 0.97
+EARLY_ABORT_TEST = 0.6
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Hyperparameters of one baseline run (paper Tables 1 and 2 plus the method-specific knobs).
+
+    ``batch_size`` is per environment; ``n_agreement_envs`` environments per step (None: all training
+    environments). ``lr_milestones`` are epochs where the learning rate is multiplied by ``lr_gamma``.
+    ``weight_decay`` is L2 (coupled, added to the gradient before the optimizer's moments). ``dann_hidden`` is the
+    width of DANN's three 2-layer MLPs (None: ``hidden[0]``). ``irm_anneal_iters`` counts optimizer steps.
+    """
+
+    hidden: tuple[int, ...] = (256, 256, 256)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    l1: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    batch_size: int = 128
+    n_agreement_envs: int | None = None
+    epochs: int = 20
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    seed: int = 0
+    tau: float = 1.0
+    rescale: bool = False
+    dann_lambda: float = 1.0
+    dann_hidden: int | None = None
+    irm_penalty_weight: float = 100.0
+    irm_anneal_iters: int = 0
+    early_abort: bool = False
+
+    def __post_init__(self):
+        hidden = tuple(int(w) for w in self.hidden)
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"hidden must be non-empty positive widths, got {self.hidden!r}")
+        object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        for name in ("l1", "weight_decay", "dann_lambda"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if self.n_agreement_envs is not None and self.n_agreement_envs < 1:
+            raise ValueError(f"n_agreement_envs must be >= 1 or None, got {self.n_agreement_envs}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
+        if not self.irm_penalty_weight >= 0 or self.irm_anneal_iters < 0:
+            raise ValueError(f"irm_penalty_weight and irm_anneal_iters must be >= 0, got "
+                             f"{self.irm_penalty_weight}, {self.irm_anneal_iters}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Defaults of ``hardtovary baselines``: small enough for a few minutes on two CPU cores (8 environments of 512
+#: examples, 8 shortcut dimensions, the authors' code scale; a 3 x 128 MLP; 30 epochs of 4 steps).
+DEFAULT_DATA = _data.SpiralsConfig(n_train_envs=8, examples_per_env=512, n_test=2000, n_revolutions=3, n_dims=8,
+                                   seed=0)
+DEFAULT_CONFIG = BaselineConfig(hidden=(128, 128, 128), batch_size=128, epochs=30, lr=1e-2, seed=0)
+
+#: How each method changes the base configuration in ``hardtovary baselines`` (values from Tables 1 and 2 and
+#: the paper's best AND-mask configuration, App. B.3.1).
+METHOD_PRESETS = {
+    "erm": {"weight_decay": 1e-4, "dropout": 0.0},
+    "dann": {"dann_lambda": 1.0, "weight_decay": 1e-4},
+    "irm": {"irm_penalty_weight": 100.0, "irm_anneal_iters": 8},
+    "and_mask": {"tau": 1.0, "rescale": True, "weight_decay": 1e-4},
+    "geometric_mean": {"tau": 1.0, "rescale": True, "weight_decay": 1e-4},
+}
+
+
+def method_config(base: BaselineConfig, method: str, overrides: dict | None = None) -> BaselineConfig:
+    """``base`` with the method's preset and then ``overrides`` (explicit user options) applied."""
+    if method not in METHOD_PRESETS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    changes = {**METHOD_PRESETS[method], **(overrides or {})}
+    if method in ("and_mask", "geometric_mean"):
+        changes["dropout"] = 0.0  # per-environment gradients run under vmap: no dropout (documented in --help)
+    return dataclasses.replace(base, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lambd):
+        ctx.lambd = lambd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return -ctx.lambd * grad_output, None
+
+
+def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the incoming gradient by ``-lambd`` in the backward pass."""
+    return _GradReverse.apply(x, float(lambd))
+
+
+class GradientReversal(nn.Module):
+    """The gradient-reversal layer of DANN (Ganin et al. 2016) with coefficient ``lambd``."""
+
+    def __init__(self, lambd: float = 1.0):
+        super().__init__()
+        self.lambd = float(lambd)
+
+    def forward(self, x):
+        return grad_reverse(x, self.lambd)
+
+    def extra_repr(self) -> str:
+        return f"lambd={self.lambd}"
+
+
+def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """IRMv1 penalty of one environment: ``(d/dw R(w * logits) at w = 1)^2`` with ``R`` the mean BCE-with-logits.
+
+    Differentiable (``create_graph=True``), so it can be minimised. It is zero exactly when the classifier's
+    scale is optimal for the environment: ``mean((sigmoid(z) - y) * z) = 0``.
+    """
+    scale = torch.ones((), dtype=logits.dtype, device=logits.device, requires_grad=True)
+    risk = F.binary_cross_entropy_with_logits(logits * scale, y)
+    (grad,) = torch.autograd.grad(risk, [scale], create_graph=True)
+    return grad.pow(2)
+
+
+def _init_authors(model: nn.Module) -> nn.Module:
+    """Kaiming-normal weights (fan_in, leaky_relu gain sqrt 2) and bias 0.01 for every Linear (authors' init)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.constant_(m.bias, _mlp.BIAS_INIT)
+    return model
+
+
+def build_mlp(in_features: int, config: BaselineConfig, out_features: int = 1) -> nn.Sequential:
+    """The reference MLP (:func:`hardtovary.accel.torch.models.mlp_from_spec`) with the authors' initialisation
+    and, when ``config.dropout > 0``, a ``Dropout`` after every hidden activation."""
+    from hardtovary.accel.torch.models import mlp_from_spec
+
+    spec = _mlp.MLPSpec(in_features=in_features, hidden=config.hidden, out_features=out_features,
+                        batch_norm=config.batch_norm)
+    model = _init_authors(mlp_from_spec(spec, dtype=torch.float32))
+    if config.dropout == 0:
+        return model
+    layers = []
+    for layer in model:
+        layers.append(layer)
+        if isinstance(layer, (nn.LeakyReLU, nn.ReLU, nn.Tanh)):
+            layers.append(nn.Dropout(config.dropout))
+    return nn.Sequential(*layers)
+
+
+def _two_layer(n_in: int, width: int, n_out: int, *, final_activation: bool = False) -> nn.Sequential:
+    layers = [nn.Linear(n_in, width), nn.LeakyReLU(0.01), nn.Linear(width, n_out)]
+    if final_activation:
+        layers.append(nn.LeakyReLU(0.01))
+    return nn.Sequential(*layers)
+
+
+class DANN(nn.Module):
+    """Embedding, label classifier and domain discriminator, each a 2-layer MLP; the discriminator reads the
+    embedding through :class:`GradientReversal`. ``forward`` returns ``(label_logits[N], domain_logits[N, D])``."""
+
+    def __init__(self, in_features: int, n_domains: int, width: int, lambd: float = 1.0):
+        super().__init__()
+        self.embedding = _two_layer(in_features, width, width, final_activation=True)
+        self.classifier = _two_layer(width, width, 1)
+        self.discriminator = _two_layer(width, width, n_domains)
+        self.reversal = GradientReversal(lambd)
+        _init_authors(self)
+
+    def forward(self, x):
+        z = self.embedding(x)
+        return self.classifier(z).squeeze(-1), self.discriminator(self.reversal(z))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bce(logits, y):
+    return F.binary_cross_entropy_with_logits(logits.squeeze(-1), y)
+
+
+def _l1_term(model: nn.Module, l1: float) -> torch.Tensor:
+    return l1 * sum(p.abs().sum() for p in model.parameters())
+
+
+@torch.no_grad()
+def _test_accuracy(method: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    out = model(X)
+    logits = out[0] if method == "dann" else out.squeeze(-1)
+    model.train()
+    return float(((logits > 0).float() == y).float().mean())
+
+
+def _arrays(data):
+    for name in ("X_train", "y_train", "X_test", "y_test"):
+        if not hasattr(data, name):
+            raise TypeError(f"data must have X_train, y_train, X_test, y_test (a SpiralsTask or "
+                            f"training.EnvironmentData), got {type(data).__name__}")
+    X = np.asarray(data.X_train)
+    y = np.asarray(data.y_train)
+    if X.ndim != 3 or y.shape != X.shape[:2]:
+        raise ValueError(f"X_train must be [E, n, in] and y_train [E, n], got {X.shape} and {y.shape}")
+    return (torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32),
+            torch.as_tensor(np.asarray(data.X_test), dtype=torch.float32),
+            torch.as_tensor(np.asarray(data.y_test), dtype=torch.float32))
+
+
+def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
+                   on_step: Callable[[], None] | None = None,
+                   on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``method`` (one of :data:`METHODS`) on ``data`` (``X_train[E, n, in]``, ``y_train[E, n]`` in {0, 1},
+    ``X_test[N, in]``, ``y_test[N]``; a ``SpiralsTask`` or ``EnvironmentData``) and return the per-epoch history.
+
+    Each record: ``epoch`` (1-based), ``lr``, ``train_loss`` (mean over steps of the method's task risk
+    ``mean_e L_e``), ``train_acc`` (step forward passes before each update), ``test_acc`` (eval mode) and, for
+    IRM, ``irm_penalty`` / DANN, ``domain_loss``. With ``config.early_abort`` the last record has
+    ``aborted=True`` when the run stopped early (train > 0.97 and test < 0.6).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    config = config or BaselineConfig()
+    X_train, y_train, X_test, y_test = _arrays(data)
+    n_envs, n_examples, n_in = X_train.shape
+    K = config.n_agreement_envs or n_envs
+    if n_envs % K:
+        raise ValueError(f"n_agreement_envs={K} must divide the number of training environments {n_envs}")
+    if config.batch_size > n_examples:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {n_examples} examples per environment")
+    if method in ("and_mask", "geometric_mean") and config.dropout > 0:
+        raise ValueError(f"dropout is not supported with {method} (per-environment gradients run under vmap)")
+    batching = dataclasses.replace(_training.TrainConfig(), batch_size=config.batch_size, n_agreement_envs=K)
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if method == "dann":
+        model = DANN(n_in, n_envs, config.dann_hidden or config.hidden[0], config.dann_lambda)
+    else:
+        model = build_mlp(n_in, config)
+    model.train()
+    opt = make_optimizer(model.parameters(), config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                         weight_decay_order="before", momentum=config.momentum)
+    history, step = [], 0
+    for epoch in range(config.epochs):
+        lr = config.lr * config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        risks, extras, n_correct, n_seen = [], [], 0, 0
+        for envs, rows in _training.epoch_batches(n_envs, n_examples, batching, rng):
+            envs_t = torch.as_tensor(envs)
+            rows_t = torch.as_tensor(rows)
+            X = X_train[envs_t[:, None], rows_t]          # [K, B, in]
+            y = y_train[envs_t[:, None], rows_t]          # [K, B]
+            Kb, B = y.shape
+            opt.zero_grad(set_to_none=True)
+            if method in ("and_mask", "geometric_mean"):
+                risk, _ = and_mask_backward(model, X, y, _bce, rule=method, tau=config.tau,
+                                            rescale=config.rescale, l1=config.l1)
+                with torch.no_grad():  # accuracy of this step's inputs (BatchNorm: eval mode, no stats update)
+                    was_training = model.training
+                    model.train(not config.batch_norm)
+                    logits = model(X.reshape(Kb * B, n_in)).squeeze(-1)
+                    model.train(was_training)
+            else:
+                flat = X.reshape(Kb * B, n_in)
+                if method == "dann":
+                    logits, domain_logits = model(flat)
+                    domains = envs_t.repeat_interleave(B)
+                    domain_loss = F.cross_entropy(domain_logits, domains)
+                    risk = F.binary_cross_entropy_with_logits(logits, y.reshape(-1))
+                    loss = risk + domain_loss
+                    extras.append(float(domain_loss.detach()))
+                else:
+                    logits = model(flat).squeeze(-1)
+                    env_logits = logits.reshape(Kb, B)
+                    env_risks = F.binary_cross_entropy_with_logits(env_logits, y, reduction="none").mean(dim=1)
+                    risk = env_risks.mean()
+                    loss = risk
+                    if method == "irm":
+                        penalty = torch.stack([irm_penalty(env_logits[e], y[e]) for e in range(Kb)]).mean()
+                        weight = config.irm_penalty_weight if step >= config.irm_anneal_iters else 1.0
+                        loss = risk + weight * penalty
+                        if weight > 1.0:
+                            loss = loss / weight
+                        extras.append(float(penalty.detach()))
+                if config.l1 > 0:
+                    loss = loss + _l1_term(model, config.l1)
+                loss.backward()
+            opt.step()
+            step += 1
+            risks.append(float(risk.detach()))
+            n_correct += int(((logits.detach() > 0).float() == y.reshape(-1)).sum())
+            n_seen += Kb * B
+            if on_step is not None:
+                on_step()
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(risks)),
+                  "train_acc": n_correct / n_seen, "test_acc": _test_accuracy(method, model, X_test, y_test)}
+        if method == "irm":
+            record["irm_penalty"] = float(np.mean(extras))
+        elif method == "dann":
+            record["domain_loss"] = float(np.mean(extras))
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if config.early_abort and record["train_acc"] > EARLY_ABORT_TRAIN and record["test_acc"] < EARLY_ABORT_TEST:
+            record["aborted"] = True
+            break
+    return history
+
+
+def steps_per_epoch(data_config: _data.SpiralsConfig, config: BaselineConfig) -> int:
+    K = config.n_agreement_envs or data_config.n_train_envs
+    return (data_config.examples_per_env // config.batch_size) * (data_config.n_train_envs // K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment: several methods into a resumable run folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: BaselineConfig = DEFAULT_CONFIG,
+        methods=DEFAULT_METHODS, overrides: dict | None = None, fresh: bool = False,
+        progress: bool = True) -> dict:
+    """Train every method (one unit per method, saved atomically in ``out/units/<method>.json``), resuming from
+    ``out`` where a previous run with the same configuration stopped. Returns and writes ``out/results.json``:
+    ``config`` (data and each method's full configuration) and ``methods`` (per method ``train_acc``,
+    ``test_acc``, ``epochs_run``, ``aborted``, ``seconds``, ``history``)."""
+    from tqdm import tqdm
+
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
+    configs = {m: method_config(base, m, overrides) for m in methods}
+    config = {"experiment": "baselines", "data": dataclasses.asdict(data_config),
+              "methods": {m: c.to_dict() for m, c in configs.items()}}
+    folder = RunFolder(out, config, fresh=fresh)
+    task = _data.make_spirals_task(data_config)
+    todo = [m for m in methods if folder.finished(m) is None]
+    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m]) for m in todo)
+    results = {"config": config, "methods": {}}
+    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        for m in methods:
+            stored = folder.finished(m)
+            if stored is None:
+                bar.set_description(m)
+                start = time.perf_counter()
+
+                def show(record, bar=bar):
+                    bar.set_postfix(epoch=record["epoch"], train=f"{record['train_acc']:.3f}",
+                                    test=f"{record['test_acc']:.3f}")
+
+                history = train_baseline(m, task, configs[m], on_step=lambda: bar.update(1), on_epoch=show)
+                final = history[-1]
+                stored = {"train_acc": final["train_acc"], "test_acc": final["test_acc"],
+                          "train_loss": final["train_loss"], "epochs_run": len(history),
+                          "aborted": bool(final.get("aborted", False)),
+                          "seconds": time.perf_counter() - start, "history": history}
+                folder.save(m, stored)
+            results["methods"][m] = stored
+            folder.write("results.json", results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Final train and o.o.d. test accuracy per method, as plain text."""
+    lines = [f"{'method':<16}{'train acc':>11}{'test acc (o.o.d.)':>19}{'epochs':>8}{'seconds':>9}"]
+    for m, r in results["methods"].items():
+        note = "  (aborted)" if r.get("aborted") else ""
+        lines.append(f"{m:<16}{r['train_acc']:>11.3f}{r['test_acc']:>19.3f}{r['epochs_run']:>8d}"
+                     f"{r['seconds']:>9.1f}{note}")
+    return "\n".join(lines)
+
+
+def plot_bars(results: dict, path: Path) -> Path | None:
+    """Train and o.o.d. test accuracy bars per method, in the manner of the paper's Fig. 6 (y from 0.4 to 1).
+    Returns the path written, or None when matplotlib is not installed."""
+    from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
+
+    plt = matplotlib_pyplot()
+    if plt is None:
+        return None
+    names = list(results["methods"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
+    train = [results["methods"][m]["train_acc"] for m in names]
+    test = [results["methods"][m]["test_acc"] for m in names]
+    ax.bar(x - 0.2, train, 0.4, label="Train")
+    ax.bar(x + 0.2, test, 0.4, label="Test (o.o.d.)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,466 @@
+"""CIFAR-10 memorization and label noise (paper §3.2, Figs. 8, 9, 16, App. B.5; notes/paper.md §8).
+
+``hardtovary cifar10 --data DIR --experiment memorization`` trains FastResNet for every tau of the grid on the
+original labels and on random labels (Fig. 8: train accuracy vs tau; Fig. 16: test accuracy vs tau).
+``--experiment label-noise`` trains on labels of which 25% were re-drawn (Fig. 9: accuracy on the mislabeled
+portion, against the noisy labels, and test accuracy per epoch, with the chance line).
+
+Every example is its own environment (K = batch size = 80). The forward pass runs in train mode on the whole
+batch, so BatchNorm statistics are pooled over the 80 "environments" (the authors' code), and the per-example
+gradients are the exact gradients through the shared statistics (:func:`hardtovary.accel.torch.optim.
+and_mask_backward` with ``semantics="pooled"``). tau = 0 is a plain ``loss.backward()`` of the batch mean, as in
+the authors' code (the same gradient as averaging the per-example ones, at a fraction of the cost).
+
+Where the paper and the authors' code differ, and what this module does:
+
+============================  ===============================  ===============================  ==============
+setting                       paper                            authors' code                    here
+============================  ===============================  ===============================  ==============
+LR schedule (memorization)    x0.1 at epochs 40 and 60         one x0.1 at 3/4 of the           code (one at
+                                                               iterations (epoch 60 of 80)      3/4 of epochs;
+                                                                                                ``--lr-milestones
+                                                                                                40,60`` for the
+                                                                                                paper's)
+LR schedule (label noise)     decay at epoch 60                same (3/4 of 80)                 same
+weight decay                  not mentioned                    1e-6, 'before' (coupled Adam)    code
+rescaling                     not mentioned                    scale_grad_inverse_sparsity=1    code (on for
+                                                                                                tau > 0)
+normalisation, augmentation   not mentioned                    ImageNet mean/std, none          code
+"randomly shuffled" labels    shuffled                         a fraction of the indices (w/o   code
+                                                               replacement) gets a uniform      (randomize_labels)
+                                                               label in 0..9 (may equal truth)
+label-noise learning rates    Adam 1e-3, AND-mask 5e-3         --                               paper's best
+                              (tau = 0.2)                                                       (per trial)
+============================  ===============================  ===============================  ==============
+
+Choices of this module where neither source is explicit: the last incomplete batch of an epoch is dropped, so
+that every step has exactly K = batch size environments and tau means the same agreement count every step; the
+epoch's order is a permutation seeded by ``seed`` and the epoch (so a resumed run sees the same order); accuracies
+are measured after each epoch in eval mode (running BatchNorm statistics) over the whole training set, the
+mislabeled portion and the test set; the learning rate of epoch ``e`` (0-based) is ``lr * 0.1 ** #{m <= e}``.
+
+Each trial has its own folder ``OUT/trials/<name>/`` with ``checkpoint.pt`` (model, optimizer state, history,
+epochs done) and ``history.json``, both written atomically at the end of every epoch, so a killed run resumes at
+the last finished epoch; a finished trial is ``OUT/units/<name>.json``. The loader uses :mod:`pickle`, as the
+official "python version" of the data set requires: only load files from a source you trust.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
+
+__all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
+           "load_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run", "format_table",
+           "plot_results"]
+
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+#: ImageNet mean and standard deviation per channel (R, G, B), on images scaled to [0, 1] (the authors' code).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+NUM_CLASSES = 10
+#: The tau grid of Fig. 8.
+TAUS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
+EXPERIMENTS = ("memorization", "label-noise")
+#: Label-noise experiment (Fig. 9): 25% of the labels re-drawn; the paper's best settings per method.
+NOISE_FRACTION = 0.25
+LABEL_NOISE_TAUS = (0.0, 0.2)
+LABEL_NOISE_LR = {"baseline": 1e-3, "and_mask": 5e-3}
+MEMORIZATION_LR = 5e-4
+
+
+class CIFAR10(NamedTuple):
+    """``X_*`` float32 ``[N, 3, 32, 32]`` (normalised), ``y_*`` int64 ``[N]``, ``classes`` the label names."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as exc:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (cannot unpickle it: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict), got {type(obj).__name__}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    for key in ("data", "labels"):
+        if key not in batch:
+            raise ValueError(f"{path} is not a CIFAR-10 python batch: it has no {key!r} entry")
+    data = np.asarray(batch["data"])
+    try:
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'labels' must be a list of integers") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must have shape [N, 3072], got {data.shape}")
+    if data.dtype != np.uint8:
+        raise ValueError(f"{path}: 'data' must be uint8, got {data.dtype}")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: 'labels' must hold one label per row of 'data' ({data.shape[0]}), "
+                         f"got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
+    return data, labels
+
+
+def _normalise(data: np.ndarray) -> np.ndarray:
+    """uint8 rows ``[N, 3072]`` (1024 red, 1024 green, 1024 blue, each 32x32 row-major) -> float32
+    ``[N, 3, 32, 32]``, ``(x / 255 - MEAN) / STD`` per channel."""
+    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(MEAN, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(STD, dtype=np.float32)[None, :, None, None]
+    return (x - mean) / std
+
+
+def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = None) -> CIFAR10:
+    """Load the CIFAR-10 "python version" batches from ``directory`` (``data_batch_1`` .. ``data_batch_5``,
+    ``test_batch``, ``batches.meta``: the official archive ``cifar-10-python.tar.gz`` unpacked, i.e. its
+    ``cifar-10-batches-py/`` folder). ``n_train`` / ``n_test`` keep the first examples only (quick runs).
+
+    Raises FileNotFoundError naming the directory and every missing file, ValueError for malformed files.
+    """
+    directory = Path(directory)
+    expected = (*TRAIN_FILES, TEST_FILE, META_FILE)
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 data directory {directory} lacks {', '.join(missing)} (expected {', '.join(expected)}). "
+            "Download the official 'CIFAR-10 python version' archive (cifar-10-python.tar.gz, "
+            "https://www.cs.toronto.edu/~kriz/cifar.html), unpack it (tar xzf cifar-10-python.tar.gz) and pass "
+            "the resulting cifar-10-batches-py/ folder as --data.")
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    meta = _unpickle(directory / META_FILE)
+    names = meta.get("label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES:
+        raise ValueError(f"{directory / META_FILE}: 'label_names' must list {NUM_CLASSES} class names")
+    classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+
+    parts, labels, have = [], [], 0
+    for name in TRAIN_FILES:
+        if n_train is not None and have >= n_train:
+            break
+        data, y = _read_batch(directory / name)
+        parts.append(data)
+        labels.append(y)
+        have += len(y)
+    train_data, y_train = np.concatenate(parts), np.concatenate(labels)
+    test_data, y_test = _read_batch(directory / TEST_FILE)
+    if n_train is not None:
+        if n_train > len(y_train):
+            raise ValueError(f"n_train = {n_train} exceeds the {len(y_train)} training examples in {directory}")
+        train_data, y_train = train_data[:n_train], y_train[:n_train]
+    if n_test is not None:
+        if n_test > len(y_test):
+            raise ValueError(f"n_test = {n_test} exceeds the {len(y_test)} test examples in {directory}")
+        test_data, y_test = test_data[:n_test], y_test[:n_test]
+    return CIFAR10(_normalise(train_data), y_train, _normalise(test_data), y_test, classes)
+
+
+def randomize_labels(labels, fraction: float, rng: np.random.Generator, num_classes: int = NUM_CLASSES):
+    """The authors' label randomisation: ``round(fraction * N)`` indices, drawn without replacement, get a label
+    drawn uniformly from ``0..num_classes-1`` (which may equal the true one). Returns ``(new_labels,
+    changed_mask)``; ``changed_mask`` (the "mislabeled portion") marks the indices whose label actually changed.
+    ``fraction = 1`` gives the random labels of the memorization experiment (about 90% changed)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-d integer array, got shape {labels.shape} dtype {labels.dtype}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    n = labels.shape[0]
+    count = int(round(fraction * n))
+    chosen = rng.choice(n, size=count, replace=False)
+    new = labels.astype(np.int64, copy=True)
+    new[chosen] = rng.integers(0, num_classes, size=count)
+    return new, new != labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 0) -> dict:
+    """The trials of an experiment: ``{name: {"labels", "noise_fraction", "tau", "lr", "seed"}}``.
+    memorization: every tau x {original, random} labels, lr 5e-4; label-noise: every tau (default 0 and
+    0.2) on 25%-noisy labels, lr 1e-3 for tau = 0 and 5e-3 otherwise (the paper's best). ``lr`` overrides."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
+    taus = tuple(TAUS if experiment == "memorization" else LABEL_NOISE_TAUS) if taus is None else tuple(taus)
+    if not taus or any(not 0.0 <= float(t) <= 1.0 for t in taus):
+        raise ValueError(f"taus must be a non-empty list of values in [0, 1], got {taus!r}")
+    trials = {}
+    if experiment == "memorization":
+        for labels, fraction in (("original", 0.0), ("random", 1.0)):
+            for tau in taus:
+                trials[f"{labels}-tau{float(tau):g}-seed{seed}"] = {
+                    "labels": labels, "noise_fraction": fraction, "tau": float(tau),
+                    "lr": MEMORIZATION_LR if lr is None else float(lr), "seed": int(seed)}
+    else:
+        for tau in taus:
+            default = LABEL_NOISE_LR["baseline" if float(tau) == 0 else "and_mask"]
+            trials[f"noisy-tau{float(tau):g}-seed{seed}"] = {
+                "labels": "noisy", "noise_fraction": NOISE_FRACTION, "tau": float(tau),
+                "lr": default if lr is None else float(lr), "seed": int(seed)}
+    return trials
+
+
+def train_step(model, optimizer, X, Y, *, tau: float, rescale: bool):
+    """One step on a batch ``X[B, 3, 32, 32]``, ``Y[B]``: every example its own environment, BatchNorm pooled
+    over the batch. tau = 0: plain backward of the mean loss; tau > 0: per-example AND-mask. Returns the mean
+    loss (float)."""
+    import torch.nn.functional as F
+
+    from hardtovary.accel.torch.optim import and_mask_backward
+
+    optimizer.zero_grad(set_to_none=True)
+    if tau == 0:
+        loss = F.cross_entropy(model(X), Y)
+        loss.backward()
+    else:
+        loss, _ = and_mask_backward(model, X[:, None], Y[:, None], F.cross_entropy, rule="and_mask", tau=tau,
+                                    rescale=rescale, semantics="pooled")
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _accuracy(model, X, y, device, batch: int = 500) -> float | None:
+    import torch
+
+    if len(y) == 0:
+        return None
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch):
+            xb = torch.as_tensor(X[start:start + batch], device=device)
+            pred = model(xb).argmax(1).cpu().numpy()
+            correct += int((pred == y[start:start + batch]).sum())
+    return correct / len(y)
+
+
+def _save_checkpoint(path: Path, obj) -> None:
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def lr_at(base: float, epoch: int, milestones) -> float:
+    """Learning rate of 0-based ``epoch``: ``base * 0.1 ** #{m in milestones: m <= epoch}``."""
+    return base * 0.1 ** sum(1 for m in milestones if m <= epoch)
+
+
+def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width: float, batch_size: int,
+                milestones, weight_decay: float, rescale: bool, device: str = "cpu", on_step=None,
+                on_epoch=None) -> dict:
+    """Train one trial, resuming from ``folder/checkpoint.pt``. Returns ``{"history", "final", "seconds"}``.
+    ``history`` has one record per epoch: ``epoch`` (1-based), ``lr``, ``train_loss``, ``train_acc`` (against
+    the labels trained on), ``mislabeled_acc`` (against the noisy labels; None without mislabeled examples),
+    ``mislabeled_true_acc`` (against the true labels), ``test_acc``."""
+    import torch
+
+    from hardtovary.accel.torch.models import FastResNet
+    from hardtovary.accel.torch.optim import make_optimizer
+
+    folder = Path(folder)
+    n = len(data.y_train)
+    if batch_size < 2 or batch_size > n:
+        raise ValueError(f"batch_size must lie in 2..{n} (BatchNorm needs 2 rows; one full batch of the {n} "
+                         f"training examples), got {batch_size}")
+    seed = trial["seed"]
+    labels, changed = randomize_labels(data.y_train, trial["noise_fraction"], np.random.default_rng(seed))
+    torch.manual_seed(seed)
+    model = FastResNet(NUM_CLASSES, width=width).to(device)
+    optimizer = make_optimizer(model.parameters(), "adam", lr=trial["lr"], weight_decay=weight_decay,
+                               weight_decay_order="before")
+    history, seconds, done = [], 0.0, 0
+    checkpoint = folder / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, seconds, done = state["history"], state["seconds"], state["epochs_done"]
+    X_train = torch.as_tensor(data.X_train)
+    Y_train = torch.as_tensor(labels)
+    steps = n // batch_size
+    for epoch in range(done, epochs):
+        start = time.perf_counter()
+        lr = lr_at(trial["lr"], epoch, milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        model.train()
+        losses = []
+        for s in range(steps):
+            idx = order[s * batch_size:(s + 1) * batch_size]
+            losses.append(train_step(model, optimizer, X_train[idx].to(device), Y_train[idx].to(device),
+                                     tau=trial["tau"], rescale=rescale))
+            if on_step is not None:
+                on_step()
+        model.eval()
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
+                  "train_acc": _accuracy(model, data.X_train, labels, device),
+                  "mislabeled_acc": _accuracy(model, data.X_train[changed], labels[changed], device),
+                  "mislabeled_true_acc": _accuracy(model, data.X_train[changed], data.y_train[changed], device),
+                  "test_acc": _accuracy(model, data.X_test, data.y_test, device)}
+        history.append(record)
+        seconds += time.perf_counter() - start
+        _save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "history": history, "seconds": seconds, "epochs_done": epoch + 1})
+        write_json_atomic(folder / "history.json", history)
+        if on_epoch is not None:
+            on_epoch(record)
+    return {"history": history, "final": history[-1] if history else None, "seconds": seconds,
+            "n_mislabeled": int(changed.sum())}
+
+
+def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: int = 80, n_train=None,
+        n_test=None, width: float = 1.0, batch_size: int = 80, lr: float | None = None, lr_milestones=None,
+        weight_decay: float = 1e-6, rescale: bool = True, seed: int = 0, device: str | None = None,
+        fresh: bool = False, progress: bool = True) -> dict:
+    """Run every trial of ``experiment`` (resuming from ``out``) and write ``out/results.json``:
+    ``config`` and ``trials`` (per trial its settings, ``final`` record, ``history`` and ``seconds``).
+    ``lr_milestones`` None means one at 3/4 of the epochs (the authors' code)."""
+    import torch
+    from tqdm import tqdm
+
+    out = Path(out)
+    trials = trials_for(experiment, taus, lr, seed)
+    milestones = tuple(int(m) for m in ((3 * epochs // 4,) if lr_milestones is None else lr_milestones)
+                       if int(m) >= 1)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {"epochs": int(epochs), "width": float(width), "batch_size": int(batch_size),
+                "lr_milestones": list(milestones), "weight_decay": float(weight_decay), "rescale": bool(rescale),
+                "n_train": n_train, "n_test": n_test}
+    config = {"experiment": experiment, **settings, "trials": trials}
+    data = load_cifar10(data_dir, n_train=n_train, n_test=n_test)
+    folder = RunFolder(out, config, fresh=fresh)
+    steps = len(data.y_train) // batch_size
+    todo = {}
+    for name in trials:
+        if folder.finished(name) is None:
+            ckpt = out / "trials" / name / "checkpoint.pt"
+            done = torch.load(ckpt, map_location="cpu", weights_only=False)["epochs_done"] if ckpt.exists() else 0
+            todo[name] = done
+    total = sum((epochs - done) * steps for done in todo.values())
+    results = {"config": config, "trials": {}}
+    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        for name, trial in trials.items():
+            stored = folder.finished(name)
+            if stored is None:
+                bar.set_description(name)
+
+                def show(record, bar=bar):
+                    bar.set_postfix(epoch=record["epoch"], train=f"{record['train_acc']:.3f}",
+                                    test=f"{record['test_acc']:.3f}")
+
+                outcome = train_trial(out / "trials" / name, data, trial, epochs=epochs, width=width,
+                                      batch_size=batch_size, milestones=milestones, weight_decay=weight_decay,
+                                      rescale=rescale, device=device, on_step=lambda: bar.update(1),
+                                      on_epoch=show)
+                stored = {**trial, **outcome}
+                folder.save(name, stored)
+            results["trials"][name] = stored
+            folder.write("results.json", results)
+    return results
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_table(results: dict) -> str:
+    """Final accuracies, one row per trial."""
+    lines = [f"{'trial':<26}{'labels':>9}{'tau':>6}{'lr':>9}{'train acc':>11}{'mislabeled acc':>16}"
+             f"{'test acc':>10}{'seconds':>9}"]
+    for name, r in results["trials"].items():
+        f = r["final"] or {}
+        lines.append(f"{name:<26}{r['labels']:>9}{r['tau']:>6.2f}{r['lr']:>9.0e}{_fmt(f.get('train_acc')):>11}"
+                     f"{_fmt(f.get('mislabeled_acc')):>16}{_fmt(f.get('test_acc')):>10}{r['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+
+
+def plot_results(results: dict, out) -> list[Path]:
+    """Figures in the manner of the paper, as PNGs in ``out``: memorization -> ``fig8_train_acc_vs_tau.png``
+    (train accuracy vs tau, original and random labels) and ``fig16_test_acc_vs_tau.png``; label-noise ->
+    ``fig9_label_noise.png`` (accuracy on the mislabeled portion and test accuracy vs epoch, chance line).
+    Returns the paths written ([] without matplotlib)."""
+    from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
+
+    plt = matplotlib_pyplot()
+    if plt is None:
+        return []
+    out = Path(out)
+    trials = results["trials"]
+    written = []
+    if results["config"]["experiment"] == "memorization":
+        taus = sorted({r["tau"] for r in trials.values()})
+        for key, filename, title in (("train_acc", "fig8_train_acc_vs_tau.png", "training accuracy"),
+                                     ("test_acc", "fig16_test_acc_vs_tau.png", "test accuracy")):
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            for labels in ("original", "random"):
+                points = {r["tau"]: r["final"][key] for r in trials.values() if r["labels"] == labels}
+                ax.plot([str(t) for t in taus], [points.get(t, math.nan) for t in taus], marker="o",
+                        label=f"{labels} labels")
+            ax.axhline(1 / NUM_CLASSES, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("tau")
+            ax.set_ylabel(title)
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            written.append(save_figure(fig, out / filename))
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, title in ((axes[0], "mislabeled_acc", "accuracy on the mislabeled portion (noisy labels)"),
+                               (axes[1], "test_acc", "test accuracy")):
+            last = 1
+            for r in trials.values():
+                epochs = [h["epoch"] for h in r["history"]]
+                last = max([last, *epochs])
+                name = "Adam" if r["tau"] == 0 else f"AND-mask (tau={r['tau']:g})"
+                ax.plot(epochs, [math.nan if h[key] is None else h[key] for h in r["history"]], label=name)
+            ax.plot([0, last], [1 / NUM_CLASSES] * 2, color="grey", ls="--", lw=1, label="Random")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("accuracy")
+        axes[1].legend(loc="best")
+        fig.tight_layout()
+        written.append(save_figure(fig, out / "fig9_label_noise.png"))
+    return written
