@@ -479,6 +479,61 @@ def _run_baselines(args) -> int:
     return 0
 
 
+def _add_baselines_search(subparsers) -> None:
+    from hardtovary.experiments import baselines, baselines_search as bs
+
+    d, a = baselines.DEFAULT_DATA, bs.SMALL_ARCH
+
+    def run_it(args) -> int:
+        arch = bs.PAPER_ARCH if args.paper_space else bs.Architecture(
+            hidden_units=args.hidden_units, layers=args.layers, batch_sizes=args.batch_sizes)
+        results = bs.run(args.out, methods=args.methods, budget=args.budget, seeds=args.seeds, epochs=args.epochs,
+                         seed=args.seed, arch=arch, data_config=_spirals_config(args),
+                         n_agreement_envs=args.n_agreement_envs, fresh=args.fresh, progress=not args.no_progress)
+        print(bs.format_table(results))
+        print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
+        return 0
+
+    p = subparsers.add_parser(
+        "baselines-search",
+        help="random search per baseline (ERM, DANN, IRM, AND-mask; paper Tables 1-2), best re-run over seeds",
+        description=(
+            "For each method, a random search of --budget trials over the paper's space (App. B.3): Table 1 for "
+            "erm (with batch norm and dropout), dann (width only; fixed 2-layer nets) and and_mask (plus tau in "
+            "{0.5, 0.75, 1} and rescaling on/off; the tau range is an assumption, the paper gives none); Table 2 "
+            "for irm (penalty weight, annealing iterations, learning rate up to 1). L1 and L2 are never combined. "
+            "Trials stop early when train acc > 0.97 while test acc < 0.6 (paper §6.3); they are ranked by final "
+            "o.o.d. test accuracy, and the best of each method is re-run with --seeds fresh seeds (no early "
+            "abort). Prints per method the best configuration and mean ± std over seeds of train and o.o.d. test "
+            "accuracy. Writes OUT/config.json, OUT/units/search-<method>-NNN.json and "
+            "OUT/units/seeds-<method>-NNN.json (atomically, one per run), OUT/results.json and OUT/table.txt; a "
+            "rerun with the same options resumes, skipping finished runs."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/baselines_search"), help="run folder")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--methods", type=_name_list(baselines.METHODS), default=baselines.DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(baselines.METHODS)} (geometric_mean: and_mask's space, "
+                        "tau 1)")
+    p.add_argument("--budget", type=_positive_int, default=4, help="random-search trials per method")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds of the best configuration's re-run")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the search: draws the trials; trial i trains with seed SEED + i")
+    p.add_argument("--epochs", type=_positive_int, default=40,
+                   help="epochs per run; the learning rate drops x0.1 at 1/2 and 3/4 of them (paper App. B.3)")
+    g = p.add_argument_group("architecture values of the search (comma-separated, each drawn uniformly)")
+    g.add_argument("--paper-space", action="store_true",
+                   help="Table 1's values: hidden units 256,512, layers 3,5, batch sizes 64,128,256 (overrides the "
+                        "three options below)")
+    g.add_argument("--hidden-units", type=_int_list, default=a.hidden_units, help="hidden layer widths")
+    g.add_argument("--layers", type=_int_list, default=a.layers, help="numbers of hidden layers (not dann)")
+    g.add_argument("--batch-sizes", type=_int_list, default=a.batch_sizes, help="examples per environment per step")
+    g.add_argument("--n-agreement-envs", type=_positive_int, default=None,
+                   help="environments per step (must divide --n-envs; default: all of them)")
+    _add_spirals_options(p, d)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_it)
+
+
 def _add_gradient_correlation(subparsers) -> None:
     from hardtovary.experiments import gradient_correlation as gc
 
@@ -530,6 +585,86 @@ def _run_gradient_correlation(args) -> int:
     return 0
 
 
+def _add_env_count(subparsers) -> None:
+    from hardtovary.experiments import baselines, env_count as ec
+
+    d, c = ec.DEFAULT_DATA, ec.DEFAULT_CONFIG
+
+    def positive_ints(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+        return values
+
+    p = subparsers.add_parser(
+        "env-count",
+        help="max o.o.d. test accuracy against the number of training environments (Fig. 15, App. B.4)",
+        description=(
+            "For each number of training environments in --envs and each method, train --runs runs (seeds SEED, "
+            "SEED+1, ...) on the spirals task with the torch baselines, record each run's maximum o.o.d. test "
+            "accuracy over epochs and report the best over runs (the paper's statistic, best of 5) and the mean. "
+            "Prints a table (rows: environments; columns: methods, best / mean) and writes OUT/config.json, "
+            "OUT/units/envs<N>-<method>-run<R>.json (one per run, atomically), OUT/results.json, OUT/table.txt and "
+            "OUT/env_count.png (log2 x axis, Fig. 15 style). A rerun with the same options resumes, skipping "
+            "finished runs. Environments per step: the largest divisor of N not above --max-agreement-envs "
+            "(min(N, 16) for powers of two). The defaults are CPU-sized (about 4 minutes on two cores: 2 x 128 "
+            "MLP, 40 epochs, 256 examples per environment, N up to 64, 3 runs); the paper uses N = 2 .. 4096, "
+            "5 runs and finds the baseline first succeeds at 1024 environments."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/env_count"), help="run folder")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.add_argument("--envs", type=positive_ints, default=ec.DEFAULT_ENVS,
+                   help="comma-separated numbers of training environments (each >= 1; paper: 2,4,...,4096)")
+    p.add_argument("--methods", type=_name_list(baselines.METHODS), default=ec.DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(baselines.METHODS)} (paper: baseline and AND-mask)")
+    p.add_argument("--runs", type=_positive_int, default=ec.DEFAULT_RUNS, help="runs (seeds) per cell; paper: 5")
+    p.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
+                   help="training examples per environment (ignored when --total-examples is given)")
+    p.add_argument("--total-examples", type=_positive_int, default=None,
+                   help="bound the total data: examples per environment = TOTAL // N (must leave >= 2)")
+    p.add_argument("--max-agreement-envs", type=_positive_int, default=ec.MAX_AGREEMENT_ENVS,
+                   help="at most this many environments per step (the largest divisor of N not above it)")
+    g = p.add_argument_group("data and training (per-method presets as in 'hardtovary baselines')")
+    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
+    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
+    g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
+                   help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    g.add_argument("--hidden", type=_int_list, default=c.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--batch-size", type=_positive_int, default=c.batch_size,
+                   help="examples per environment per step (capped at the examples per environment)")
+    g.add_argument("--epochs", type=_positive_int, default=c.epochs,
+                   help="passes over the training data (LR x0.1 at 1/2 and 3/4 of them)")
+    g.add_argument("--lr", type=float, default=c.lr, help="learning rate (Adam)")
+    g.add_argument("--tau", type=_fraction, default=None, help="and_mask / geometric_mean threshold (preset 1)")
+    g.add_argument("--seed", type=int, default=c.seed, help="run r uses seed SEED + r (initialisation, batching)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        data_config = dataclasses.replace(d, examples_per_env=args.examples_per_env, n_test=args.n_test,
+                                          n_dims=args.n_dims, shortcut_scale=args.shortcut_scale,
+                                          seed=args.data_seed)
+        milestones = tuple(m for m in (args.epochs // 2, 3 * args.epochs // 4) if m >= 1)
+        base = dataclasses.replace(c, hidden=args.hidden, batch_size=args.batch_size, epochs=args.epochs,
+                                   lr=args.lr, lr_milestones=milestones, seed=args.seed)
+        overrides = {"tau": args.tau} if args.tau is not None else None
+        results = ec.run(args.out, envs=args.envs, methods=args.methods, runs=args.runs, data_config=data_config,
+                         base=base, total_examples=args.total_examples,
+                         max_agreement_envs=args.max_agreement_envs, overrides=overrides, fresh=args.fresh,
+                         progress=not args.no_progress)
+        print(ec.format_table(results))
+        print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
+        figure = ec.plot(results, args.out / "env_count.png")
+        print(f"plot: {figure}" if figure else
+              "plot: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hardtovary",
@@ -542,8 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ilc(subparsers)
     _add_conformance(subparsers)
     _add_baselines(subparsers)
+    _add_baselines_search(subparsers)
     _add_gradient_correlation(subparsers)
     _add_cifar10(subparsers)
+    _add_env_count(subparsers)
     return parser
 
 

@@ -1,0 +1,262 @@
+"""Random hyperparameter search of the synthetic-task baselines (paper §3.1, App. B.3; spec ``notes/paper.md`` §6.3).
+
+``hardtovary baselines-search``: for each method, draw ``budget`` configurations from that method's space, train
+them with :func:`hardtovary.experiments.baselines.train_baseline` with the paper's early abort (train acc > 0.97
+while test acc < 0.6), rank them by final o.o.d. test accuracy (ties: train accuracy, then trial number), re-run
+the best one with ``seeds`` fresh seeds (no early abort) and report mean ± std (sample std, 0 for one seed) over
+those seeds of the final train and o.o.d. test accuracy.
+
+Spaces (each value drawn uniformly, :func:`sample_trials`):
+
+``erm``  (Table 1)
+    hidden units, hidden layers, batch size, optimizer, learning rate, batch norm, dropout, and a regulariser
+    drawn first among {L2, L1, none}, then its coefficient (never both).
+``dann``  (Table 1)
+    as ``erm`` without batch norm and dropout, and without hidden layers: DANN's three nets are fixed 2-layer
+    MLPs (paper App. B.3), only their width is drawn. The gradient-reversal coefficient stays 1 (not searched).
+``and_mask`` / ``geometric_mean``  (Table 1, "the AND-mask used the same ranges")
+    as ``erm`` without batch norm and dropout (the paper's best had neither; per-environment gradients run under
+    vmap, which does not support dropout), plus tau and rescaling on/off. [ASSUMPTION] tau in {0.5, 0.75, 1.0}:
+    the paper does not give tau's range. ``geometric_mean`` always uses tau = 1.
+``irm``  (Table 2 only)
+    hidden units, hidden layers, batch size, optimizer, batch norm, penalty weight {10, 100, 1000}, annealing
+    iterations {0, 1, 2, 4, 8} (optimizer steps) and learning rate {1e-3, 1e-2, 1e-1, 1}; no L1/L2/dropout.
+
+The architecture values default to a small space (:data:`SMALL_ARCH`) so that a default search finishes in a few
+minutes on two CPU cores; :data:`PAPER_ARCH` is Table 1's (256/512 units, 3/5 layers, batch 64/128/256).
+
+Determinism: method m's trials are drawn by ``numpy.random.default_rng([seed, index of m in baselines.METHODS])``
+in a fixed field order, so they do not depend on which other methods are searched. Trial i trains with seed
+``seed + i``; the re-runs use ``sweep.RERUN_SEED_OFFSET + seed + s``. The learning rate drops x0.1 at 1/2 and 3/4
+of the epochs (paper App. B.3).
+
+Run folder: ``config.json``, ``units/search-<method>-NNN.json`` (one per trial) and ``units/seeds-<method>-NNN.json``
+(one per re-run seed), each written atomically when it finishes; ``results.json`` and ``table.txt``. A rerun with
+the same options skips the finished units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.runfolder import RunFolder, write_atomic
+from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, _mean_std, _rank_key
+from hardtovary.reference import data as _data
+
+__all__ = ["TABLE1", "TABLE2", "AND_MASK_TAUS", "SMALL_ARCH", "PAPER_ARCH", "Architecture", "sample_trials",
+           "trial_config", "run", "format_table"]
+
+#: Table 1 (paper App. B.3) without the architecture values (see :class:`Architecture`).
+TABLE1 = {"optimizer": ("adam", "sgd"), "lr": (1e-3, 1e-2, 1e-1), "batch_norm": (True, False),
+          "dropout": (0.0, 0.5), "l2": (1e-5, 1e-4, 1e-3), "l1": (1e-6, 1e-5, 1e-4)}
+#: Table 2 (IRM) without the architecture values.
+TABLE2 = {"optimizer": ("adam", "sgd"), "batch_norm": (True, False), "penalty_weight": (10.0, 100.0, 1000.0),
+          "anneal_iters": (0, 1, 2, 4, 8), "lr": (1e-3, 1e-2, 1e-1, 1.0)}
+#: [ASSUMPTION] the paper does not give the range of the AND-mask threshold.
+AND_MASK_TAUS = (0.5, 0.75, 1.0)
+RESCALE = (False, True)
+
+#: The keys of a trial's hyperparameters, per method.
+KEYS = {
+    "erm": ("hidden_units", "layers", "batch_size", "optimizer", "lr", "batch_norm", "dropout", "l2", "l1"),
+    "dann": ("hidden_units", "batch_size", "optimizer", "lr", "l2", "l1"),
+    "and_mask": ("hidden_units", "layers", "batch_size", "optimizer", "lr", "l2", "l1", "tau", "rescale"),
+    "irm": ("hidden_units", "layers", "batch_size", "optimizer", "batch_norm", "penalty_weight", "anneal_iters",
+            "lr"),
+}
+KEYS["geometric_mean"] = KEYS["and_mask"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Hidden units, hidden layers and batch sizes (per environment) drawn by every method."""
+
+    hidden_units: tuple[int, ...] = (32, 64)
+    layers: tuple[int, ...] = (2, 3)
+    batch_sizes: tuple[int, ...] = (64, 128)
+
+    def __post_init__(self):
+        for name in ("hidden_units", "layers", "batch_sizes"):
+            values = tuple(getattr(self, name))
+            if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {list(values)}")
+            object.__setattr__(self, name, tuple(int(v) for v in values))
+
+
+SMALL_ARCH = Architecture()
+PAPER_ARCH = Architecture(hidden_units=(256, 512), layers=(3, 5), batch_sizes=(64, 128, 256))
+
+
+def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, seed: int = 0) -> list[dict]:
+    """``budget`` hyperparameter dicts for ``method`` (keys :data:`KEYS` ``[method]``), drawn from its space."""
+    if method not in KEYS:
+        raise ValueError(f"method must be one of {list(KEYS)}, got {method!r}")
+    rng = np.random.default_rng([seed, _bl.METHODS.index(method)])
+    pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
+    trials = []
+    for _ in range(budget):
+        t = {"hidden_units": int(pick(arch.hidden_units))}
+        if method != "dann":
+            t["layers"] = int(pick(arch.layers))
+        t["batch_size"] = int(pick(arch.batch_sizes))
+        if method == "irm":
+            t["optimizer"] = pick(TABLE2["optimizer"])
+            t["batch_norm"] = bool(pick(TABLE2["batch_norm"]))
+            t["penalty_weight"] = float(pick(TABLE2["penalty_weight"]))
+            t["anneal_iters"] = int(pick(TABLE2["anneal_iters"]))
+            t["lr"] = float(pick(TABLE2["lr"]))
+        else:
+            t["optimizer"] = pick(TABLE1["optimizer"])
+            t["lr"] = float(pick(TABLE1["lr"]))
+            if method == "erm":
+                t["batch_norm"] = bool(pick(TABLE1["batch_norm"]))
+                t["dropout"] = float(pick(TABLE1["dropout"]))
+            regulariser = pick(("l2", "l1", "none"))
+            t["l2"] = float(pick(TABLE1["l2"])) if regulariser == "l2" else 0.0
+            t["l1"] = float(pick(TABLE1["l1"])) if regulariser == "l1" else 0.0
+            if method in ("and_mask", "geometric_mean"):
+                tau, rescale = float(pick(AND_MASK_TAUS)), bool(pick(RESCALE))
+                t["tau"], t["rescale"] = (1.0 if method == "geometric_mean" else tau), rescale
+        trials.append({k: t[k] for k in KEYS[method]})
+    return trials
+
+
+def trial_config(method: str, hyper: dict, *, epochs: int, seed: int, early_abort: bool,
+                 n_agreement_envs: int | None = None) -> _bl.BaselineConfig:
+    """The :class:`~hardtovary.experiments.baselines.BaselineConfig` of one trial (no method preset applied: every
+    knob the space does not draw keeps the BaselineConfig default, e.g. DANN lambda 1)."""
+    milestones = tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1}))
+    units = hyper["hidden_units"]
+    kw = dict(hidden=(units,) * hyper.get("layers", 1), batch_size=hyper["batch_size"],
+              optimizer=hyper["optimizer"], lr=hyper["lr"], batch_norm=hyper.get("batch_norm", False),
+              dropout=hyper.get("dropout", 0.0), weight_decay=hyper.get("l2", 0.0), l1=hyper.get("l1", 0.0),
+              epochs=epochs, lr_milestones=milestones, seed=seed, early_abort=early_abort, momentum=0.9,
+              n_agreement_envs=n_agreement_envs)
+    if method == "dann":
+        kw["dann_hidden"] = units
+    if method == "irm":
+        kw.update(irm_penalty_weight=hyper["penalty_weight"], irm_anneal_iters=hyper["anneal_iters"])
+    if method in ("and_mask", "geometric_mean"):
+        kw.update(tau=hyper["tau"], rescale=hyper["rescale"])
+    return _bl.BaselineConfig(**kw)
+
+
+def _check_int(name, value, low):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def run(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
+        seed: int = 0, arch: Architecture = SMALL_ARCH, data_config: _data.SpiralsConfig = _bl.DEFAULT_DATA,
+        n_agreement_envs: int | None = None, fresh: bool = False, progress: bool = True) -> dict:
+    """Search each method, re-run its best trial over ``seeds`` seeds; return and write ``out/results.json``:
+    ``{"config", "methods": {method: {"search": [trial records, best first], "best": {trial, hyper,
+    search_test_acc, train_acc_mean/std, test_acc_mean/std, n_seeds, runs}}}}``; also ``out/table.txt``."""
+    import torch
+    from tqdm import tqdm
+
+    # Table 2's lr = 1 drives some IRM runs into subnormal weights, which CPUs process ~25x slower (an epoch went
+    # from 0.25 s to 6 s); flushing subnormals to zero keeps a search's time predictable.
+    torch.set_flush_denormal(True)
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in KEYS]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct names from {list(KEYS)}, got {list(methods)}")
+    for name, value, low in (("budget", budget, 1), ("seeds", seeds, 1), ("epochs", epochs, 1), ("seed", seed, 0)):
+        _check_int(name, value, low)
+    too_big = [b for b in arch.batch_sizes if b > data_config.examples_per_env]
+    if too_big:
+        raise ValueError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
+    K = n_agreement_envs or data_config.n_train_envs
+    if data_config.n_train_envs % K:
+        raise ValueError(f"n_agreement_envs={K} must divide the number of training environments "
+                         f"{data_config.n_train_envs}")
+    config = {"experiment": "baselines-search", "data": dataclasses.asdict(data_config), "methods": list(methods),
+              "budget": budget, "seeds": seeds, "epochs": epochs, "seed": seed, "arch": dataclasses.asdict(arch),
+              "n_agreement_envs": n_agreement_envs, "and_mask_taus": list(AND_MASK_TAUS)}
+    folder = RunFolder(out, config, fresh=fresh)
+    task = _data.make_spirals_task(data_config)
+    trials = {m: sample_trials(m, budget, arch=arch, seed=seed) for m in methods}
+
+    def unit(bar, name, method, hyper, cfg, label):
+        stored = folder.finished(name)
+        if stored is not None:
+            bar.update(epochs)
+            return stored
+        bar.set_description(name)
+        start = time.perf_counter()
+
+        def on_epoch(r):
+            bar.update(1)
+            bar.set_postfix(train=f"{r['train_acc']:.3f}", test=f"{r['test_acc']:.3f}")
+
+        history = _bl.train_baseline(method, task, cfg, on_epoch=on_epoch)
+        bar.update(epochs - len(history))
+        final = history[-1]
+        stored = {**label, "hyper": hyper, "seed": cfg.seed, "train_acc": final["train_acc"],
+                  "test_acc": final["test_acc"], "train_loss": final["train_loss"],
+                  "aborted": bool(final.get("aborted", False)), "epochs_run": len(history),
+                  "seconds": time.perf_counter() - start, "history": history}
+        folder.save(name, stored)
+        return stored
+
+    results = {"config": config, "methods": {}}
+    with tqdm(total=len(methods) * (budget + seeds) * epochs, disable=not progress, unit="epoch",
+              dynamic_ncols=True) as bar:
+        for m in methods:
+            search = []
+            for i, hyper in enumerate(trials[m]):
+                cfg = trial_config(m, hyper, epochs=epochs, seed=seed + i, early_abort=True,
+                                   n_agreement_envs=n_agreement_envs)
+                search.append(unit(bar, f"search-{m}-{i:03d}", m, hyper, cfg, {"trial": i}))
+            ranked = sorted(search, key=_rank_key)
+            best = ranked[0]
+            runs = []
+            for s in range(seeds):
+                cfg = trial_config(m, best["hyper"], epochs=epochs, seed=RERUN_SEED_OFFSET + seed + s,
+                                   early_abort=False, n_agreement_envs=n_agreement_envs)
+                runs.append(unit(bar, f"seeds-{m}-{s:03d}", m, best["hyper"], cfg, {"trial": best["trial"]}))
+            train_mean, train_std = _mean_std([r["train_acc"] for r in runs])
+            test_mean, test_std = _mean_std([r["test_acc"] for r in runs])
+            results["methods"][m] = {
+                "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
+                "best": {"trial": best["trial"], "hyper": best["hyper"], "search_test_acc": best["test_acc"],
+                         "train_acc_mean": train_mean, "train_acc_std": train_std,
+                         "test_acc_mean": test_mean, "test_acc_std": test_std, "n_seeds": len(runs),
+                         "runs": [{k: r[k] for k in ("seed", "train_acc", "test_acc")} for r in runs]}}
+            folder.write("results.json", results)
+    folder.write("results.json", results)
+    write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
+    return results
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "-" if v == 0 else f"{v:g}"
+    return str(v)
+
+
+def format_table(results: dict) -> str:
+    """One block per method: its best configuration and mean ± std over seeds of final train / o.o.d. test acc."""
+    blocks = []
+    for m, r in results["methods"].items():
+        aborted = sum(t["aborted"] for t in r["search"])
+        b = r["best"]
+        hyper = "  ".join(f"{k}={_value(v)}" for k, v in b["hyper"].items())
+        blocks.append("\n".join([
+            f"{m}: {len(r['search'])} trials ({aborted} aborted early), best = trial {b['trial']} "
+            f"(search test acc {b['search_test_acc']:.3f})",
+            f"  config: {hyper}",
+            f"  {'seeds':>5}  {'train acc (mean ± std)':>24}  {'test acc o.o.d. (mean ± std)':>30}",
+            f"  {b['n_seeds']:>5}  {b['train_acc_mean']:>16.3f} ± {b['train_acc_std']:.3f}"
+            f"  {b['test_acc_mean']:>22.3f} ± {b['test_acc_std']:.3f}"]))
+    return "\n\n".join(blocks)

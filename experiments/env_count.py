@@ -1,0 +1,196 @@
+"""Test accuracy against the number of training environments (paper Fig. 15, App. B.4).
+
+For every number of training environments ``n`` and every method, train ``runs`` runs (seeds ``seed + r``) with
+:func:`hardtovary.experiments.baselines.train_baseline` on the spirals task with ``n`` environments, record each
+run's **maximum o.o.d. test accuracy over epochs**, and report the best over runs (as the paper: "best of 5 runs")
+and the mean over runs. The paper sweeps n in {2, 4, ..., 4096} with 5 runs and finds that "the baseline first
+succeeds at 1024 environments", while the AND-mask ("Prod-mask") succeeds with few.
+
+Decisions (the paper leaves these open or the CPU budget forces them):
+
+* Data: environment ``e`` of the ``n``-environment task uses seed ``data_seed + e`` (as everywhere in the
+  package); the data are the same for every run, the runs differ in initialisation and batching seed.
+* ``total_examples``: when given, each environment holds ``total_examples // n`` examples, so the total amount
+  of data is bounded as ``n`` grows; otherwise every environment holds ``examples_per_env``. The per-environment
+  batch is ``min(batch_size, examples per environment)``.
+* Environments per step: the largest divisor of ``n`` that is ``<= max_agreement_envs`` (default 16); for powers
+  of two this is ``min(n, 16)``. ``train_baseline`` needs it to divide ``n``.
+* Learning rate drops x0.1 at 1/2 and 3/4 of the epochs (as ``hardtovary baselines``); method presets from
+  :data:`baselines.METHOD_PRESETS` (erm: L2 1e-4; and_mask: tau 1, rescaling, L2 1e-4).
+* The CPU defaults (:data:`DEFAULT_CONFIG`, :data:`DEFAULT_DATA`) are far smaller than the paper's (a 2 x 64
+  MLP, 40 epochs, 256 examples per environment, n up to 64, 3 runs): they show the shape of the experiment, not
+  the paper's 1024-environment crossover.
+
+Run folder: ``config.json``, ``units/envs<n>-<method>-run<r>.json`` (one per run, atomically; a rerun with the
+same options skips them), ``results.json``, ``table.txt`` and ``env_count.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.runfolder import RunFolder, write_atomic
+from hardtovary.reference import data as _data
+
+DEFAULT_ENVS = (2, 4, 8, 16, 32, 64)
+PAPER_ENVS = tuple(2 ** k for k in range(1, 13))  # 2 .. 4096
+DEFAULT_METHODS = ("erm", "and_mask")
+DEFAULT_RUNS = 3
+MAX_AGREEMENT_ENVS = 16
+
+#: CPU-sized defaults: 256 examples per environment, a 2 x 128 MLP, batch 64 per environment, 40 epochs.
+DEFAULT_DATA = dataclasses.replace(_bl.DEFAULT_DATA, examples_per_env=256)
+DEFAULT_CONFIG = dataclasses.replace(_bl.DEFAULT_CONFIG, hidden=(128, 128), batch_size=64, epochs=40, lr=1e-2,
+                                     lr_milestones=(20, 30))
+
+
+def agreement_envs(n_envs: int, max_agreement_envs: int = MAX_AGREEMENT_ENVS) -> int:
+    """Environments per step: the largest divisor of ``n_envs`` not above ``max_agreement_envs``."""
+    if n_envs < 1 or max_agreement_envs < 1:
+        raise ValueError(f"n_envs and max_agreement_envs must be >= 1, got {n_envs}, {max_agreement_envs}")
+    return max(k for k in range(1, min(n_envs, max_agreement_envs) + 1) if n_envs % k == 0)
+
+
+def examples_per_env(n_envs: int, examples: int, total_examples: int | None) -> int:
+    """Examples per environment: ``total_examples // n_envs`` when given, else ``examples``; at least 2."""
+    value = total_examples // n_envs if total_examples is not None else examples
+    if value < 2:
+        raise ValueError(f"{n_envs} environments leave {value} examples each (need >= 2): "
+                         f"raise --total-examples or lower --envs")
+    return value
+
+
+def unit_name(n_envs: int, method: str, run: int) -> str:
+    return f"envs{n_envs:05d}-{method}-run{run}"
+
+
+def _validate(envs, methods, runs):
+    envs = tuple(int(n) for n in envs)
+    if not envs or min(envs) < 1:
+        raise ValueError(f"envs must be positive integers, got {list(envs)}")
+    if len(set(envs)) != len(envs):
+        raise ValueError(f"envs must not repeat, got {list(envs)}")
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in _bl.METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be some of {list(_bl.METHODS)}, got {list(methods)}")
+    if int(runs) < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    return envs, methods, int(runs)
+
+
+def summarise(run_maxima) -> dict:
+    """``best`` (max over runs of each run's max test accuracy, the paper's statistic), ``mean`` and ``runs``."""
+    values = [float(v) for v in run_maxima]
+    return {"best": max(values), "mean": float(np.mean(values)), "runs": values}
+
+
+def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DEFAULT_RUNS,
+        data_config: _data.SpiralsConfig = DEFAULT_DATA, base: _bl.BaselineConfig = DEFAULT_CONFIG,
+        total_examples: int | None = None, max_agreement_envs: int = MAX_AGREEMENT_ENVS,
+        overrides: dict | None = None, fresh: bool = False, progress: bool = True) -> dict:
+    """Train every (envs, method, run) unit into the resumable run folder ``out`` and return (and write as
+    ``out/results.json``) ``{"config", "envs": {str(n): {method: {"best", "mean", "runs", "examples_per_env",
+    "n_agreement_envs"}}}}``. ``data_config`` gives everything of the data but the number of environments and
+    (with ``total_examples``) the examples per environment; ``base`` the training settings before each method's
+    preset, with the run seed ``base.seed + r``."""
+    from tqdm import tqdm
+
+    envs, methods, runs = _validate(envs, methods, runs)
+    if total_examples is not None and total_examples < 1:
+        raise ValueError(f"total_examples must be >= 1, got {total_examples}")
+    plans = {}
+    for n in envs:
+        epe = examples_per_env(n, data_config.examples_per_env, total_examples)
+        data_n = dataclasses.replace(data_config, n_train_envs=n, examples_per_env=epe)
+        K = agreement_envs(n, max_agreement_envs)
+        configs = {m: _bl.method_config(dataclasses.replace(base, n_agreement_envs=K,
+                                                            batch_size=min(base.batch_size, epe)), m, overrides)
+                   for m in methods}
+        plans[n] = (data_n, K, configs)
+    config = {"experiment": "env_count", "envs": list(envs), "methods": list(methods), "runs": runs,
+              "total_examples": total_examples, "max_agreement_envs": max_agreement_envs,
+              "data": dataclasses.asdict(data_config),
+              "train": {m: _bl.method_config(base, m, overrides).to_dict() for m in methods}}
+    folder = RunFolder(out, config, fresh=fresh)
+
+    units = [(n, m, r) for n in envs for m in methods for r in range(runs)]
+    todo = [u for u in units if folder.finished(unit_name(*u)) is None]
+    total = sum(plans[n][2][m].epochs * _bl.steps_per_epoch(plans[n][0], plans[n][2][m]) for n, m, _ in todo)
+    tasks = {}
+    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        for n, m, r in todo:
+            data_n, K, configs = plans[n]
+            if n not in tasks:
+                tasks.clear()  # one task in memory at a time
+                tasks[n] = _data.make_spirals_task(data_n)
+            cfg = dataclasses.replace(configs[m], seed=base.seed + r)
+            bar.set_description(f"{n} envs {m} run {r}")
+            start = time.perf_counter()
+            history = _bl.train_baseline(m, tasks[n], cfg, on_step=lambda: bar.update(1))
+            tests = [h["test_acc"] for h in history]
+            folder.save(unit_name(n, m, r), {
+                "n_envs": n, "method": m, "run": r, "seed": cfg.seed, "max_test_acc": max(tests),
+                "best_epoch": int(np.argmax(tests)) + 1, "final_test_acc": tests[-1],
+                "final_train_acc": history[-1]["train_acc"], "seconds": time.perf_counter() - start,
+                "history": history})
+
+    results = {"config": config, "envs": {}}
+    for n in envs:
+        data_n, K, _ = plans[n]
+        row = {}
+        for m in methods:
+            stored = [folder.finished(unit_name(n, m, r)) for r in range(runs)]
+            row[m] = {**summarise(s["max_test_acc"] for s in stored),
+                      "examples_per_env": data_n.examples_per_env, "n_agreement_envs": K}
+        results["envs"][str(n)] = row
+    folder.write("results.json", results)
+    table = format_table(results)
+    write_atomic(Path(out) / "table.txt", lambda f: f.write(table + "\n"))
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Rows: number of training environments; columns: per method the best (over runs) and mean max o.o.d. test
+    accuracy, as ``best / mean``."""
+    methods = results["config"]["methods"]
+    runs = results["config"]["runs"]
+    lines = [f"max o.o.d. test accuracy over epochs: best / mean of {runs} runs",
+             f"{'envs':>6}{'ex/env':>8}{'K':>4}" + "".join(f"{m:>18}" for m in methods)]
+    for n, row in results["envs"].items():
+        first = row[methods[0]]
+        lines.append(f"{int(n):>6}{first['examples_per_env']:>8}{first['n_agreement_envs']:>4}"
+                     + "".join(f"{row[m]['best']:>10.3f} / {row[m]['mean']:.3f}" for m in methods))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Best-of-runs max test accuracy against the number of environments (log2 x axis), one line per method, with
+    the mean as a dashed line (in the manner of Fig. 15). None when matplotlib is not installed."""
+    from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
+
+    plt = matplotlib_pyplot()
+    if plt is None:
+        return None
+    envs = [int(n) for n in results["envs"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, m in enumerate(results["config"]["methods"]):
+        color = f"C{i}"
+        ax.plot(envs, [results["envs"][str(n)][m]["best"] for n in envs], "o-", color=color, label=f"{m} (best)")
+        ax.plot(envs, [results["envs"][str(n)][m]["mean"] for n in envs], "--", color=color, alpha=0.6,
+                label=f"{m} (mean)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(envs, [str(n) for n in envs])
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0.4, 1.02)
+    ax.set_xlabel("number of training environments")
+    ax.set_ylabel("max test accuracy (o.o.d.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
