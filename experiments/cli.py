@@ -38,6 +38,12 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
 
 
+def _add_run_folder_options(parser, default: str) -> None:
+    """``--out`` (the run folder, default ``default``) and ``--fresh``."""
+    parser.add_argument("--out", type=Path, default=Path(default), help="run folder")
+    parser.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+
+
 def _add_spirals_options(parser, d) -> None:
     """The spirals data options (paper §6.1-6.2) with the defaults of the SpiralsConfig ``d``."""
     g = parser.add_argument_group("data (spirals, paper §6.1-6.2)")
@@ -75,8 +81,7 @@ def _add_synthetic(subparsers) -> None:
             "OUT/units/<method>.json for each finished method and OUT/learning_curves.png. A run killed "
             "midway resumes from OUT when started again with the same options."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="run folder")
-    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    _add_run_folder_options(p, "runs/synthetic")
     p.add_argument("--methods", default=",".join(synthetic.DEFAULT_METHODS),
                    help=f"comma-separated methods, from {', '.join(synthetic.METHOD_PRESETS)}; "
                         "'mean' is averaging (AND-mask with tau = 0)")
@@ -190,8 +195,7 @@ def _add_sweep(subparsers) -> None:
             "rerun with the same options resumes, skipping finished batches. The defaults are small (a few minutes on two CPU "
             "cores); --paper-space uses Table 1's 256/512 units, 3/5 layers and batch 64/128/256."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder")
-    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    _add_run_folder_options(p, "runs/sweep")
     p.add_argument("--budget", type=_positive_int, default=32, help="random-search trials")
     p.add_argument("--top", type=_positive_int, default=3, help="best configurations re-run over seeds (<= budget)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per re-run configuration")
@@ -427,8 +431,7 @@ def _add_baselines(subparsers) -> None:
             "Per-method presets: erm and dann L2 1e-4; irm penalty 100 after 8 annealing steps; and_mask / "
             "geometric_mean tau 1 with rescaling and L2 1e-4; options given explicitly override them."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/baselines"), help="run folder")
-    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    _add_run_folder_options(p, "runs/baselines")
     p.add_argument("--methods", type=_name_list(baselines.METHODS), default=baselines.DEFAULT_METHODS,
                    help=f"comma-separated, from {', '.join(baselines.METHODS)}")
     p.add_argument("--epochs", type=_positive_int, default=c.epochs, help="passes over the training data")
@@ -509,8 +512,7 @@ def _add_baselines_search(subparsers) -> None:
             "OUT/units/seeds-<method>-NNN.json (atomically, one per run), OUT/results.json and OUT/table.txt; a "
             "rerun with the same options resumes, skipping finished runs."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/baselines_search"), help="run folder")
-    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    _add_run_folder_options(p, "runs/baselines_search")
     p.add_argument("--methods", type=_name_list(baselines.METHODS), default=baselines.DEFAULT_METHODS,
                    help=f"comma-separated, from {', '.join(baselines.METHODS)} (geometric_mean: and_mask's space, "
                         "tau 1)")
@@ -614,8 +616,7 @@ def _add_env_count(subparsers) -> None:
             "MLP, 40 epochs, 256 examples per environment, N up to 64, 3 runs); the paper uses N = 2 .. 4096, "
             "5 runs and finds the baseline first succeeds at 1024 environments."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/env_count"), help="run folder")
-    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    _add_run_folder_options(p, "runs/env_count")
     p.add_argument("--envs", type=positive_ints, default=ec.DEFAULT_ENVS,
                    help="comma-separated numbers of training environments (each >= 1; paper: 2,4,...,4096)")
     p.add_argument("--methods", type=_name_list(baselines.METHODS), default=ec.DEFAULT_METHODS,
