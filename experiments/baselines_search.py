@@ -153,18 +153,30 @@ def _check_int(name, value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def run(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
+def run(out: Path, **options) -> dict:
+    """:func:`_search` with subnormal floats flushed to zero during the search, and the setting restored after.
+
+    Table 2's lr = 1 drives some IRM runs into subnormal weights, which CPUs process ~25x slower (an epoch went from
+    0.25 s to 6 s); flushing them keeps a search's time predictable. The flag is process-wide in torch, so it is
+    switched off again when the search ends (hypothesis and NumPy code later in the process need subnormals).
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
+    try:
+        return _search(out, **options)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
         seed: int = 0, arch: Architecture = SMALL_ARCH, data_config: _data.SpiralsConfig = _bl.DEFAULT_DATA,
         n_agreement_envs: int | None = None, fresh: bool = False, progress: bool = True) -> dict:
     """Search each method, re-run its best trial over ``seeds`` seeds; return and write ``out/results.json``:
     ``{"config", "methods": {method: {"search": [trial records, best first], "best": {trial, hyper,
     search_test_acc, train_acc_mean/std, test_acc_mean/std, n_seeds, runs}}}}``; also ``out/table.txt``."""
-    import torch
     from tqdm import tqdm
 
-    # Table 2's lr = 1 drives some IRM runs into subnormal weights, which CPUs process ~25x slower (an epoch went
-    # from 0.25 s to 6 s); flushing subnormals to zero keeps a search's time predictable.
-    torch.set_flush_denormal(True)
     methods = tuple(methods)
     bad = [m for m in methods if m not in KEYS]
     if bad or not methods or len(set(methods)) != len(methods):

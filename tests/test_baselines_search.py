@@ -117,3 +117,12 @@ def test_help_documents_every_option():
     p = sub.choices["baselines-search"]
     for action in p._actions:
         assert action.help, action.option_strings
+
+
+def test_the_search_restores_subnormal_arithmetic_for_the_rest_of_the_process(tmp_path):
+    import numpy as np
+
+    tiny = np.nextafter(0.0, 1.0)  # the smallest subnormal double
+    with pytest.raises(ValueError):
+        bs.run(tmp_path / "d", methods=("erm", "erm"))  # the flag is set and must be cleared on the way out
+    assert tiny * 1.0 > 0.0 and tiny + tiny == 2 * tiny
