@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
+from hardtovary.experiments.progress import show_epoch
 from hardtovary.experiments.runfolder import RunFolder
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
@@ -428,10 +429,7 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
                 bar.set_description(m)
                 start = time.perf_counter()
 
-                def show(record, bar=bar):
-                    bar.set_postfix(epoch=record["epoch"], train=f"{record['train_acc']:.3f}",
-                                    test=f"{record['test_acc']:.3f}")
-
+                show = show_epoch(bar)
                 history = train_baseline(m, task, configs[m], on_step=lambda: bar.update(1), on_epoch=show)
                 final = history[-1]
                 stored = {"train_acc": final["train_acc"], "test_acc": final["test_acc"],

@@ -55,6 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from hardtovary.experiments.progress import show_epoch
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
 
 __all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
@@ -377,10 +378,7 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
             if stored is None:
                 bar.set_description(name)
 
-                def show(record, bar=bar):
-                    bar.set_postfix(epoch=record["epoch"], train=f"{record['train_acc']:.3f}",
-                                    test=f"{record['test_acc']:.3f}")
-
+                show = show_epoch(bar)
                 outcome = train_trial(out / "trials" / name, data, trial, epochs=epochs, width=width,
                                       batch_size=batch_size, milestones=milestones, weight_decay=weight_decay,
                                       rescale=rescale, device=device, on_step=lambda: bar.update(1),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hardtovary.experiments.progress import show_epoch
 from hardtovary.experiments.runfolder import RunFolder
 from hardtovary.reference import data, training
 
@@ -90,10 +91,7 @@ def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
                 bar.set_description(name)
                 start = time.perf_counter()
 
-                def show(record, bar=bar):
-                    bar.set_postfix(epoch=record["epoch"], train=f"{record['train_acc']:.3f}",
-                                    test=f"{record['test_acc']:.3f}")
-
+                show = show_epoch(bar)
                 outcome = training.train(env_data, configs[name], on_step=lambda: bar.update(1), on_epoch=show)
                 final = outcome.final
                 stored = {"train_acc": final["train_acc"], "test_acc": final["test_acc"],
