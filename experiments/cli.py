@@ -556,6 +556,9 @@ def _add_gradient_correlation(subparsers) -> None:
     p.add_argument("--taus", type=_float_list, default=c.taus,
                    help="thresholds in [-1, 1], comma-separated (write --taus=-1,0,1 when the first is negative)")
     p.add_argument("--hidden", type=_int_list, default=c.hidden, help="hidden widths, comma-separated")
+    p.add_argument("--remove-label-independent", action="store_true",
+                   help="subtract the average gradient on label-independent inputs (all input columns permuted) "
+                        "before correlating")
     g = p.add_argument_group("data (spirals, paper §6.1-6.2; one batch = one whole environment)")
     g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs, help="environments")
     g.add_argument("--batch-size", type=_positive_int, default=d.examples_per_env, help="examples per environment")
@@ -572,7 +575,8 @@ def _run_gradient_correlation(args) -> int:
 
     data_config = dataclasses.replace(gc.DEFAULT_DATA, n_train_envs=args.n_envs, examples_per_env=args.batch_size,
                                       n_dims=args.n_dims, shortcut_scale=args.shortcut_scale, seed=args.data_seed)
-    config = gc.GradientCorrelationConfig(hidden=args.hidden, n_seeds=args.seeds, taus=args.taus, data=data_config)
+    config = gc.GradientCorrelationConfig(hidden=args.hidden, n_seeds=args.seeds, taus=args.taus, data=data_config,
+                                          remove_label_independent=args.remove_label_independent)
     results = gc.run(config, out=args.out, progress=not args.no_progress)
     table = gc.format_table(results)
     print(table)

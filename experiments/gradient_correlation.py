@@ -72,6 +72,9 @@ class GradientCorrelationConfig:
     n_seeds: int = 10
     taus: tuple[float, ...] = DEFAULT_TAUS
     data: _data.SpiralsConfig = DEFAULT_DATA
+    #: Subtract the label-independent part of every average gradient (the average gradient on the data with all
+    #: input columns permuted) before correlating; see :func:`correlation_curves`.
+    remove_label_independent: bool = False
 
     def __post_init__(self):
         if self.n_seeds < 1:
@@ -132,22 +135,29 @@ def gradient_sets(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, n_me
                   generator: torch.Generator) -> dict:
     """Flattened per-environment gradients ``[K, P]`` of ``model`` on ``X[K, B, in]``, ``y[K, B]`` for the
     ``original`` data, the ``shortcut`` data (the first ``n_mech`` columns permuted) and the ``mechanism`` data
-    (the other columns permuted)."""
+    (the other columns permuted), and the ``null`` data (every input column permuted: inputs independent of the
+    labels, so its gradient is the label-independent part that all versions share)."""
     versions = {
         "original": X,
         "shortcut": _permute_columns(X, slice(0, n_mech), generator),
         "mechanism": _permute_columns(X, slice(n_mech, None), generator),
+        "null": _permute_columns(X, slice(0, None), generator),
     }
     return {name: _flat(env_gradients(model, Xv, y, _loss).grads) for name, Xv in versions.items()}
 
 
-def correlation_curves(sets: dict, taus) -> dict:
+def correlation_curves(sets: dict, taus, *, remove_label_independent: bool = False) -> dict:
     """For each tau: Pearson r between the masked average gradient of ``sets['original']`` and the average
     gradients of ``sets['mechanism']`` and ``sets['shortcut']``, over the kept components with a nonzero masked
-    average; also the fraction kept. Returns ``{"mechanism": [...], "shortcut": [...], "kept": [...]}``."""
+    average; also the fraction kept. Returns ``{"mechanism": [...], "shortcut": [...], "kept": [...]}``.
+
+    With ``remove_label_independent`` the average gradient of ``sets['null']`` (inputs independent of the labels) is
+    subtracted from all three averages first. At a random initialisation that shared part dominates every gradient
+    and pushes every correlation towards 1; the masks are still computed on the original gradients."""
     G = sets["original"]
-    mean = G.mean(dim=0)
-    g_mech, g_short = sets["mechanism"].mean(dim=0), sets["shortcut"].mean(dim=0)
+    base = sets["null"].mean(dim=0) if remove_label_independent else 0.0
+    mean = G.mean(dim=0) - base
+    g_mech, g_short = sets["mechanism"].mean(dim=0) - base, sets["shortcut"].mean(dim=0) - base
     out = {"mechanism": [], "shortcut": [], "kept": []}
     for tau in taus:
         keep = threshold_mask(G, tau) & (mean != 0)
@@ -182,10 +192,12 @@ def run(config: GradientCorrelationConfig = GradientCorrelationConfig(), out: Pa
     for seed in seeds:
         model = _model(X.shape[2], config.hidden, seed)
         generator = torch.Generator().manual_seed(seed)
-        curves = correlation_curves(gradient_sets(model, X, y, 2, generator), config.taus)
+        curves = correlation_curves(gradient_sets(model, X, y, 2, generator), config.taus,
+                                    remove_label_independent=config.remove_label_independent)
         for k in per_seed:
             per_seed[k].append(curves[k])
     results = {"config": {"hidden": list(config.hidden), "n_seeds": config.n_seeds, "taus": list(config.taus),
+                          "remove_label_independent": config.remove_label_independent,
                           "data": dataclasses.asdict(config.data)},
                "taus": list(config.taus)}
     for k, values in per_seed.items():

@@ -228,3 +228,25 @@ def test_baselines_cli_writes_results_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["baselines", "--out", str(out), *BASELINES_TINY, "--lr", "0.5"]) == 2
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_removing_the_label_independent_part_subtracts_the_null_gradient():
+    from hardtovary.experiments import gradient_correlation as gc
+
+    torch.manual_seed(0)
+    K, P = 4, 50
+    shared = torch.randn(P)
+    signal = torch.randn(P)
+    sets = {
+        # every version = the same label-independent part + a version-specific signal
+        "original": shared + signal + 0.01 * torch.randn(K, P),
+        "mechanism": shared + signal + 0.01 * torch.randn(K, P),
+        "shortcut": shared + torch.randn(P) + 0.01 * torch.randn(K, P),
+        "null": shared + 0.01 * torch.randn(K, P),
+    }
+    plain = gc.correlation_curves(sets, [0.0])
+    centred = gc.correlation_curves(sets, [0.0], remove_label_independent=True)
+    # the shared part makes the unrelated shortcut signal look correlated; removing it exposes the truth
+    assert plain["shortcut"][0] > 0.4
+    assert abs(centred["shortcut"][0]) < 0.35
+    assert centred["mechanism"][0] > 0.99
