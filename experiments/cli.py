@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -681,12 +682,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(subparsers)
     _add_ilc(subparsers)
     _add_conformance(subparsers)
-    _add_baselines(subparsers)
-    _add_baselines_search(subparsers)
-    _add_gradient_correlation(subparsers)
-    _add_cifar10(subparsers)
-    _add_env_count(subparsers)
+    torch_commands = {"baselines": _add_baselines, "baselines-search": _add_baselines_search,
+                      "gradient-correlation": _add_gradient_correlation, "cifar10": _add_cifar10,
+                      "env-count": _add_env_count}
+    for name, add in torch_commands.items():
+        if torch_available():
+            add(subparsers)
+        else:
+            _add_needs_torch(subparsers, name)
     return parser
+
+
+def torch_available() -> bool:
+    """Whether PyTorch can be imported (the commands built on hardtovary.accel.torch need it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _add_needs_torch(subparsers, name: str) -> None:
+    """A stand-in for a command built on PyTorch when torch is not installed: it says how to install it."""
+    # no option prefix: every argument (--help included) lands in `rest`, and the command explains itself
+    p = subparsers.add_parser(name, help="(needs PyTorch: pip install 'hardtovary[torch]')", add_help=False,
+                              prefix_chars="\x00")
+    p.add_argument("rest", nargs="*", help="ignored")
+
+    def refuse(args) -> int:
+        print(f"hardtovary {name}: this command needs PyTorch, which is not installed; "
+              f"pip install torch==2.13.0 'hardtovary[torch]' (or any torch >= 2.1)", file=sys.stderr)
+        return 2
+
+    p.set_defaults(run=refuse)
 
 
 def main(argv=None) -> int:

@@ -105,3 +105,25 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_second_verbatim():
     assert "pytest" in commands[1] and "pip install" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
+
+
+def test_the_quick_start_job_and_the_numpy_commands_run_without_torch(tmp_path):
+    # block `import torch` in a fresh interpreter, as on a machine that installed only ".[plot]"
+    script = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is blocked for this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from hardtovary.experiments import cli\n"
+        "assert not cli.torch_available()\n"
+        f"args = ['synthetic', '--out', r'{tmp_path / 'run'}', '--epochs', '1', '--n-envs', '2',\n"
+        "        '--examples-per-env', '16', '--n-test', '20', '--hidden', '4', '--batch-size', '8', '--no-progress']\n"
+        "assert cli.main(args) == 0\n"
+        "assert cli.main(['ilc', '--json']) == 0\n"
+        "assert cli.main(['baselines', '--epochs', '1']) == 2\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "needs PyTorch" in done.stderr
