@@ -53,6 +53,7 @@ from hardtovary.experiments.runfolder import RunFolder
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import training as _training
+from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
            "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "train_baseline",
@@ -325,7 +326,7 @@ def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
                          weight_decay_order="before", momentum=config.momentum)
     history, step = [], 0
     for epoch in range(config.epochs):
-        lr = config.lr * config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
+        lr = multistep_lr(config.lr, epoch, config.lr_milestones, config.lr_gamma)
         for group in opt.param_groups:
             group["lr"] = lr
         risks, extras, n_correct, n_seen = [], [], 0, 0

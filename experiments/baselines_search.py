@@ -48,6 +48,7 @@ from hardtovary.experiments import baselines as _bl
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, _mean_std, _rank_key
 from hardtovary.reference import data as _data
+from hardtovary.reference import optim
 
 __all__ = ["TABLE1", "TABLE2", "AND_MASK_TAUS", "SMALL_ARCH", "PAPER_ARCH", "Architecture", "sample_trials",
            "trial_config", "run", "format_table"]
@@ -132,7 +133,7 @@ def trial_config(method: str, hyper: dict, *, epochs: int, seed: int, early_abor
                  n_agreement_envs: int | None = None) -> _bl.BaselineConfig:
     """The :class:`~hardtovary.experiments.baselines.BaselineConfig` of one trial (no method preset applied: every
     knob the space does not draw keeps the BaselineConfig default, e.g. DANN lambda 1)."""
-    milestones = tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1}))
+    milestones = optim.paper_milestones(epochs)
     units = hyper["hidden_units"]
     kw = dict(hidden=(units,) * hyper.get("layers", 1), batch_size=hyper["batch_size"],
               optimizer=hyper["optimizer"], lr=hyper["lr"], batch_norm=hyper.get("batch_norm", False),

@@ -57,6 +57,7 @@ import numpy as np
 
 from hardtovary.experiments.progress import show_epoch
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
+from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
            "load_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run", "format_table",
@@ -274,7 +275,7 @@ def _save_checkpoint(path: Path, obj) -> None:
 
 def lr_at(base: float, epoch: int, milestones) -> float:
     """Learning rate of 0-based ``epoch``: ``base * 0.1 ** #{m in milestones: m <= epoch}``."""
-    return base * 0.1 ** sum(1 for m in milestones if m <= epoch)
+    return multistep_lr(base, epoch, milestones, 0.1)
 
 
 def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width: float, batch_size: int,

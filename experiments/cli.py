@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hardtovary import __version__
+from hardtovary.reference import optim
 
 
 def _positive_int(text: str) -> int:
@@ -464,7 +465,7 @@ def _run_baselines(args) -> int:
     from hardtovary.experiments import baselines
 
     data_config = _spirals_config(args)
-    milestones = tuple(m for m in (args.epochs // 2, 3 * args.epochs // 4) if m >= 1)
+    milestones = optim.paper_milestones(args.epochs)
     base = dataclasses.replace(baselines.DEFAULT_CONFIG, hidden=args.hidden, batch_size=args.batch_size,
                                n_agreement_envs=args.n_agreement_envs, optimizer=args.optimizer, lr=args.lr,
                                seed=args.seed, epochs=args.epochs, lr_milestones=milestones,
@@ -653,7 +654,7 @@ def _add_env_count(subparsers) -> None:
         data_config = dataclasses.replace(d, examples_per_env=args.examples_per_env, n_test=args.n_test,
                                           n_dims=args.n_dims, shortcut_scale=args.shortcut_scale,
                                           seed=args.data_seed)
-        milestones = tuple(m for m in (args.epochs // 2, 3 * args.epochs // 4) if m >= 1)
+        milestones = optim.paper_milestones(args.epochs)
         base = dataclasses.replace(c, hidden=args.hidden, batch_size=args.batch_size, epochs=args.epochs,
                                    lr=args.lr, lr_milestones=milestones, seed=args.seed)
         overrides = {"tau": args.tau} if args.tau is not None else None

@@ -202,8 +202,7 @@ def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_pe
     l2 I)^-1 (H_e'+ + l2 I))``. This treats theta* as every environment's minimizer: the report gives the largest
     per-environment gradient norm and the negative curvature that was clipped, so that one can judge it.
     """
-    import dataclasses as _dc
-
+    from hardtovary.experiments import synthetic
     from hardtovary.reference import data, training
 
     task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=n_envs, examples_per_env=examples_per_env,
@@ -211,11 +210,9 @@ def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_pe
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
     base = training.TrainConfig(hidden=tuple(hidden), batch_size=examples_per_env, n_agreement_envs=n_envs,
                                 epochs=epochs, lr=1e-2, weight_decay=l2, rescale=True, seed=seed)
-    presets = {"mean": {"method": "mean", "tau": 0.0, "rescale": False}, "and_mask": {"method": "and_mask"},
-               "geometric_mean": {"method": "geometric_mean"}}
     results = {}
-    for name, changes in presets.items():
-        config = _dc.replace(base, **changes)
+    for name in synthetic.DEFAULT_METHODS:
+        config = synthetic.method_config(base, name)
         run = training.train(env_data, config)
         spec = training.model_spec(env_data, config)
         X, Y = env_data.X_train.astype(np.float64), env_data.y_train.astype(np.float64)

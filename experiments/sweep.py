@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hardtovary.experiments.runfolder import RunFolder
-from hardtovary.reference import data, training
+from hardtovary.reference import data, optim, training
 
 #: Methods the search can draw, and the rule options each one takes.
 METHODS = ("and_mask", "mean", "geometric_mean", "sand_mask")
@@ -101,7 +101,7 @@ def sample_trials(space: SearchSpace, budget: int, *, epochs: int, n_agreement_e
     """``budget`` configurations drawn from ``space``; trial i has seed ``seed + i``. The learning rate drops x0.1
     at 1/2 and 3/4 of the epochs (paper App. B.3)."""
     rng = np.random.default_rng(seed)
-    milestones = tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1}))
+    milestones = optim.paper_milestones(epochs)
     pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
     trials = []
     for i in range(budget):

@@ -266,6 +266,12 @@ def l1_gradient(params, l1):
     return [l1 * np.sign(p) for p in _float64_list(params, "params", shapes)]
 
 
+def paper_milestones(epochs: int) -> tuple[int, ...]:
+    """The paper's schedule for the synthetic task (App. B.3): the learning rate drops at 1/2 and 3/4 of the
+    ``epochs`` (milestones below 1 are dropped)."""
+    return tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1}))
+
+
 def multistep_lr(base_lr, epoch, milestones, gamma=0.1):
     """Learning rate of torch's ``MultiStepLR`` after ``epoch`` scheduler steps: ``base_lr * gamma**k``.
 

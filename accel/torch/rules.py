@@ -154,14 +154,10 @@ def _and_masked_mean(G: torch.Tensor, tau: float):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _geometric_mean_tau(flavour, tau) -> float:
-    return _ref._geometric_mean_tau(flavour, tau)
-
-
 def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
     """Components where the geometric mean is not forced to 0 (bool): paper ``|S| == K``; original
     ``and_mask(G, tau)`` with tau defaulting to 1."""
-    tau = _geometric_mean_tau(flavour, tau)
+    tau = _ref._geometric_mean_tau(flavour, tau)
     G = _stack(G)
     S = _sign_sum(G)
     if flavour == "paper":
@@ -188,7 +184,7 @@ def geometric_mean(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
     """Elementwise signed geometric mean in the log domain, flavours ``"paper"`` / ``"original"`` exactly as
     :func:`hardtovary.reference.rules.geometric_mean`; result in G's dtype (computed in float32 for half
     precision, so the log-domain mean cannot underflow)."""
-    tau = _geometric_mean_tau(flavour, tau)
+    tau = _ref._geometric_mean_tau(flavour, tau)
     G = _stack(G)
     return _geometric_mean(G, flavour, tau)[0].to(G.dtype)
 
