@@ -10,7 +10,7 @@
     (``loop``, ``batched``). On CPU with few repeats (slow); on the GPU as well when ``torch.cuda.is_available()``.
 
 Run: ``python bench/bench_torch_env_gradients.py [--repeats 5] [--resnet-repeats 1] [--resnet-width 1.0]
-[--skip-resnet] [--threads N]``. Prints best-of-N times (ms) and the ratio authors / ours.
+[--skip-resnet] [--threads N] [--devices cpu,cuda]``. Prints best-of-N times (ms) and the ratio authors / ours.
 """
 
 from __future__ import annotations
@@ -100,11 +100,14 @@ def main():
     parser.add_argument("--resnet-width", type=float, default=1.0)
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="comma-separated torch devices to time on (cuda is skipped where unavailable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices.split(",")
+               if d.strip() and (not d.startswith("cuda") or torch.cuda.is_available())]
     for device in devices:
         bench_mlp(device, args.repeats)
         if not args.skip_resnet:

@@ -12,7 +12,8 @@ Run on a machine with CuPy and a CUDA device (finishes in well under 5 minutes o
      exactly equal, values within the per-dtype tolerance of the conformance suite -- and the kernels vs the xp
      expression on the same device (``use_kernel=False``);
    - non-finite input raises ValueError on the kernel path;
-   - quadratic: batched diagonal and SPD inconsistency scores vs ``reference.quadratic`` per problem.
+   - quadratic: batched diagonal and SPD inconsistency scores vs ``reference.quadratic`` per problem;
+   - sweep: ``accel.sweep.train_sweep`` (float64, five rules/optimizers batched) vs separate reference runs.
 2. Timings:
    - each rule kernel at K = 16, P = 50 million float32 against a device-to-device copy of the same stack: bytes
      moved by the kernel (read K*P*4, write the value and the mask), achieved GB/s, copy GB/s (read + write of the
@@ -188,6 +189,29 @@ def check_quadratic(report: Report, xp, rng) -> None:
         report.item("quadratic refuses a singular Hessian", "reference.quadratic" in str(error))
 
 
+def check_sweep(report: Report, backend: str) -> None:
+    """``accel.sweep.train_sweep`` on ``backend`` in float64 vs ``reference.training.train`` run by run."""
+    import dataclasses
+
+    from hardtovary.accel import sweep
+    from hardtovary.reference import data, training
+
+    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=4, examples_per_env=48, n_test=60, n_dims=4))
+    env = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+    base = training.TrainConfig(hidden=(12, 8), batch_size=8, n_agreement_envs=4, epochs=3, lr_milestones=(2,))
+    configs = [dataclasses.replace(base, method=m, tau=t, rescale=r, optimizer=o, seed=s)
+               for s, (m, t, r, o) in enumerate([("mean", 0.0, False, "adam"), ("and_mask", 1.0, True, "sgd"),
+                                                 ("and_mask", 0.5, False, "adam"),
+                                                 ("geometric_mean", 1.0, False, "adam"),
+                                                 ("sand_mask", 0.5, True, "adam")])]
+    results = sweep.train_sweep(env, configs, backend=backend, dtype="float64")
+    for config, result in zip(configs, results):
+        want = training.train(env, config)
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(result.params, want.params))
+        report.item(f"sweep {config.method} tau={config.tau} {config.optimizer} vs reference run",
+                    diff <= 1e-8 and result.stopped == "completed", f"max |param diff| {diff:.2g}")
+
+
 def _rel(got, want) -> float:
     finite = np.isfinite(want)
     if not np.array_equal(np.isfinite(got), finite):
@@ -331,6 +355,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(12345)
     check_rules(report, xp, rng, use_kernel=use_kernel, scale=scale, Ks=Ks)
     check_quadratic(report, xp, rng)
+    check_sweep(report, backend)
     print(f"\nchecks: {report.count - len(report.failed)} PASS, {len(report.failed)} FAIL "
           f"({time.perf_counter() - start:.1f} s)")
 

@@ -60,7 +60,7 @@ from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json
 from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
-           "load_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run", "format_table",
+           "load_cifar10", "write_random_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run", "format_table",
            "plot_results"]
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -340,6 +340,28 @@ def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width:
             on_epoch(record)
     return {"history": history, "final": history[-1] if history else None, "seconds": seconds,
             "n_mislabeled": int(changed.sum())}
+
+
+def write_random_cifar10(directory, *, n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> Path:
+    """Write uniformly random images and labels in the official "python version" layout (``data_batch_1`` ..
+    ``data_batch_5``, ``test_batch``, ``batches.meta``) into ``directory`` and return it: a stand-in with the real
+    data set's shapes for timings and smoke runs on machines without the real files (it teaches nothing).
+    ``n_train`` is split over the five training batches as evenly as possible."""
+    directory = Path(directory)
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 5:
+            raise ValueError(f"{name} must be an integer >= 5, got {value!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = [len(part) for part in np.array_split(np.arange(n_train), len(TRAIN_FILES))]
+    for name, size in zip((*TRAIN_FILES, TEST_FILE), (*sizes, n_test)):
+        batch = {b"batch_label": b"random", b"labels": rng.integers(0, NUM_CLASSES, size).tolist(),
+                 b"data": rng.integers(0, 256, (size, 3 * 32 * 32), dtype=np.uint8),
+                 b"filenames": [b"random.png"] * size}
+        write_atomic(directory / name, lambda f, batch=batch: pickle.dump(batch, f), binary=True)
+    meta = {b"label_names": [f"random{i}".encode() for i in range(NUM_CLASSES)], b"num_vis": 3 * 32 * 32}
+    write_atomic(directory / META_FILE, lambda f: pickle.dump(meta, f), binary=True)
+    return directory
 
 
 def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: int = 80, n_train=None,

@@ -7,10 +7,12 @@ import re
 import numpy as np
 import pytest
 
+from hardtovary.accel.backend import cupy_status
 from hardtovary.accel.sweep import EARLY_ABORT_TEST_ACC, EARLY_ABORT_TRAIN_ACC, SweepResult, train_sweep
 from hardtovary.experiments import cli
 from hardtovary.reference import data, training
 
+CUPY_OK, CUPY_REASON = cupy_status()
 HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "kept_fraction"}
 
 
@@ -53,13 +55,18 @@ def assert_same_run(result, reference, atol=1e-10):
             assert x[key] == pytest.approx(y[key], abs=atol), key
 
 
-def test_a_sweep_equals_separate_reference_runs(env):
+@pytest.mark.parametrize("backend, atol", [
+    ("numpy", 1e-10),
+    # float64 on the GPU: cuBLAS sums in another order, so agreement is to accumulated rounding, not bits
+    pytest.param("cupy", 1e-8, marks=pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)),
+])
+def test_a_sweep_equals_separate_reference_runs(env, backend, atol):
     configs = mixed_configs()
-    results = train_sweep(env, configs, backend="numpy")
+    results = train_sweep(env, configs, backend=backend)
     assert len(results) == len(configs)
     for config, result in zip(configs, results):
         assert isinstance(result, SweepResult) and result.stopped == "completed"
-        assert_same_run(result, training.train(env, config))
+        assert_same_run(result, training.train(env, config), atol=atol)
 
 
 def test_runs_are_independent(env):
