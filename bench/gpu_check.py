@@ -19,7 +19,8 @@ Run on a machine with CuPy and a CUDA device (finishes in well under 5 minutes o
      moved by the kernel (read K*P*4, write the value and the mask), achieved GB/s, copy GB/s (read + write of the
      stack), and the fraction of copy bandwidth (target >= 70%);
    - batched inconsistency scores: problems per second;
-   - ``time_sweep()``: ``hardtovary.accel.sweep`` with R = 256 synthetic runs vs R = 1 (runs per second), if present.
+   - ``time_sweep()``: ``hardtovary.accel.sweep`` with R = 256 small synthetic runs vs R = 1, and R = 64 runs of the
+     paper's size vs R = 1 (runs per second).
 """
 
 from __future__ import annotations
@@ -289,35 +290,35 @@ def time_quadratic(xp, sizes, repeats: int) -> None:
     print(f"SPD      N={Nf} K={Kf} P={Pf}: {t * 1e3:.2f} ms, {Nf / t:,.0f} problems/s")
 
 
-def time_sweep(backend: str, runs=(1, 256), epochs: int = 1) -> None:
-    """==== SWEEP TIMING (stub) ==== R synthetic runs trained at once by hardtovary.accel.sweep vs R = 1.
+def time_sweep(backend: str, settings=((256, (64, 64), 64, (1, 256)), (1024, (256, 256, 256), 128, (1, 64))),
+               epochs: int = 1) -> None:
+    """R synthetic runs trained at once by hardtovary.accel.sweep vs R = 1 (runs per second), float32, AND-mask.
 
-    Only timed, not checked (the sweep's own tests compare it with reference.training.train). Prints
-    "sweep not available" when the module is absent.
+    ``settings``: (examples per environment, hidden widths, batch size, the Rs) for 16 environments of 18 inputs;
+    the second is the paper's synthetic architecture and data size. Only timed, not checked (check_sweep and the
+    sweep's tests compare it with reference.training.train).
     """
     print("\n-- sweep --")
-    try:
-        from hardtovary.accel import sweep
-        from hardtovary.reference.training import EnvironmentData, TrainConfig
-    except ImportError as error:
-        print(f"sweep not available ({error})")
-        return
-    try:
-        rng = np.random.default_rng(0)
-        E, n, d = 16, 256, 2
+    from hardtovary.accel import sweep
+    from hardtovary.reference.training import EnvironmentData, TrainConfig
+
+    rng = np.random.default_rng(0)
+    for n, hidden, batch, runs in settings:
+        E, d = 16, 18
         X = rng.standard_normal((E, n, d))
         y = (rng.random((E, n)) < 0.5).astype(np.float64)
-        data = EnvironmentData(X, y, rng.standard_normal((512, d)), (rng.random(512) < 0.5).astype(np.float64))
+        data = EnvironmentData(X, y, rng.standard_normal((2000, d)), (rng.random(2000) < 0.5).astype(np.float64))
         for R in runs:
-            configs = [TrainConfig(method="and_mask", tau=0.5, hidden=(64, 64), batch_size=64,
-                                   n_agreement_envs=16, epochs=epochs, seed=s) for s in range(R)]
-            sweep.train_sweep(data, configs[:1], backend=backend, dtype="float32")  # warm-up
+            configs = [TrainConfig(method="and_mask", tau=0.5, hidden=hidden, batch_size=batch, n_agreement_envs=16,
+                                   epochs=epochs, seed=s) for s in range(R)]
+            # warm-up at the same R: CuPy compiles its elementwise kernels per dtype *and* array rank, and the
+            # ranks differ between R = 1 (collapsed) and R > 1 (on an H200 the first R = 256 call took 18 s)
+            sweep.train_sweep(data, configs, backend=backend, dtype="float32")
             start = time.perf_counter()
             sweep.train_sweep(data, configs, backend=backend, dtype="float32")
             t = time.perf_counter() - start
-            print(f"R = {R:4d}: {t:.3f} s, {R / t:,.1f} runs/s ({epochs} epoch(s) each)")
-    except Exception as error:  # noqa: BLE001 - a timing stub: report, do not fail the checks
-        print(f"sweep timing failed: {type(error).__name__}: {error}")
+            print(f"16 envs x {n}, hidden {hidden}, batch {batch}, R = {R:4d}: {t:.3f} s, "
+                  f"{R / t:,.1f} runs/s ({epochs} epoch(s) each)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,7 +363,8 @@ def main(argv=None) -> int:
     if not args.no_timings:
         time_rules(xp, args.K, P, repeats, use_kernel)
         time_quadratic(xp, qsizes, repeats)
-        time_sweep(backend, runs=(1, 8) if args.numpy_dry_run else (1, 256))
+        time_sweep(backend, settings=((64, (16,), 16, (1, 8)),) if args.numpy_dry_run else
+                   ((256, (64, 64), 64, (1, 256)), (1024, (256, 256, 256), 128, (1, 64))))
     if report.failed:
         print(f"\nFAILED: {', '.join(report.failed)}")
         return 1

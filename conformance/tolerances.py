@@ -20,6 +20,10 @@ A component passes when ``|t - o| <= rtol * |o| + atol_eff``. Documented widenin
    factor ``n / n_kept`` when rescaling is on: rescaling amplifies the error by that same factor).
 2. **The ``K * eps(dtype)`` term** is the classical bound on the rounding error of a K-term sum computed in the
    target's dtype; without it a correct float16/float32 mean with cancellation (e.g. 1e8 + 1 - 1e8) fails.
+3. **Half the smallest subnormal of the dtype is always allowed** (``2**-25`` for float16, ``2**-150`` for
+   float32): a target that returns its dtype must round the exact value to it, and below the smallest normal
+   number that rounding is absolute, not relative. Seen on an H200: a float16 mean of exactly 17.5 subnormal
+   steps (1.0431e-6) correctly rounded to 18 steps (1.0729e-6), 2.9% above the oracle's float64 value.
 
 Discrete decisions are **exact**: where the oracle masks a component (its output is exactly 0.0 because the mask
 is 0), the target must return exactly 0.0, whatever the dtype. Sign counts are integers and never need a
@@ -42,6 +46,8 @@ DEFAULTS = {
 }
 
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+#: Half the smallest positive subnormal number of each dtype: the largest error of rounding to it near zero.
+_HALF_SUBNORMAL = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150, "float64": 0.0}  # 2**-1075 is not a float64
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,13 @@ class Tolerance:
     rtol: float
     atol: float
     eps: float
+    half_subnormal: float = 0.0
 
     def bound(self, oracle, scale, K: int = 1):
         """Elementwise allowed |t - o|."""
         o = np.asarray(oracle, dtype=np.float64)
-        return self.rtol * np.abs(o) + (self.atol + K * self.eps) * np.asarray(scale, dtype=np.float64)
+        return (self.rtol * np.abs(o) + (self.atol + K * self.eps) * np.asarray(scale, dtype=np.float64)
+                + self.half_subnormal)
 
 
 def dtype_name(dtype) -> str:
@@ -67,7 +75,7 @@ def for_dtype(dtype) -> Tolerance:
     """The policy for one dtype (numpy dtype, dtype name, or anything whose str is e.g. 'torch.float32')."""
     name = dtype_name(dtype)
     rtol, atol = DEFAULTS[name]
-    return Tolerance(name, rtol, atol, _EPS[name])
+    return Tolerance(name, rtol, atol, _EPS[name], _HALF_SUBNORMAL[name])
 
 
 def widest(*dtypes) -> Tolerance:

@@ -178,6 +178,7 @@ HARNESS = r"""
 #include <cstddef>
 using std::log; using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
 %(preamble)s
+#define RULE rule  /* a compile-time constant on the GPU (one kernel per rule), the run-time argument here */
 template <typename T, typename C>
 void hard(const T* G, int K, long long P, int rule, int thr, double log_eps, C* out_, bool* keep_) {
     for (ptrdiff_t i = 0; i < P; ++i) {

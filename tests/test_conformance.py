@@ -120,3 +120,18 @@ def test_pytest_plugin_reports_failure(tmp_path):
     assert proc.returncode == 1, proc.stdout
     assert "1 failed, 2 passed" in proc.stdout
     assert "conformance[agg.special.exact_zeros]" in proc.stdout
+
+
+def test_float16_tolerance_admits_correct_rounding_of_subnormals_only():
+    """Below float16's smallest normal number rounding is absolute: a mean of exactly 17.5 subnormal steps
+    (the case an H200 kernel produced) rounds to 18 steps, 2.9% off and still right; 19 steps is wrong."""
+    from hardtovary.conformance import tolerances
+
+    tol = tolerances.for_dtype("float16")
+    step = 2.0**-24
+    oracle, scale = 17.5 * step, 18 * step
+    rounded = float(np.float16(oracle))
+    assert rounded == 18 * step
+    assert abs(rounded - oracle) <= tol.bound(oracle, scale, K=2)
+    assert abs(19 * step - oracle) > tol.bound(oracle, scale, K=2)
+    assert tolerances.for_dtype("float64").bound(0.0, 0.0) == 0.0
