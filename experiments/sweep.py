@@ -2,7 +2,8 @@
 
 ``hardtovary sweep`` draws ``budget`` configurations from the search space, trains them as batched sweeps
 (:func:`hardtovary.accel.sweep.train_sweep`), ranks them by final o.o.d. test accuracy (the paper's selection:
-"the best run was re-run with 50 seeds"), re-runs the best ``top`` configurations with ``seeds`` fresh seeds, and
+"the best run was re-run with 50 seeds"), re-runs the best ``top`` distinct configurations (a configuration drawn
+twice is re-run once) with ``seeds`` fresh seeds, and
 reports mean and standard deviation over those seeds of the final train and o.o.d. test accuracy.
 
 The search space is Table 1 without what the sweep does not train (BatchNorm, dropout): hidden units, hidden
@@ -179,6 +180,21 @@ def _rank_key(record: dict):
     return (-test, -train, record["trial"])
 
 
+def _distinct_best(ranked: list[dict], trials: list, top: int) -> list[dict]:
+    """The first ``top`` records of ``ranked`` whose hyperparameters (all but the seed) differ from every one chosen
+    before: a small search space draws the same configuration more than once, and re-running it again over the
+    same seeds would only repeat numbers. Fewer than ``top`` when the search drew fewer distinct ones."""
+    chosen, seen = [], set()
+    for record in ranked:
+        key = tuple(sorted((k, v) for k, v in _summary(trials[record["trial"]]).items() if k != "seed"))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(record)
+            if len(chosen) == top:
+                break
+    return chosen
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
@@ -205,20 +221,20 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
         raise ValueError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
     n_envs = data_config.n_train_envs
     config = {"experiment": "sweep", "data": dataclasses.asdict(data_config), "space": dataclasses.asdict(space),
-              "budget": budget, "seeds": seeds, "top": top, "epochs": epochs, "seed": seed,
+              "budget": budget, "seeds": seeds, "top": top, "top_distinct": True, "epochs": epochs, "seed": seed,
               "runs_per_batch": runs_per_batch, "early_abort": early_abort, "dtype": dtype}
     folder = RunFolder(out, config, fresh=fresh)
     task = data.make_spirals_task(data_config)
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
 
     trials = sample_trials(space, budget, epochs=epochs, n_agreement_envs=n_envs, seed=seed)
-    total = (budget + top * seeds) * epochs
+    total = (budget + top * seeds) * epochs  # an upper bound: fewer distinct configurations than top re-run fewer
     with tqdm(total=total, disable=not progress, unit="run-epoch", dynamic_ncols=True) as bar:
         search = _train_units(folder, "search", env_data, trials, [{"trial": i} for i in range(budget)],
                               runs_per_batch=runs_per_batch, early_abort=early_abort, backend=backend,
                               dtype=dtype, bar=bar)
         ranked = sorted(search, key=_rank_key)
-        best = ranked[:top]
+        best = _distinct_best(ranked, trials, top)
         reruns, labels = [], []
         for rank, record in enumerate(best):
             for s in range(seeds):

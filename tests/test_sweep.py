@@ -251,3 +251,17 @@ def test_sweep_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         run_cli("synthetic", "--help")
     assert "--backend" in capsys.readouterr().out
+
+
+def test_the_best_configurations_are_re_run_once_each():
+    """A configuration drawn twice by the search (different trial seeds, same hyperparameters) is re-run once; the
+    next distinct one takes its place (seen on a GPU: the top 3 of a 128-trial search were one configuration)."""
+    from hardtovary.experiments import sweep as sweep_command
+
+    r = dataclasses.replace
+    trials = [r(BASE, lr=0.1, seed=0), r(BASE, lr=0.1, seed=1), r(BASE, lr=0.01, seed=2), r(BASE, lr=0.1, seed=3),
+              r(BASE, lr=0.001, seed=4)]
+    ranked = [{"trial": t} for t in (1, 0, 3, 2, 4)]
+    assert [x["trial"] for x in sweep_command._distinct_best(ranked, trials, 2)] == [1, 2]
+    assert [x["trial"] for x in sweep_command._distinct_best(ranked, trials, 3)] == [1, 2, 4]
+    assert [x["trial"] for x in sweep_command._distinct_best(ranked[:3], trials, 3)] == [1]
