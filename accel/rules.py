@@ -205,27 +205,19 @@ HARD_KERNEL_SOURCE = r"""
 // neighbouring addresses, so every load is coalesced. C (float or double) is the compute type, bound by `out`.
 int S = 0;                   // sum of signs, sign(0) = 0: exact
 C sum = 0;                   // sum over environments (mean = sum / K)
-// Geometric mean: the sum of log|g| (paper) or log(|g| + 1e-10) (original) is the log of a product kept as
-// mantissa * 2^exponent (frexp on every factor and product: no overflow or underflow, exact exponents, one rounding
-// per factor), so a coordinate needs one logarithm instead of K (the K-log loop reached 54% of copy bandwidth on an
-// H200). In float32 it is closer to the float64 value than the sum of K float32 logs (tests/test_accel_rules.py).
-C mant = 1;
-int expo = 0;
+C sumlog = 0;                // sum of log|g| (paper) or log(|g| + 1e-10) (original)
 const C leps = (C)log_eps;
 #pragma unroll 4
 for (int e = 0; e < K; ++e) {
     const C x = (C)G[(ptrdiff_t)e * P + i];
     S += (x > (C)0) - (x < (C)0);
     sum += x;
-    if (RULE == HTV_GM_PAPER || RULE == HTV_GM_ORIGINAL) {
-        // x == 0 (paper) makes the product 0 and its log -inf: that coordinate has |S| < K and is masked
-        int ea, ep;
-        const C a = frexp(RULE == HTV_GM_PAPER ? fabs(x) : fabs(x) + leps, &ea);  // normalised first, so a
-        mant = frexp(mant * a, &ep);                                               // subnormal |x| loses no bits
-        expo += ea + ep;
+    if (RULE == HTV_GM_PAPER) {
+        sumlog += log(fabs(x));          // -inf where x == 0: that coordinate has |S| < K and is masked
+    } else if (RULE == HTV_GM_ORIGINAL) {
+        sumlog += log(fabs(x) + leps);
     }
 }
-const C sumlog = log(mant) + (C)expo * (C)0.693147180559945309417232121458;   // log(mant * 2^expo)
 const int absS = S < 0 ? -S : S;
 const C mean = sum / (C)K;
 bool k;

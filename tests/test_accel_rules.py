@@ -176,7 +176,7 @@ def test_empty_tensor_and_scalar_parameters():
 HARNESS = r"""
 #include <cmath>
 #include <cstddef>
-using std::log; using std::exp; using std::frexp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
+using std::log; using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
 %(preamble)s
 #define RULE rule  /* a compile-time constant on the GPU (one kernel per rule), the run-time argument here */
 template <typename T, typename C>
