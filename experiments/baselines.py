@@ -31,7 +31,8 @@ Methods (:data:`METHODS`):
 :func:`train_baseline` returns the per-epoch history (train accuracy of the step's forward passes before each
 update, as the authors count it; o.o.d. test accuracy in eval mode). With ``early_abort`` a run stops after the
 first epoch with train accuracy > 0.97 and test accuracy < 0.6 (paper App. B.3).
-:func:`run` trains several methods into a resumable run folder (``hardtovary baselines``).
+:func:`run` trains several methods, each over one or more seeds (initialisation and batch order; the data stay
+fixed), into a resumable run folder (``hardtovary baselines``).
 """
 
 from __future__ import annotations
@@ -127,9 +128,7 @@ class BaselineConfig:
         return dataclasses.asdict(self)
 
 
-#: Defaults of ``hardtovary baselines``: small enough for a few minutes on two CPU cores (8 environments of 512
-#: examples, 8 shortcut dimensions, the authors' code scale; a 3 x 128 MLP; 30 epochs of 4 steps).
-#: The same data and network as ``hardtovary synthetic``'s defaults: the authors' 16 environments of 1024 examples
+#: Defaults of ``hardtovary baselines``: the same data and network as ``hardtovary synthetic``'s defaults: the authors' 16 environments of 1024 examples
 #: and the paper's best AND-mask architecture (3 x 256, batch 128 per environment, 80 epochs).
 DEFAULT_DATA = _data.SpiralsConfig(n_train_envs=16, examples_per_env=1024, n_test=2000, n_revolutions=3, n_dims=8,
                                    seed=0)
@@ -403,58 +402,81 @@ def steps_per_epoch(data_config: _data.SpiralsConfig, config: BaselineConfig) ->
 
 
 def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: BaselineConfig = DEFAULT_CONFIG,
-        methods=DEFAULT_METHODS, overrides: dict | None = None, fresh: bool = False,
+        methods=DEFAULT_METHODS, overrides: dict | None = None, seeds: int = 1, fresh: bool = False,
         progress: bool = True) -> dict:
-    """Train every method (one unit per method, saved atomically in ``out/units/<method>.json``), resuming from
-    ``out`` where a previous run with the same configuration stopped. Returns and writes ``out/results.json``:
-    ``config`` (data and each method's full configuration) and ``methods`` (per method ``train_acc``,
-    ``test_acc``, ``epochs_run``, ``aborted``, ``seconds``, ``history``)."""
+    """Train every method with seeds ``base.seed, ..., base.seed + seeds - 1`` (initialisation and batch order; the
+    data stay those of ``data_config``), one unit per run saved atomically in ``out/units/<method>-seed<s>.json``,
+    resuming from ``out`` where a previous run with the same configuration stopped. Returns and writes
+    ``out/results.json``: ``config`` (data, seeds and each method's full configuration) and ``methods``: per method
+    the mean and sample standard deviation over seeds (0 for one seed) of the final ``train_acc`` and ``test_acc``
+    (``train_acc``, ``train_acc_std``, ``test_acc``, ``test_acc_std``), ``test_acc_min``, ``aborted`` (how many runs
+    stopped early), ``seconds`` (summed) and ``runs`` (per seed: ``seed``, final accuracies and loss,
+    ``epochs_run``, ``aborted``, ``seconds``, ``history``)."""
     from tqdm import tqdm
 
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     configs = {m: method_config(base, m, overrides) for m in methods}
-    config = {"experiment": "baselines", "data": dataclasses.asdict(data_config),
+    seed_list = [base.seed + s for s in range(seeds)]
+    config = {"experiment": "baselines", "data": dataclasses.asdict(data_config), "seeds": seed_list,
               "methods": {m: c.to_dict() for m, c in configs.items()}}
     folder = RunFolder(out, config, fresh=fresh)
     task = _data.make_spirals_task(data_config)
-    todo = [m for m in methods if folder.finished(m) is None]
-    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m]) for m in todo)
-    results = {"config": config, "methods": {}}
+    units = [(m, seed, f"{m}-seed{seed}") for m in methods for seed in seed_list]
+    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m])
+                for m, _, name in units if folder.finished(name) is None)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for m in methods:
-            stored = folder.finished(m)
+        for m, seed, name in units:
+            stored = folder.finished(name)
             if stored is None:
-                bar.set_description(m)
+                bar.set_description(name)
                 start = time.perf_counter()
-
                 show = show_epoch(bar)
-                history = train_baseline(m, task, configs[m], on_step=lambda: bar.update(1), on_epoch=show)
+                history = train_baseline(m, task, dataclasses.replace(configs[m], seed=seed),
+                                         on_step=lambda: bar.update(1), on_epoch=show)
                 final = history[-1]
-                stored = {"train_acc": final["train_acc"], "test_acc": final["test_acc"],
+                stored = {"seed": seed, "train_acc": final["train_acc"], "test_acc": final["test_acc"],
                           "train_loss": final["train_loss"], "epochs_run": len(history),
                           "aborted": bool(final.get("aborted", False)),
                           "seconds": time.perf_counter() - start, "history": history}
-                folder.save(m, stored)
-            results["methods"][m] = stored
+                folder.save(name, stored)
+            runs[m].append(stored)
+            results = {"config": config, "methods": {k: _summarise(v) for k, v in runs.items() if v}}
             folder.write("results.json", results)
     return results
 
 
+def _summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over the runs (seeds) of one method; the runs themselves under 'runs'."""
+    train = np.array([r["train_acc"] for r in runs], dtype=float)
+    test = np.array([r["test_acc"] for r in runs], dtype=float)
+    std = (lambda a: float(a.std(ddof=1)) if a.size > 1 else 0.0)  # noqa: E731
+    return {"train_acc": float(train.mean()), "train_acc_std": std(train), "test_acc": float(test.mean()),
+            "test_acc_std": std(test), "test_acc_min": float(test.min()),
+            "aborted": sum(bool(r["aborted"]) for r in runs), "seconds": float(sum(r["seconds"] for r in runs)),
+            "runs": runs}
+
+
 def format_table(results: dict) -> str:
-    """Final train and o.o.d. test accuracy per method, as plain text."""
-    lines = [f"{'method':<16}{'train acc':>11}{'test acc (o.o.d.)':>19}{'epochs':>8}{'seconds':>9}"]
+    """Final train and o.o.d. test accuracy per method, mean ± standard deviation over seeds, as plain text."""
+    lines = [f"{'method':<16}{'seeds':>6}{'train acc':>16}{'test acc (o.o.d.)':>19}{'min test':>10}"
+             f"{'seconds':>9}"]
     for m, r in results["methods"].items():
-        note = "  (aborted)" if r.get("aborted") else ""
-        lines.append(f"{m:<16}{r['train_acc']:>11.3f}{r['test_acc']:>19.3f}{r['epochs_run']:>8d}"
+        note = f"  ({r['aborted']} stopped early)" if r["aborted"] else ""
+        lines.append(f"{m:<16}{len(r['runs']):>6}{r['train_acc']:>9.3f} ± {r['train_acc_std']:.3f}"
+                     f"{r['test_acc']:>12.3f} ± {r['test_acc_std']:.3f}{r['test_acc_min']:>10.3f}"
                      f"{r['seconds']:>9.1f}{note}")
     return "\n".join(lines)
 
 
 def plot_bars(results: dict, path: Path) -> Path | None:
-    """Train and o.o.d. test accuracy bars per method, in the manner of the paper's Fig. 6 (y from 0.4 to 1).
+    """Train and o.o.d. test accuracy bars per method, in the manner of the paper's Fig. 6 (y from 0.4 to 1): the
+    mean over seeds, with the standard deviation as an error bar and every seed as a dot when there are several.
     Returns the path written, or None when matplotlib is not installed."""
     from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
 
@@ -464,10 +486,15 @@ def plot_bars(results: dict, path: Path) -> Path | None:
     names = list(results["methods"])
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
-    train = [results["methods"][m]["train_acc"] for m in names]
-    test = [results["methods"][m]["test_acc"] for m in names]
-    ax.bar(x - 0.2, train, 0.4, label="Train")
-    ax.bar(x + 0.2, test, 0.4, label="Test (o.o.d.)")
+    for offset, key, label in ((-0.2, "train_acc", "Train"), (0.2, "test_acc", "Test (o.o.d.)")):
+        rows = [results["methods"][m] for m in names]
+        several = any(len(r["runs"]) > 1 for r in rows)
+        ax.bar(x + offset, [r[key] for r in rows], 0.4, label=label,
+               yerr=[r[f"{key}_std"] for r in rows] if several else None, capsize=3)
+        if several:
+            for i, r in enumerate(rows):
+                ax.plot(np.full(len(r["runs"]), x[i] + offset), [run[key] for run in r["runs"]], ".", color="k",
+                        ms=3, alpha=0.6)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, names)
     ax.set_ylim(0.4, 1.0)

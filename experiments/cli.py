@@ -144,7 +144,8 @@ def _run_synthetic(args) -> int:
                             backend=args.backend)
     print(synthetic.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}")
-    figure = plots.plot_learning_curves(results, args.out / "learning_curves.png")
+    figure = plots.plot_learning_curves({m: [r["history"]] for m, r in results["methods"].items()},
+                                        args.out / "learning_curves.png")
     print(f"learning curves: {figure}" if figure else
           "learning curves: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
     return 0
@@ -428,8 +429,9 @@ def _add_baselines(subparsers) -> None:
         description=(
             "Train each method in torch on the spirals memorization task (paper §3.1, App. B.3) with the "
             "reference batching (one batch per environment per step), print final train and o.o.d. test "
-            "accuracy, and write OUT/config.json, OUT/units/<method>.json (one per finished method, atomically), "
-            "OUT/results.json and OUT/accuracy_bars.png (Fig. 6 style). A rerun with the same options resumes. "
+            "accuracy (mean ± std over --seeds), and write OUT/config.json, OUT/units/<method>-seed<s>.json (one "
+            "per finished run, atomically), OUT/results.json, OUT/accuracy_bars.png (Fig. 6 style) and "
+            "OUT/learning_curves.png (Fig. 14 style). A rerun with the same options resumes. "
             "Per-method presets: erm and dann L2 1e-4; irm penalty 100 after 8 annealing steps; and_mask / "
             "geometric_mean tau 1 with rescaling and L2 1e-4; options given explicitly override them."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -446,6 +448,9 @@ def _add_baselines(subparsers) -> None:
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=c.optimizer, help="Adam or SGD + momentum 0.9")
     g.add_argument("--lr", type=float, default=c.lr, help="learning rate (x0.1 at 1/2 and 3/4 of the epochs)")
     g.add_argument("--seed", type=int, default=c.seed, help="seed of initialisation and batching")
+    g.add_argument("--seeds", type=_positive_int, default=1,
+                   help="runs per method, with seeds --seed .. --seed + N - 1 (the data stay fixed); the table "
+                        "gives mean ± std over them")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout after each hidden activation (erm, irm; and_mask and geometric_mean ignore it)")
     g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear (not dann)")
@@ -462,7 +467,7 @@ def _add_baselines(subparsers) -> None:
 
 
 def _run_baselines(args) -> int:
-    from hardtovary.experiments import baselines
+    from hardtovary.experiments import baselines, plots
 
     data_config = _spirals_config(args)
     milestones = optim.paper_milestones(args.epochs)
@@ -475,12 +480,14 @@ def _run_baselines(args) -> int:
              "irm_anneal_iters": args.anneal_iters}
     overrides = {k: v for k, v in named.items() if v is not None}
     results = baselines.run(args.out, data_config=data_config, base=base, methods=args.methods,
-                            overrides=overrides, fresh=args.fresh, progress=not args.no_progress)
+                            overrides=overrides, seeds=args.seeds, fresh=args.fresh, progress=not args.no_progress)
     print(baselines.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}")
-    figure = baselines.plot_bars(results, args.out / "accuracy_bars.png")
-    print(f"bar plot: {figure}" if figure else
-          "bar plot: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
+    bars = baselines.plot_bars(results, args.out / "accuracy_bars.png")
+    curves = plots.plot_learning_curves({m: [run["history"] for run in r["runs"]]
+                                         for m, r in results["methods"].items()}, args.out / "learning_curves.png")
+    print(f"plots: {bars}, {curves}" if bars else
+          "plots: skipped (matplotlib is not installed; pip install 'hardtovary[plot]')")
     return 0
 
 

@@ -31,19 +31,31 @@ def save_figure(fig, path) -> Path:
     return path
 
 
-def plot_learning_curves(results: dict, path: Path) -> Path | None:
+def plot_learning_curves(curves: dict, path: Path) -> Path | None:
     """Training and o.o.d. test accuracy per epoch, one line per method (in the manner of the paper's Fig. 14).
 
-    Returns the path written, or None when matplotlib is missing.
+    ``curves`` maps a method's name to a list of histories (one per seed; a history is a list of per-epoch records
+    with ``epoch``, ``train_acc`` and ``test_acc``). With several seeds the line is their mean over the epochs every
+    run reached, and a band spans their minimum to maximum. Returns the path written, or None when matplotlib is
+    missing.
     """
+    import numpy as np
+
     plt = matplotlib_pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for name, r in results["methods"].items():
-        epochs = [h["epoch"] for h in r["history"]]
-        axes[0].plot(epochs, [h["train_acc"] for h in r["history"]], label=name)
-        axes[1].plot(epochs, [h["test_acc"] for h in r["history"]], label=name)
+    for name, histories in curves.items():
+        n = min(len(h) for h in histories)
+        if n == 0:
+            continue
+        epochs = [record["epoch"] for record in histories[0][:n]]
+        for ax, key in zip(axes, ("train_acc", "test_acc")):
+            values = np.array([[record[key] for record in h[:n]] for h in histories])
+            label = name if len(histories) == 1 else f"{name} ({len(histories)} seeds)"
+            (line,) = ax.plot(epochs, values.mean(axis=0), label=label)
+            if len(histories) > 1:
+                ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     for ax, title in zip(axes, ("training environments", "o.o.d. test set")):
         ax.set_title(f"accuracy, {title}")
         ax.set_xlabel("epoch")
@@ -51,6 +63,6 @@ def plot_learning_curves(results: dict, path: Path) -> Path | None:
         ax.set_ylim(0.4, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[1].legend(loc="lower right")
+    axes[1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -4,6 +4,7 @@ correlations of Fig. 7, with their command-line subcommands."""
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -210,20 +211,21 @@ def test_baselines_cli_writes_results_and_resumes(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == list(bl.DEFAULT_METHODS)
     for name, r in results["methods"].items():
-        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and len(r["history"]) == 2
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["test_acc_std"] == 0.0
+        assert len(r["runs"]) == 1 and len(r["runs"][0]["history"]) == 2 and r["runs"][0]["seed"] == 0
         assert name in printed
-        assert (out / "units" / f"{name}.json").exists()
+        assert (out / "units" / f"{name}-seed0.json").exists()
     assert results["config"]["methods"]["irm"]["irm_penalty_weight"] == 100.0
     # resume: a finished unit is not retrained (its stored file is reused as is)
-    unit = out / "units" / "dann.json"
+    unit = out / "units" / "dann-seed0.json"
     stored = json.loads(unit.read_text())
     stored["seconds"] = 12345.0
     unit.write_text(json.dumps(stored))
-    (out / "units" / "irm.json").unlink()
+    (out / "units" / "irm-seed0.json").unlink()
     assert cli.main(["baselines", "--out", str(out), *BASELINES_TINY]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["dann"]["seconds"] == 12345.0
-    assert (out / "units" / "irm.json").exists()
+    assert (out / "units" / "irm-seed0.json").exists()
     # a different configuration is refused
     capsys.readouterr()
     assert cli.main(["baselines", "--out", str(out), *BASELINES_TINY, "--lr", "0.5"]) == 2
@@ -250,3 +252,29 @@ def test_removing_the_label_independent_part_subtracts_the_null_gradient():
     assert plain["shortcut"][0] > 0.4
     assert abs(centred["shortcut"][0]) < 0.35
     assert centred["mechanism"][0] > 0.99
+
+
+def test_baselines_over_seeds_report_mean_and_sample_std(tmp_path, capsys):
+    out = tmp_path / "bl"
+    args = ["baselines", "--out", str(out), *BASELINES_TINY, "--methods", "erm,and_mask", "--seeds", "3",
+            "--seed", "5"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["seeds"] == [5, 6, 7]
+    for name, r in results["methods"].items():
+        assert [run["seed"] for run in r["runs"]] == [5, 6, 7]
+        tests = [run["test_acc"] for run in r["runs"]]
+        assert r["test_acc"] == pytest.approx(sum(tests) / 3)
+        assert r["test_acc_std"] == pytest.approx(float(np.std(tests, ddof=1)))
+        assert r["test_acc_min"] == min(tests)
+        assert re.search(rf"^{name}\s+3\s+{r['train_acc']:.3f} ± {r['train_acc_std']:.3f}\s+"
+                         rf"{r['test_acc']:.3f} ± {r['test_acc_std']:.3f}", printed, re.M), printed
+    # a seed's run equals the single run with that seed
+    single = tmp_path / "single"
+    assert cli.main(["baselines", "--out", str(single), *BASELINES_TINY, "--methods", "erm", "--seed", "6"]) == 0
+    alone = json.loads((single / "results.json").read_text())["methods"]["erm"]["runs"][0]
+    assert alone["test_acc"] == results["methods"]["erm"]["runs"][1]["test_acc"]
+    assert alone["history"] == results["methods"]["erm"]["runs"][1]["history"]
+    for png in ("accuracy_bars.png", "learning_curves.png"):
+        assert (out / png).stat().st_size > 1000
