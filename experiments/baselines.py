@@ -51,6 +51,7 @@ from torch import nn
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
 from hardtovary.experiments.progress import show_epoch
 from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import training as _training
@@ -453,11 +454,10 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
 
 def _summarise(runs: list[dict]) -> dict:
     """Mean and sample standard deviation over the runs (seeds) of one method; the runs themselves under 'runs'."""
-    train = np.array([r["train_acc"] for r in runs], dtype=float)
-    test = np.array([r["test_acc"] for r in runs], dtype=float)
-    std = (lambda a: float(a.std(ddof=1)) if a.size > 1 else 0.0)  # noqa: E731
-    return {"train_acc": float(train.mean()), "train_acc_std": std(train), "test_acc": float(test.mean()),
-            "test_acc_std": std(test), "test_acc_min": float(test.min()),
+    train, train_std = mean_std([r["train_acc"] for r in runs])
+    test, test_std = mean_std([r["test_acc"] for r in runs])
+    return {"train_acc": train, "train_acc_std": train_std, "test_acc": test, "test_acc_std": test_std,
+            "test_acc_min": float(min(r["test_acc"] for r in runs)),
             "aborted": sum(bool(r["aborted"]) for r in runs), "seconds": float(sum(r["seconds"] for r in runs)),
             "runs": runs}
 

@@ -46,7 +46,8 @@ import numpy as np
 
 from hardtovary.experiments import baselines as _bl
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
-from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, _mean_std, _rank_key
+from hardtovary.experiments.stats import mean_std
+from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, _rank_key
 from hardtovary.reference import data as _data
 from hardtovary.reference import optim
 
@@ -236,8 +237,8 @@ def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: i
                 cfg = trial_config(m, best["hyper"], epochs=epochs, seed=RERUN_SEED_OFFSET + seed + s,
                                    early_abort=False, n_agreement_envs=n_agreement_envs)
                 runs.append(unit(bar, f"seeds-{m}-{s:03d}", m, best["hyper"], cfg, {"trial": best["trial"]}))
-            train_mean, train_std = _mean_std([r["train_acc"] for r in runs])
-            test_mean, test_std = _mean_std([r["test_acc"] for r in runs])
+            train_mean, train_std = mean_std([r["train_acc"] for r in runs])
+            test_mean, test_std = mean_std([r["test_acc"] for r in runs])
             results["methods"][m] = {
                 "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
                 "best": {"trial": best["trial"], "hyper": best["hyper"], "search_test_acc": best["test_acc"],

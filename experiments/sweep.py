@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data, optim, training
 
 #: Methods the search can draw, and the rule options each one takes.
@@ -195,11 +196,6 @@ def _distinct_best(ranked: list[dict], trials: list, top: int) -> list[dict]:
     return chosen
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
 def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.SpiralsConfig = DEFAULT_DATA,
         budget: int = 32, seeds: int = 3, top: int = 3, epochs: int = 40, seed: int = 0,
         runs_per_batch: int = 32, early_abort: bool = True, dtype: str = "float64", backend=None,
@@ -246,8 +242,8 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
     rows = []
     for rank, record in enumerate(best):
         runs = [r for r in repeated if r["rank"] == rank + 1]
-        train_mean, train_std = _mean_std([r["train_acc"] for r in runs])
-        test_mean, test_std = _mean_std([r["test_acc"] for r in runs])
+        train_mean, train_std = mean_std([r["train_acc"] for r in runs])
+        test_mean, test_std = mean_std([r["test_acc"] for r in runs])
         hyper = {k: v for k, v in _summary(trials[record["trial"]]).items() if k != "seed"}
         rows.append({"rank": rank + 1, "trial": record["trial"], **hyper,
                      "search_test_acc": record["test_acc"], "train_acc_mean": train_mean,

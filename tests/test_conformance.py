@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hardtovary.conformance import checks, cli, mutants, report, runner, strategies as S, targets, xfails
+from hardtovary.conformance import cli, mutants, report, runner, strategies as S, targets, xfails
 
 
 def test_cli_reference_passes(tmp_path, capsys):

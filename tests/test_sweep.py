@@ -265,3 +265,14 @@ def test_the_best_configurations_are_re_run_once_each():
     assert [x["trial"] for x in sweep_command._distinct_best(ranked, trials, 2)] == [1, 2]
     assert [x["trial"] for x in sweep_command._distinct_best(ranked, trials, 3)] == [1, 2, 4]
     assert [x["trial"] for x in sweep_command._distinct_best(ranked[:3], trials, 3)] == [1]
+
+
+def test_mean_std_is_the_sample_deviation():
+    from hardtovary.experiments.stats import mean_std
+
+    assert mean_std([0.5]) == (0.5, 0.0)
+    mean, std = mean_std([0.2, 0.4, 0.9])
+    assert mean == pytest.approx(0.5)
+    assert std == pytest.approx(((0.3**2 + 0.1**2 + 0.4**2) / 2) ** 0.5)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_std([])
