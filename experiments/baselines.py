@@ -129,8 +129,9 @@ class BaselineConfig:
         return dataclasses.asdict(self)
 
 
-#: Defaults of ``hardtovary baselines``: the same data and network as ``hardtovary synthetic``'s defaults: the authors' 16 environments of 1024 examples
-#: and the paper's best AND-mask architecture (3 x 256, batch 128 per environment, 80 epochs).
+#: Defaults of ``hardtovary baselines``: the data and network of ``hardtovary synthetic``'s defaults, i.e. the
+#: authors' 16 environments of 1024 examples and the paper's best AND-mask architecture (3 x 256, batch 128 per
+#: environment, 80 epochs).
 DEFAULT_DATA = _data.SpiralsConfig(n_train_envs=16, examples_per_env=1024, n_test=2000, n_revolutions=3, n_dims=8,
                                    seed=0)
 DEFAULT_CONFIG = BaselineConfig(hidden=(256, 256, 256), batch_size=128, epochs=80, lr=1e-2, seed=0)
