@@ -50,7 +50,7 @@ from torch import nn
 
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
 from hardtovary.experiments.progress import show_epoch
-from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
@@ -409,7 +409,8 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
     """Train every method with seeds ``base.seed, ..., base.seed + seeds - 1`` (initialisation and batch order; the
     data stay those of ``data_config``), one unit per run saved atomically in ``out/units/<method>-seed<s>.json``,
     resuming from ``out`` where a previous run with the same configuration stopped. Returns and writes
-    ``out/results.json``: ``config`` (data, seeds and each method's full configuration) and ``methods``: per method
+    ``out/results.json`` and ``out/table.txt`` (:func:`format_table`): ``config`` (data, seeds and each method's full
+    configuration) and ``methods``: per method
     the mean and sample standard deviation over seeds (0 for one seed) of the final ``train_acc`` and ``test_acc``
     (``train_acc``, ``train_acc_std``, ``test_acc``, ``test_acc_std``), ``test_acc_min``, ``aborted`` (how many runs
     stopped early), ``seconds`` (summed) and ``runs`` (per seed: ``seed``, final accuracies and loss,
@@ -450,6 +451,7 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
             runs[m].append(stored)
             results = {"config": config, "methods": {k: _summarise(v) for k, v in runs.items() if v}}
             folder.write("results.json", results)
+    write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
 
 

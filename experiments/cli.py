@@ -430,7 +430,7 @@ def _add_baselines(subparsers) -> None:
             "Train each method in torch on the spirals memorization task (paper §3.1, App. B.3) with the "
             "reference batching (one batch per environment per step), print final train and o.o.d. test "
             "accuracy (mean ± std over --seeds), and write OUT/config.json, OUT/units/<method>-seed<s>.json (one "
-            "per finished run, atomically), OUT/results.json, OUT/accuracy_bars.png (Fig. 6 style) and "
+            "per finished run, atomically), OUT/results.json, OUT/table.txt, OUT/accuracy_bars.png (Fig. 6 style) and "
             "OUT/learning_curves.png (Fig. 14 style). A rerun with the same options resumes. "
             "Per-method presets: erm and dann L2 1e-4; irm penalty 100 after 8 annealing steps; and_mask / "
             "geometric_mean tau 1 with rescaling and L2 1e-4; options given explicitly override them."),
@@ -581,6 +581,7 @@ def _add_gradient_correlation(subparsers) -> None:
 
 def _run_gradient_correlation(args) -> int:
     from hardtovary.experiments import gradient_correlation as gc
+    from hardtovary.experiments.runfolder import write_atomic
 
     data_config = dataclasses.replace(gc.DEFAULT_DATA, n_train_envs=args.n_envs, examples_per_env=args.batch_size,
                                       n_dims=args.n_dims, shortcut_scale=args.shortcut_scale, seed=args.data_seed)
@@ -589,10 +590,7 @@ def _run_gradient_correlation(args) -> int:
     results = gc.run(config, out=args.out, progress=not args.no_progress)
     table = gc.format_table(results)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".table.txt.tmp"
-    tmp.write_text(table + "\n")
-    tmp.replace(args.out / "table.txt")
+    write_atomic(args.out / "table.txt", lambda f: f.write(table + "\n"))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     figure = gc.plot_curves(results, args.out / "gradient_correlation.png")
     print(f"plot: {figure}" if figure else

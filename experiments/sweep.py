@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hardtovary.experiments.runfolder import RunFolder
+from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data, optim, training
 
@@ -253,7 +253,7 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
                "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
                "best": rows}
     folder.write("results.json", results)
-    (folder.root / "table.txt").write_text(format_table(results) + "\n")
+    write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
 
 

@@ -276,5 +276,6 @@ def test_baselines_over_seeds_report_mean_and_sample_std(tmp_path, capsys):
     alone = json.loads((single / "results.json").read_text())["methods"]["erm"]["runs"][0]
     assert alone["test_acc"] == results["methods"]["erm"]["runs"][1]["test_acc"]
     assert alone["history"] == results["methods"]["erm"]["runs"][1]["history"]
+    assert (out / "table.txt").read_text().strip() in printed
     for png in ("accuracy_bars.png", "learning_curves.png"):
         assert (out / png).stat().st_size > 1000
