@@ -135,3 +135,19 @@ def test_float16_tolerance_admits_correct_rounding_of_subnormals_only():
     assert abs(rounded - oracle) <= tol.bound(oracle, scale, K=2)
     assert abs(19 * step - oracle) > tol.bound(oracle, scale, K=2)
     assert tolerances.for_dtype("float64").bound(0.0, 0.0) == 0.0
+
+
+class _Float32Only:
+    """The oracle, for float32 stacks only (float64 is refused as unsupported)."""
+
+    def aggregate(self, grads, **options):
+        if any(np.asarray(g).dtype != np.float32 for g in grads):
+            raise NotImplementedError("float32 only")
+        return targets.reference.aggregate(grads, **options)
+
+
+def test_an_unsupported_fixed_case_leaves_the_drawn_inputs():
+    (res,) = runner.run_suite(_Float32Only(), checks=["agg.oracle.and_mask.rescaled"], max_examples=30)
+    assert res.verdict == "pass", res.message
+    notes = " | ".join(res.notes)
+    assert "fixed case unsupported" in notes and "compared on drawn inputs" in notes
