@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from hardtovary.reference import quadratic as _ref
-from hardtovary.reference._validate import positive
+from hardtovary.reference._validate import non_finite_error, positive
 
 from .backend import array_module, to_numpy
 
@@ -56,7 +56,7 @@ def _real(x, name: str, ndim: int, shape_text: str):
     bad = ~xp.isfinite(arr)
     if bool(bad.any()):
         index = tuple(int(i) for i in to_numpy(xp.argwhere(bad)[0]))
-        raise ValueError(f"{name} must be finite, but {name}[{', '.join(map(str, index))}] = {float(arr[index])}")
+        raise non_finite_error(name, int(bad.sum()), index, float(arr[index]))
     return xp, arr
 
 

@@ -487,11 +487,11 @@ def plot_bars(results: dict, path: Path) -> Path | None:
     if plt is None:
         return None
     names = list(results["methods"])
+    rows = [results["methods"][m] for m in names]
+    several = any(len(r["runs"]) > 1 for r in rows)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
     for offset, key, label in ((-0.2, "train_acc", "Train"), (0.2, "test_acc", "Test (o.o.d.)")):
-        rows = [results["methods"][m] for m in names]
-        several = any(len(r["runs"]) > 1 for r in rows)
         ax.bar(x + offset, [r[key] for r in rows], 0.4, label=label,
                yerr=[r[f"{key}_std"] for r in rows] if several else None, capsize=3)
         if several:

@@ -47,7 +47,7 @@ import numpy as np
 from hardtovary.experiments import baselines as _bl
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
-from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, _rank_key
+from hardtovary.experiments.sweep import PAPER_ARCHITECTURE, RERUN_SEED_OFFSET, _rank_key
 from hardtovary.reference import data as _data
 from hardtovary.reference import optim
 
@@ -93,7 +93,7 @@ class Architecture:
 
 
 SMALL_ARCH = Architecture()
-PAPER_ARCH = Architecture(hidden_units=(256, 512), layers=(3, 5), batch_sizes=(64, 128, 256))
+PAPER_ARCH = Architecture(**PAPER_ARCHITECTURE)
 
 
 def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, seed: int = 0) -> list[dict]:

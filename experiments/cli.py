@@ -227,14 +227,7 @@ def _add_sweep(subparsers) -> None:
                    help="agreement thresholds in [0, 1] (the paper does not give this range)")
     g.add_argument("--rescale", type=_bool_list, default=s.rescale,
                    help="inverse-sparsity rescaling choices, e.g. 'no,yes' or 'yes'")
-    g = p.add_argument_group("data (spirals, paper §6.1-6.2)")
-    g.add_argument("--n-envs", type=_positive_int, default=d.n_train_envs,
-                   help="training environments (all of them agree in every step)")
-    g.add_argument("--examples-per-env", type=_positive_int, default=d.examples_per_env,
-                   help="training examples per environment")
-    g.add_argument("--n-test", type=_positive_int, default=d.n_test, help="o.o.d. test examples")
-    g.add_argument("--n-dims", type=int, default=d.n_dims, help="shortcut dimensions")
-    g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
+    _add_spirals_options(p, d)
     g = p.add_argument_group("execution")
     g.add_argument("--runs-per-batch", type=_positive_int, default=32,
                    help="runs trained at once (runs of one architecture); each finished batch is saved")
@@ -251,15 +244,12 @@ def _add_sweep(subparsers) -> None:
 
 def _run_sweep(args) -> int:
     from hardtovary.experiments import sweep
-    from hardtovary.reference import data
 
-    arch = ({"hidden_units": (256, 512), "layers": (3, 5), "batch_sizes": (64, 128, 256)} if args.paper_space else
+    arch = (sweep.PAPER_ARCHITECTURE if args.paper_space else
             {"hidden_units": args.hidden_units, "layers": args.layers, "batch_sizes": args.batch_sizes})
     space = sweep.SearchSpace(methods=args.methods, optimizers=args.optimizers, lrs=args.lrs, l2=args.l2,
                               l1=args.l1, taus=args.taus, rescale=args.rescale, **arch)
-    data_config = data.SpiralsConfig(n_train_envs=args.n_envs, examples_per_env=args.examples_per_env,
-                                     n_test=args.n_test, n_dims=args.n_dims, seed=args.data_seed)
-    results = sweep.run(args.out, space=space, data_config=data_config, budget=args.budget, seeds=args.seeds,
+    results = sweep.run(args.out, space=space, data_config=_spirals_config(args), budget=args.budget, seeds=args.seeds,
                         top=args.top, epochs=args.epochs, seed=args.seed, runs_per_batch=args.runs_per_batch,
                         early_abort=args.early_abort, dtype=args.dtype, backend=args.backend, fresh=args.fresh,
                         progress=not args.no_progress)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def matplotlib_pyplot():
     """``matplotlib.pyplot`` with the non-interactive Agg backend, or None when matplotlib is not installed."""
@@ -39,8 +41,6 @@ def plot_learning_curves(curves: dict, path: Path) -> Path | None:
     run reached, and a band spans their minimum to maximum. Returns the path written, or None when matplotlib is
     missing.
     """
-    import numpy as np
-
     plt = matplotlib_pyplot()
     if plt is None:
         return None

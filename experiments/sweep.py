@@ -86,11 +86,14 @@ class SearchSpace:
             raise ValueError(f"search space taus must lie in [0, 1], got {list(self.taus)}")
 
 
+#: Table 1's architecture values (paper App. B.3): hidden units, hidden layers, batch size per environment.
+PAPER_ARCHITECTURE = {"hidden_units": (256, 512), "layers": (3, 5), "batch_sizes": (64, 128, 256)}
+
+
 def paper_space(**changes) -> SearchSpace:
-    """Table 1 of the paper (App. B.3) for what the sweep trains: 256 or 512 units, 3 or 5 layers, batch 64, 128 or
-    256 per environment."""
-    return dataclasses.replace(SearchSpace(hidden_units=(256, 512), layers=(3, 5), batch_sizes=(64, 128, 256)),
-                               **changes)
+    """Table 1 of the paper (App. B.3) for what the sweep trains: :data:`PAPER_ARCHITECTURE` and the default
+    optimizer, learning-rate and regulariser values, with ``changes`` applied."""
+    return dataclasses.replace(SearchSpace(**PAPER_ARCHITECTURE), **changes)
 
 
 #: Small data so that the default search runs in a few minutes on two CPU cores (paper: 32 x 1280, d_S = 32).

@@ -25,15 +25,19 @@ def float_array(x, name: str, *, min_ndim: int = 0) -> np.ndarray:
     return arr
 
 
+def non_finite_error(name: str, count: int, index: tuple, value) -> ValueError:
+    """The error for an array ``name`` with ``count`` non-finite entries, the first at ``index`` with ``value``
+    (shared by the NumPy, CuPy and torch validators, so that every backend words it alike)."""
+    return ValueError(f"{name} must be finite, but {count} entr{'y is' if count == 1 else 'ies are'} not; "
+                      f"the first is {name}[{', '.join(map(str, index))}] = {value}")
+
+
 def finite(arr: np.ndarray, name: str) -> np.ndarray:
     """Raise ValueError naming the first non-finite entry of ``arr``; return ``arr`` unchanged otherwise."""
     bad = ~np.isfinite(arr)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name} must be finite, but {int(bad.sum())} entr{'y is' if bad.sum() == 1 else 'ies are'} not; "
-            f"the first is {name}[{', '.join(map(str, index))}] = {arr[index]}"
-        )
+        raise non_finite_error(name, int(bad.sum()), index, arr[index])
     return arr
 
 

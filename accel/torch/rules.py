@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference._validate import consistent_stacks, in_range, integer, positive
+from hardtovary.reference._validate import consistent_stacks, in_range, integer, non_finite_error, positive
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS
@@ -61,11 +61,7 @@ def _float_tensor(x, name: str, *, min_ndim: int = 0) -> torch.Tensor:
 def _raise_first_non_finite(x: torch.Tensor, name: str) -> None:
     bad = ~torch.isfinite(x)
     index = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-    count = int(bad.sum())
-    raise ValueError(
-        f"{name} must be finite, but {count} entr{'y is' if count == 1 else 'ies are'} not; "
-        f"the first is {name}[{', '.join(map(str, index))}] = {x[index].item()}"
-    )
+    raise non_finite_error(name, int(bad.sum()), index, x[index].item())
 
 
 def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
