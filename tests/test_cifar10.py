@@ -170,3 +170,17 @@ def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data_batch_1" in err and "batches.meta" in err and "cifar-10-batches-py" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_random_cifar10_is_readable_in_the_official_layout(tmp_path):
+    root = cifar10.write_random_cifar10(tmp_path / "rnd", n_train=12, n_test=5, seed=3)
+    data = cifar10.load_cifar10(root)
+    assert data.X_train.shape == (12, 3, 32, 32) and data.X_test.shape == (5, 3, 32, 32)
+    assert data.y_train.min() >= 0 and data.y_train.max() <= 9 and len(data.classes) == 10
+    sizes = []
+    for name in cifar10.TRAIN_FILES:
+        with open(root / name, "rb") as f:
+            sizes.append(len(pickle.load(f, encoding="bytes")[b"labels"]))
+    assert sizes == [3, 3, 2, 2, 2]
+    with pytest.raises(ValueError, match="n_train"):
+        cifar10.write_random_cifar10(tmp_path / "bad", n_train=4)
