@@ -6,6 +6,7 @@ over environments in plain Python (fractions, math.prod, statistics.variance), o
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from fractions import Fraction
@@ -402,6 +403,85 @@ def test_geometric_mean_original_partial_agreement_differences():
     assert geometric_mean(G).tolist() == [0.0, 0.0]  # the paper zeroes both
 
 
+# The mean over environments: exact in sign, whatever the order (rules.py, "The mean over environments")
+COUNTEREXAMPLE = [1.0, 1.0, 1.0, -1e17, 1e17]  # float sums 0.0 in some orders, 3.0 in others; the exact sum is 3
+
+
+def exact_mean(column):
+    """The exact mean of a column, as a Fraction."""
+    return sum(map(Fraction, column)) / len(column)
+
+
+def test_mean_of_the_counterexample_is_identical_in_every_order():
+    # the original geometric mean is sign(3/5) = +1 times (prod_e (|g_e| + 1e-10))^(1/5), about 6.3e6, in every
+    # order (the float sum said 0 in some orders, which zeroed it); its magnitude is a float mean of logs
+    expected = math.prod(abs(x) + 1e-10 for x in COUNTEREXAMPLE) ** (1 / 5)
+    for order in itertools.permutations(range(5)):
+        P = np.array(COUNTEREXAMPLE)[list(order)]
+        assert mean_gradient(P) == 0.6  # 3/5 rounded, not 0.0 and not 0.2
+        assert and_masked_mean(P[:, None], 0.0)[0] == 0.6
+        assert geometric_mean_mask(P, flavour="original", tau=0.0)
+        assert geometric_mean(P, flavour="original", tau=0.0) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mean_where_the_float_sum_has_the_wrong_sign_and_is_not_small():
+    # 2^54 + 1.9 rounds back to 2^54 seven times: the row-by-row float sum is -12 (about 1.5 eps sum|g|), the exact
+    # sum 7 * 1.9 - 12 = +1.3; an error bound without the factor K would trust the -12
+    column = [2.0**54] + [1.9] * 7 + [-(2.0**54 + 12)]
+    G = np.tile(np.array(column)[:, None], (1, 3))
+    assert G.sum(axis=0).tolist() == [-12.0] * 3  # NumPy's float sum, this layout: the wrong sign
+    assert mean_gradient(G).tolist() == [float(exact_mean(column))] * 3
+
+
+def test_mean_of_gradients_whose_float_sum_overflows_is_finite_and_exactly_rounded():
+    # the float64 sum of these overflows; the mean of finite values is finite, rounded once from the exact value
+    cases = [[1e308, 1e308], [1.7e308, 1.7e308, -1.7e308], [-1.5e308, -1.5e308, 1e300]]
+    for column in cases:
+        for order in itertools.permutations(column):
+            assert mean_gradient(np.array(order)) == float(exact_mean(column))
+
+
+@st.composite
+def cancelling_stacks(draw):
+    """Stacks G[K, n] whose columns hold big +x and -x (the same x, or nearly) and small terms, so that float
+    sums lose the small terms in some orders; the small terms often cancel exactly too (exact mean 0)."""
+    n = draw(st.integers(1, 4))
+    cols = []
+    for _ in range(n):
+        big = draw(st.lists(st.floats(1e12, 1e20), min_size=1, max_size=2))
+        nudge = draw(st.sampled_from([0.0, 1.0, -1.0, 0.5]))
+        pairs = [x for b in big for x in (b, -(b + nudge))]
+        small = draw(st.lists(st.sampled_from([1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.0, 1e-300, -3e-310]),
+                              min_size=1, max_size=3))
+        cols.append(pairs + small)
+    K = max(len(c) for c in cols)
+    cols = [c + [0.0] * (K - len(c)) for c in cols]
+    return np.array(cols).T
+
+
+def exact_sign(column) -> int:
+    total = sum(map(Fraction, column))
+    return (total > 0) - (total < 0)
+
+
+@PROPERTY
+@given(cancelling_stacks(), st.data())
+def test_sign_of_the_mean_is_exact_in_every_order(G, data):
+    signs = np.array([exact_sign(c) for c in columns(G)]).reshape(G.shape[1:])
+    orders = itertools.permutations(range(G.shape[0])) if G.shape[0] <= 5 else [
+        data.draw(st.permutations(range(G.shape[0]))) for _ in range(20)]
+    for order in orders:
+        P = G[list(order)]
+        mean = mean_gradient(P)
+        assert np.array_equal(np.sign(mean), signs)
+        # accuracy: within the documented K eps max|g| of the exact mean
+        for m, column in zip(mean.reshape(-1), columns(P)):
+            error = abs(Fraction(m) - exact_mean(column))
+            assert error <= len(column) * Fraction(np.finfo(np.float64).eps) * max(abs(Fraction(x)) for x in column)
+        original = geometric_mean(P, flavour="original", tau=0.0)
+        assert np.array_equal(np.sign(original), signs)
+
+
 def test_sign_agreement_shapes_and_scalar_component():
     G = np.array([1.0, -2.0, 0.0, 3.0])
     S = sign_agreement(G)
@@ -442,6 +522,7 @@ def test_permuting_environments_changes_nothing(case, data):
     assert np.array_equal(
         geometric_mean_mask(P, flavour="original", tau=tau), geometric_mean_mask(G, flavour="original", tau=tau)
     )
+    # its sign(mean) is exact in every order (rules.py, "The mean over environments"); a float sum's sign is not
     np.testing.assert_allclose(
         geometric_mean(P, flavour="original", tau=tau), geometric_mean(G, flavour="original", tau=tau), rtol=1e-12
     )
