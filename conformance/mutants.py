@@ -1,7 +1,7 @@
 """Planted mutants: the suite's teeth.
 
 Each mutant is a target built on the oracle (:class:`~hardtovary.conformance.targets.ReferenceTarget`) with one
-deliberate bug taken from a real implementation's mistake (implementations.md §1.6 Tables A and B, paper.md).
+deliberate bug taken from a real implementation's mistake, or one that a tolerance or a property exists to catch.
 ``MUTANTS`` maps a name to ``(target, area, catching_check_ids, description)``; ``area`` is the check-id prefix
 whose checks the teeth test runs; ``catching_check_ids`` are the checks known to catch it (the test asserts the
 mutant FAILs at least one check of its area, and that each listed check is among the FAILs).
@@ -28,6 +28,8 @@ class _RuleMutant(ReferenceTarget):
     """Reimplements aggregate from parts so that one piece can be swapped."""
 
     rescale_mode = "per_tensor"   # "per_tensor" | "always" | "never" | "global"
+    #: added to the kept fraction before inverting it (the authors' code adds 1e-10, which no tolerance sees)
+    kept_fraction_smoothing = 0.0
 
     def keep(self, G, tau):  # canonical
         K = G.shape[0]
@@ -68,7 +70,7 @@ class _RuleMutant(ReferenceTarget):
             n = sum(m.size for _, m in pairs)
             kept = sum(float(m.sum()) for _, m in pairs)
             return [v * (n / kept) if kept else v * 0 for v, _ in pairs]
-        return [v * (m.size / m.sum()) if m.sum() else v * 0 for v, m in pairs]
+        return [v / (m.sum() / m.size + self.kept_fraction_smoothing) if m.sum() else v * 0 for v, m in pairs]
 
 
 class StrictGreater(_RuleMutant):
@@ -91,6 +93,19 @@ class RescaleNever(_RuleMutant):
 
 class RescaleGlobal(_RuleMutant):
     rescale_mode = "global"
+
+
+class RescaleSmoothed(_RuleMutant):
+    """Rescaling by 1 / (kept fraction + 1e-5): about 1e-5 relative, which only a tight float64 tolerance sees."""
+
+    kept_fraction_smoothing = 1e-5
+
+
+class EnvAxisMixed(_RuleMutant):
+    """The stack read as [*shape, K] by a reshape: the environment axis is mixed with a parameter axis."""
+
+    def combine(self, G):
+        return G.reshape(G.shape[1:] + (G.shape[0],)).mean(-1)
 
 
 class SignZeroPlus(_RuleMutant):
@@ -233,21 +248,28 @@ class SpiralsNoiseFirst(ReferenceTarget):
 
 # name -> (target, area, checks that catch it, description)
 MUTANTS = {
-    "strict_gt": (StrictGreater(), "agg", ("agg.ties.exact",), "strict > instead of >= (InvarianceUnitTests)"),
-    "sum_not_mean": (SumNotMean(), "agg", ("agg.oracle.mean.plain",), "sum instead of mean (DGvGS Agr-Sum)"),
-    "rescale_always": (RescaleAlways(), "agg", ("agg.oracle.and_mask.plain",), "rescaling always on (DomainBed)"),
-    "rescale_never": (RescaleNever(), "agg", ("agg.oracle.and_mask.rescaled", "agg.special.k1"),
+    "strict_gt": (StrictGreater(), "agg", ("agg.ties.exact", "agg.prop.tau0_mean.float64"),
+                  "strict > instead of >= (InvarianceUnitTests)"),
+    "sum_not_mean": (SumNotMean(), "agg", ("agg.oracle.mean.plain.float64",), "sum instead of mean (DGvGS Agr-Sum)"),
+    "rescale_always": (RescaleAlways(), "agg", ("agg.oracle.and_mask.plain.float64",),
+                       "rescaling always on (DomainBed)"),
+    "rescale_never": (RescaleNever(), "agg", ("agg.oracle.and_mask.rescaled.float64", "agg.special.k1"),
                       "rescaling always off"),
     "rescale_global": (RescaleGlobal(), "agg", ("agg.special.per_tensor_rescale",),
                        "rescaling over the whole model instead of per tensor"),
-    "sign0_plus": (SignZeroPlus(), "agg", ("agg.special.exact_zeros",), "sign(0) counted as +1"),
+    "rescale_smoothed": (RescaleSmoothed(), "agg", ("agg.oracle.and_mask.rescaled.float64",),
+                         "rescaling by 1 / (kept fraction + 1e-5): an error of about 1e-5 relative"),
+    "env_axis_mixed": (EnvAxisMixed(), "agg", ("agg.prop.permutation.mean.float64",),
+                       "environment axis mixed with a parameter axis by a reshape"),
+    "sign0_plus": (SignZeroPlus(), "agg", ("agg.special.exact_zeros", "agg.prop.sign_flip.and_mask.float64"),
+                   "sign(0) counted as +1"),
     "float32_agreement": (Float32Agreement(), "agg", ("agg.ties.exact",),
                           "float32 |mean sign| compared with a float64 tau, no tie tolerance"),
     "geomean_float32_underflow": (GeoMeanNotebookFloat32(), "agg", ("agg.special.underflow",),
                                   "geometric mean as exp(sum log)^(1/K) in float32 (notebook)"),
     "geomean_partial_agreement": (GeoMeanPartialAgreement(), "agg", ("agg.special.partial_agreement",),
                                   "paper GM asked; partial agreement kept with sign of the arithmetic mean"),
-    "sand_domainbed": (SandDomainBed(), "agg", ("agg.oracle.sand_mask.plain", "agg.special.identical"),
+    "sand_domainbed": (SandDomainBed(), "agg", ("agg.oracle.sand_mask.plain.float64", "agg.special.identical"),
                        "SAND-mask with DomainBed's ddof=0 variance and 1e-17 NaN substitutes"),
     "count_form": (CountForm(), "agg", ("agg.special.exact_zeros",), "count form instead of threshold form"),
     "bn_per_env": (BNPerEnv(), "envgrad", ("envgrad.bn_pooled.bce",),

@@ -1,20 +1,32 @@
 """Reports: a terminal table and a JSON file.
 
-The table has one row per check (id, verdict, seconds, a short message); below it, for every FAIL (and xfail),
-the smallest counterexample hypothesis found: K, tau, rule options, the sign counts (p, q, z, S) of the
-offending components and both outputs. The JSON report holds the same, machine-readable::
+The table has one row per check (id, verdict, seconds, a short message). Below it come the divergences reported
+without failing, in full, and for every FAIL (and xfail) the smallest counterexample hypothesis found: K, tau, rule
+options, then the components where a decision differs (the oracle masks and the target keeps, or the reverse),
+then those whose values differ, each with its sign counts (p, q, z, S) and both outputs; for a rescaled rule also
+the components the oracle masks. The summary says how many checks compared values. ``verbose`` lists every
+offending component and every note in full. The JSON report holds the same, machine-readable::
 
-    {"target": ..., "summary": {"pass": n, "FAIL": n, ...}, "exit_status": 0|1,
-     "results": [{"check_id", "description", "verdict", "message", "counterexample", "notes",
-                  "xfail_reason", "seconds"}, ...]}
+    {"target": ..., "summary": {"pass": n, "FAIL": n, ...}, "checks_compared": n, "comparisons": n,
+     "exit_status": 0|1, "nothing_compared": null | "<why>",
+     "results": [{"check_id", "description", "verdict", "message", "counterexample", "notes", "xfail_reason",
+                  "seconds", "compared", "divergences", "unsupported", "shrink_seconds"}, ...]}
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
-from .runner import VERDICTS, exit_status
+from .runner import VERDICTS, checks_compared, exit_status
+
+#: Offending components shown per counterexample unless verbose.
+SHOWN = 3
+
+_INPUT_KEYS = ("case", "rule", "flavour", "k", "K", "tau", "rescale", "dtype", "shapes", "tensor", "loss",
+               "semantics", "spec", "B", "seed", "step", "optimizer", "weight_decay", "weight_decay_order", "l1",
+               "beta3", "bias_correction", "args")
 
 
 def summary(results) -> dict:
@@ -22,65 +34,122 @@ def summary(results) -> dict:
     return {v: counts.get(v, 0) for v in VERDICTS}
 
 
-def _short(text: str, width: int) -> str:
+def _short(text, width: int, verbose: bool = False) -> str:
     text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if verbose or len(text) <= width else text[: width - 1] + "…"
 
 
-def format_counterexample(cx: dict) -> list[str]:
+def _counts(c: dict) -> str:
+    if "p" not in c:
+        return ""
+    text = f"p={c['p']} q={c['q']} z={c['z']} S={c['S']}"
+    return text + (f" (keep iff |S| >= {c['threshold']})" if c.get("threshold") is not None else "")
+
+
+def format_counterexample(cx: dict, verbose: bool = False) -> list[str]:
     lines = []
-    head = {k: cx[k] for k in ("case", "rule", "flavour", "k", "K", "tau", "rescale", "dtype", "shapes", "loss",
-                               "semantics", "spec", "B", "seed", "step", "optimizer", "weight_decay",
-                               "weight_decay_order", "l1", "beta3", "bias_correction", "args") if cx.get(k) is not None}
+    head = {k: cx[k] for k in _INPUT_KEYS if cx.get(k) is not None}
     if head:
         lines.append("    inputs: " + ", ".join(f"{k}={v}" for k, v in head.items()))
-    for off in cx.get("offending", []):
-        counts = ""
-        if "p" in off:
-            counts = f"p={off['p']} q={off['q']} z={off['z']}" + (f" S={off['S']}" if "S" in off else "")
-            if off.get("threshold") is not None:
-                counts += f" |S|>= {off['threshold']} to keep"
+    shown = None if verbose else SHOWN
+    if "oracle_kept" in cx:
+        kept, n = cx["oracle_kept"]
+        lines.append(f"    oracle keeps {kept:g} of {n} components (rescaling factor {n / kept:.4g})" if kept
+                     else f"    oracle masks all {n} components (output exactly 0)")
+        if "uniform_ratio" in cx:
+            lines.append(f"    target/oracle = {cx['uniform_ratio']:.6g} on every kept component: the target rescales"
+                         f" as if it kept {cx['implied_kept']:.4g} of {n}")
+        masked = cx.get("oracle_masked", [])
+        for c in masked[:shown]:
+            lines.append(f"    oracle masks index {c['index']}: {_counts(c)}  target={c['target']!r}")
+            lines.append(f"      G[:, j] = {_short(c['G'], 160, verbose)}")
+        if shown is not None and len(masked) > shown:
+            lines.append(f"    ... {len(masked) - shown} more masked components (-v shows all)")
+    offending = cx.get("offending", [])
+    for off in offending[:shown]:
         outs = (f"oracle={off['oracle']!r} target={off['target']!r}" if "oracle" in off
                 else f"first={off.get('first')!r} second={off.get('second')!r}")
-        lines.append(f"    tensor {off.get('tensor')} index {off.get('index')}: {counts}  {outs}")
+        cause = f"{off['cause']}: " if off.get("cause") else ""
+        lines.append(f"    index {off.get('index')}: {cause}{_counts(off)}  {outs}")
         if "G" in off:
-            lines.append(f"      G[:, j] = {_short(off['G'], 160)}")
-    for k in ("target", "oracle", "rate", "expected", "n_diff", "index", "tensor"):
-        if k in cx and not cx.get("offending"):
-            lines.append(f"    {k}: {_short(cx[k], 160)}")
+            lines.append(f"      G[:, j] = {_short(off['G'], 160, verbose)}")
+    n_bad = cx.get("n_bad", len(offending))
+    if shown is not None and n_bad > shown:
+        lines.append(f"    ... {n_bad - shown} more differing components" + (" (-v shows them)" if len(offending) >
+                                                                                     shown else ""))
+    for k in ("target", "oracle", "rate", "expected", "n_diff", "index"):
+        if k in cx and not offending:
+            lines.append(f"    {k}: {_short(cx[k], 160, verbose)}")
+    failed_cases = cx.get("failed_cases", [])
+    if len(failed_cases) > 1:
+        lines.append(f"    failed cases ({len(failed_cases)}{'+' if len(failed_cases) >= 20 else ''}):")
+        for text in failed_cases[:None if verbose else 5]:
+            lines.append(f"      {_short(text, 200, verbose)}")
+        if not verbose and len(failed_cases) > 5:
+            lines.append(f"      ... {len(failed_cases) - 5} more (-v shows them)")
     if "traceback" in cx:
-        lines.append("    " + cx["traceback"].strip().splitlines()[-1])
+        tb = cx["traceback"].strip().splitlines()
+        lines += ["    " + line for line in (tb if verbose else tb[-1:])]
     return lines
 
 
-def table(results, target_name: str = "") -> str:
+def table(results, target_name: str = "", *, verbose: bool = False, nothing_compared: str | None = None) -> str:
+    """The terminal report. ``nothing_compared`` explains a run in which no check compared anything (the target's
+    offer, :func:`hardtovary.conformance.targets.describe_offer`)."""
     width = max([len(r.check_id) for r in results] + [10])
     lines = [f"conformance of {target_name}" if target_name else "conformance", ""]
-    lines.append(f"{'check'.ljust(width)}  {'verdict':<11}  {'s':>5}  detail")
-    lines.append("-" * (width + 60))
+    lines.append(f"{'check'.ljust(width)}  {'verdict':<11}  {'s':>5}  {'compared':>8}  detail")
+    lines.append("-" * (width + 70))
     for r in results:
         detail = r.message or ("; ".join(r.notes) if r.notes else "")
         if r.xfail_reason:
             detail = f"[declared: {r.xfail_reason}] " + detail
-        lines.append(f"{r.check_id.ljust(width)}  {r.verdict:<11}  {r.seconds:5.1f}  {_short(detail, 90)}")
+        if r.shrink_seconds >= 1:
+            detail += f" (shrinking took {r.shrink_seconds:.0f} s)"
+        lines.append(f"{r.check_id.ljust(width)}  {r.verdict:<11}  {r.seconds:5.1f}  {r.compared:>8}  "
+                     f"{_short(detail, 90, verbose)}")
+        if verbose:
+            lines += [f"    note: {n}" for n in r.notes] + [f"    unsupported: {u}" for u in r.unsupported]
+    divergences = [(r, d) for r in results for d in r.divergences]
+    if divergences:
+        lines += ["", "divergences reported, not failed:"]
+        lines += [f"  {r.check_id}: {d}" for r, d in divergences]
     failures = [r for r in results if r.verdict in ("FAIL", "xfail")]
     if failures:
         lines += ["", "counterexamples (smallest found):"]
         for r in failures:
             lines.append(f"  {r.check_id} [{r.verdict}]: {r.message}")
-            lines += format_counterexample(r.counterexample)
+            lines += format_counterexample(r.counterexample, verbose)
     s = summary(results)
-    lines += ["", "summary: " + ", ".join(f"{v} {n}" for v, n in s.items() if n),
-              f"exit status {exit_status(results)}"]
+    n_compared = checks_compared(results)
+    lines += ["", "summary: " + ", ".join(f"{v} {n}" for v, n in s.items() if n)
+              + f"; {n_compared} of {len(results)} checks compared values "
+                f"({sum(r.compared for r in results)} comparisons)"]
+    if not n_compared:
+        lines.append("NOTHING WAS CHECKED: no check compared a target output with the oracle"
+                     + (f" ({nothing_compared})" if nothing_compared else ""))
+    lines.append(f"exit status {exit_status(results)}")
     return "\n".join(lines)
 
 
-def to_json(results, target_name: str = "") -> dict:
-    return {"target": target_name, "summary": summary(results), "exit_status": exit_status(results),
+def to_json(results, target_name: str = "", *, nothing_compared: str | None = None) -> dict:
+    n_compared = checks_compared(results)
+    return {"target": target_name, "summary": summary(results), "checks_compared": n_compared,
+            "comparisons": sum(r.compared for r in results), "exit_status": exit_status(results),
+            "nothing_compared": None if n_compared else (nothing_compared or "no check compared anything"),
             "results": [r.to_dict() for r in results]}
 
 
-def write_json(results, path, target_name: str = "") -> None:
+def check_writable(path) -> None:
+    """Raise OSError (one line) unless a report can be written at ``path``: checked before a run, not after."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"--report {str(path)!r} is a folder; give a file name such as {str(path / 'report.json')!r}")
+    if not path.parent.is_dir():
+        raise OSError(f"--report {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+
+
+def write_json(results, path, target_name: str = "", *, nothing_compared: str | None = None) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(to_json(results, target_name), fh, indent=2, default=str)
+        json.dump(to_json(results, target_name, nothing_compared=nothing_compared), fh, indent=2, default=str)
         fh.write("\n")

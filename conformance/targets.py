@@ -1,11 +1,17 @@
 """Targets: what the conformance suite checks, how it is named, and the built-in ``reference`` target.
 
-A *target* is any object (a module, a class instance, ...) named on the command line as ``module:attribute``
-(``attribute`` may be dotted, e.g. ``pkg.mod:Impl.instance``; ``module`` alone means the module itself). It
-offers any subset of the callables described in :data:`PROTOCOL`. A callable it lacks skips its checks (the
-report says which); a call that raises ``NotImplementedError`` marks that option combination "unsupported"
-instead of failed. Everything else a call raises is a failure, except in the checks that define raising as a
-pass (``agg.special.nonfinite``).
+A *target* is any object (a module, a class instance, ...) that offers some of the callables described in
+:data:`PROTOCOL`. It is named on the command line in one of two ways (:func:`load_target`):
+
+- ``module:attribute``: the module is imported with the current directory first on the import path, as
+  ``python -m`` would (``attribute`` may be dotted, e.g. ``pkg.mod:Impl.instance``; ``module`` alone means the
+  module itself);
+- ``path/to/file.py:attribute``: the file is loaded as a module, with its folder first on the import path so that
+  it can import its neighbours.
+
+A callable the target lacks skips its checks (the report says which); a call that raises ``NotImplementedError``
+marks that option combination "unsupported" instead of failed. Everything else a call raises is a failure, except
+a deliberate refusal of non-finite input (:data:`REFUSALS`, judged by ``agg.special.nonfinite`` only).
 
 The suite only talks to targets through :class:`Adapter`, which converts results with ``numpy.asarray`` (so torch
 tensors on the CPU, CuPy arrays with ``__array__``... work as long as ``numpy.asarray`` accepts them; a torch
@@ -15,17 +21,27 @@ adapter converting CUDA tensors belongs to the torch target itself) and turns ``
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import optim as _optim
 from hardtovary.reference import rules as _rules
 
 CALLABLES = ("aggregate", "env_gradients", "step", "temporal", "spirals")
+#: Alternatives: a target may offer ``steps`` instead of ``step``.
+ALTERNATIVES = {"step": ("step", "steps")}
+
+#: The exceptions by which a target deliberately refuses non-finite input (see PROTOCOL). Anything else it raises
+#: on such input (a TypeError from a wrong signature, an IndexError...) is a failure.
+REFUSALS = (ValueError, FloatingPointError)
 
 PROTOCOL = """\
 Target protocol (hardtovary.conformance). A target offers any of these callables; all arrays are NumPy
@@ -42,6 +58,9 @@ aggregate(grads, *, rule, tau, rescale, flavour=None, k=None) -> list of arrays
     k:       SAND-mask sharpness (float > 0), passed only with rule="sand_mask".
     returns: one aggregated array of shape shape_i per tensor.
     Canonical mask: keep iff |sum_e sign(G[e, j])| >= ceil(tau*K - 1e-9), sign(0) = 0.
+    Non-finite input (NaN or inf in one environment): either refuse it by raising ValueError or
+    FloatingPointError (the suite checks that the same call with finite values succeeds), or return a
+    non-finite value at each affected component. Any other exception, or a finite value there, fails.
 
 env_gradients(spec, params, X, Y, *, loss, semantics) -> list of arrays
     spec:      dict with the fields of hardtovary.reference.mlp.MLPSpec: in_features, hidden (tuple),
@@ -80,24 +99,119 @@ class Unsupported(Exception):
 
 
 class TargetError(Exception):
-    """A target could not be loaded."""
+    """A target could not be loaded (the message is one line, meant for the user)."""
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``module:attr`` / ``file.py:attr`` -> (module or file, attr). A colon inside a Windows drive is kept."""
+    if name.endswith(".py"):
+        return name, ""
+    source, sep, attr = name.rpartition(":")
+    return (source, attr) if sep and source else (name, "")
+
+
+def _is_file_name(source: str) -> bool:
+    return source.endswith(".py") or "/" in source or os.sep in source
+
+
+def _import_module(module_name: str, name: str):
+    """Import ``module_name`` with the current directory first on the import path (as ``python -m`` does)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:  # the user's module failed while importing: one line, not our traceback
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + "."))
+        if missing:
+            raise TargetError(
+                f"cannot import target {name!r}: no module named {exc.name!r} in the current directory ({cwd}) or "
+                f"on the Python path; name a file instead, e.g. path/to/{module_name.rsplit('.', 1)[-1]}.py:attr"
+            ) from exc
+        raise TargetError(f"importing module {module_name!r} for target {name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_file(path_text: str, name: str):
+    """Load a Python file as a module, its folder first on the import path (so it can import its neighbours)."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise TargetError(f"cannot load target {name!r}: no file {str(path)!r} (from the current directory "
+                          f"{os.getcwd()})")
+    path = path.resolve()
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_name = path.stem
+    existing = sys.modules.get(module_name)
+    if existing is not None and getattr(existing, "__file__", None) == str(path):
+        return existing
+    if existing is not None:  # another module of that name is loaded: do not replace it
+        module_name = f"_hardtovary_target_{abs(hash(str(path))):x}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load target {name!r}: {str(path)!r} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise TargetError(f"loading file {str(path)!r} for target {name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    return module
 
 
 def load_target(name: str):
-    """Resolve ``module:attribute`` (attribute may be dotted; ``module`` alone is the module)."""
-    if not isinstance(name, str) or not name:
-        raise TargetError(f"target must be a string 'module:attribute', got {name!r}")
-    module_name, _, attr = name.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TargetError(f"cannot import module {module_name!r} of target {name!r}: {exc}") from exc
+    """Resolve a target name: ``module:attribute``, ``module``, ``path/to/file.py:attribute`` or
+    ``path/to/file.py`` (see the module docstring). Raises :class:`TargetError` with a one-line message."""
+    if not isinstance(name, str) or not name.strip():
+        raise TargetError(f"target must be 'module:attribute' or 'path/to/file.py:attribute', got {name!r}")
+    source, attr = _split_name(name.strip())
+    obj = _load_file(source, name) if _is_file_name(source) else _import_module(source, name)
     for part in filter(None, attr.split(".")):
         try:
             obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise TargetError(f"target {name!r}: {type(obj).__name__} has no attribute {part!r}") from exc
+        except AttributeError:
+            close = difflib.get_close_matches(part, [a for a in dir(obj) if not a.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TargetError(f"target {name!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!s} has no "
+                              f"attribute {part!r}{hint}".replace("  ", " ")) from None
     return obj
+
+
+def offered(target) -> dict[str, bool]:
+    """Which protocol callables the target offers (``step`` counts when ``steps`` is offered)."""
+    return {c: any(callable(getattr(target, a, None)) for a in ALTERNATIVES.get(c, (c,))) for c in CALLABLES}
+
+
+def describe_offer(target) -> str:
+    """One paragraph for a run that compared nothing: the protocol callables found and not found, and the names
+    the target has that look like misspellings of them."""
+    offer = offered(target)
+    found = [c for c, ok in offer.items() if ok]
+    missing = [c for c, ok in offer.items() if not ok]
+    protocol_names = sorted({a for c in CALLABLES for a in ALTERNATIVES.get(c, (c,))})
+    near = []
+    for attr in dir(target):
+        if attr.startswith("_") or attr in protocol_names:
+            continue
+        match = difflib.get_close_matches(attr.lower(), protocol_names, n=1, cutoff=0.6)
+        if match:
+            near.append(f"{attr} (did you mean {match[0]}?)")
+    not_callable = [a for a in protocol_names if hasattr(target, a) and not callable(getattr(target, a))]
+    kind = type(target).__name__
+    what = (f"the target is a {kind} named {target.__name__!r}; name the object that has it as a method"
+            if callable(target) and hasattr(target, "__name__") and not hasattr(target, "aggregate")
+            else f"the target is a {kind}")
+    parts = [what, "protocol callables found: " + (", ".join(found) or "none"),
+             "not found: " + (", ".join(missing) or "none")]
+    if near:
+        parts.append("near misses: " + ", ".join(near))
+    if not_callable:
+        parts.append("present but not callable: " + ", ".join(not_callable))
+    return "; ".join(parts)
 
 
 def _arrays(result, what: str) -> list[np.ndarray]:
@@ -114,9 +228,7 @@ class Adapter:
         self.name = name or getattr(target, "__name__", type(target).__name__)
 
     def has(self, what: str) -> bool:
-        if what == "step":
-            return callable(getattr(self.target, "step", None)) or callable(getattr(self.target, "steps", None))
-        return callable(getattr(self.target, what, None))
+        return offered(self.target)[what]
 
     def _call(self, what, *args, **kwargs):
         try:
