@@ -206,6 +206,15 @@ class _WrongSignature(targets.ReferenceTarget):
         return super().aggregate(grads, rule=rule, tau=tau, rescale=rescale)
 
 
+class _TypeErrorOnNonFinite(targets.ReferenceTarget):
+    """Accepts finite stacks; on NaN/inf it fails with a TypeError, which is not a refusal."""
+
+    def aggregate(self, grads, **options):
+        if not all(np.all(np.isfinite(g)) for g in grads):
+            raise TypeError("unexpected keyword argument")
+        return super().aggregate(grads, **options)
+
+
 class _RefusesEverything(targets.ReferenceTarget):
     def aggregate(self, grads, **options):
         raise ValueError("refused")
@@ -213,11 +222,11 @@ class _RefusesEverything(targets.ReferenceTarget):
 
 @pytest.mark.parametrize("target, verdict", [(_RefusesNonFinite(), "pass"), (_NanPropagates(), "pass"),
                                              (_DropsNonFinite(), "FAIL"), (_WrongSignature(), "FAIL"),
-                                             (_RefusesEverything(), "FAIL")])
+                                             (_TypeErrorOnNonFinite(), "FAIL"), (_RefusesEverything(), "FAIL")])
 def test_nonfinite_passes_only_a_deliberate_refusal_or_propagation(target, verdict):
     (res,) = runner.run_suite(target, checks=["agg.special.nonfinite"])
     assert res.verdict == verdict, res.message
-    if isinstance(target, _WrongSignature):
+    if isinstance(target, (_WrongSignature, _TypeErrorOnNonFinite)):
         assert "TypeError" in res.message
     if isinstance(target, _RefusesEverything):
         assert "finite twin" in res.message
