@@ -370,18 +370,21 @@ def _judge_aggregate(adapter, case: AggCase) -> None:
 def _judge_each(cases, judge) -> list:
     """Judge every case on its own: a case that fails or crashes is one failure, and the others are still judged.
     Cases the target does not support are recorded in the tally."""
-    cases = list(cases)
-    failures = []
+    failures, judged, unsupported = [], 0, 0
     for case in cases:
         try:
             judge(case)
         except Unsupported as exc:
+            unsupported += 1
             _unsupported(f"{case.label()}: {exc}")
+            continue
         except Exception as exc:  # a Mismatch, or the target crashing on this case
             failures.append((case, exc))
+        judged += 1
     if failures:
-        raise _case_failures(failures, len(cases))
-    return [f"judged {len(cases)} cases"]
+        raise _case_failures(failures, judged)
+    return [f"judged {judged} case{'s' if judged != 1 else ''}" + (f" ({unsupported} unsupported)" if unsupported
+                                                                   else "")]
 
 
 def _case_failures(failures, n_cases) -> Mismatch:
@@ -391,8 +394,8 @@ def _case_failures(failures, n_cases) -> Mismatch:
     else:
         message = f"{type(first).__name__}: {first}"
         cx = {"case": case.name, "traceback": "".join(traceback.format_exception(first, limit=-6))[-2000:]}
-    cx["failed_cases"] = [f"{c.label()}: {e.message if isinstance(e, Mismatch) else f'{type(e).__name__}: {e}'}"
-                          for c, e in failures[:MAX_OFFENDING]]
+    cx["failed_cases"] = [{"case": c.label(), "error": e.message if isinstance(e, Mismatch)
+                           else f"{type(e).__name__}: {e}"} for c, e in failures[:MAX_OFFENDING]]
     head = f"{len(failures)} of {n_cases} cases failed; first, {case.label()}: " if n_cases > 1 else ""
     return Mismatch(head + message, cx)
 

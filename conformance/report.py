@@ -82,14 +82,18 @@ def format_counterexample(cx: dict, verbose: bool = False) -> list[str]:
             lines.append(f"    {k}: {_short(cx[k], 160, verbose)}")
     failed_cases = cx.get("failed_cases", [])
     if len(failed_cases) > 1:
-        lines.append(f"    failed cases ({len(failed_cases)}{'+' if len(failed_cases) >= 20 else ''}):")
-        for text in failed_cases[:None if verbose else 5]:
-            lines.append(f"      {_short(text, 200, verbose)}")
-        if not verbose and len(failed_cases) > 5:
-            lines.append(f"      ... {len(failed_cases) - 5} more (-v shows them)")
-    if "traceback" in cx:
-        tb = cx["traceback"].strip().splitlines()
-        lines += ["    " + line for line in (tb if verbose else tb[-1:])]
+        by_error: dict[str, list[str]] = {}
+        for f in failed_cases:
+            by_error.setdefault(f["error"], []).append(f["case"])
+        lines.append(f"    failed cases ({len(failed_cases)}{'+' if len(failed_cases) >= 20 else ''}), by error:")
+        for error, labels in by_error.items():
+            lines.append(f"      {_short(error, 160, verbose)}  [{len(labels)} case{'s' if len(labels) > 1 else ''}]")
+            for label in labels[:None if verbose else 3]:
+                lines.append(f"        {label}")
+            if not verbose and len(labels) > 3:
+                lines.append(f"        ... {len(labels) - 3} more (-v shows them)")
+    if "traceback" in cx and verbose:  # its last line is already the message
+        lines += ["    " + line for line in cx["traceback"].strip().splitlines()]
     return lines
 
 
@@ -118,7 +122,7 @@ def table(results, target_name: str = "", *, verbose: bool = False, nothing_comp
     if failures:
         lines += ["", "counterexamples (smallest found):"]
         for r in failures:
-            lines.append(f"  {r.check_id} [{r.verdict}]: {r.message}")
+            lines.append(f"  {r.check_id} [{r.verdict}]: {_short(r.message, 300, verbose)}")
             lines += format_counterexample(r.counterexample, verbose)
     s = summary(results)
     n_compared = checks_compared(results)

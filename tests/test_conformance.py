@@ -316,7 +316,7 @@ def test_a_crash_in_one_special_case_leaves_the_others_judged():
     (res,) = runner.run_suite(GeometricCrash(), checks=["agg.special.k1"])
     assert res.verdict == "FAIL" and res.compared > 0
     failed = res.counterexample["failed_cases"]
-    assert failed and all("geometric_mean" in f and "boom" in f for f in failed)
+    assert failed and all("geometric_mean" in f["case"] and "boom" in f["error"] for f in failed)
 
 
 class _SandRescaledOnly(targets.ReferenceTarget):
