@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import re
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ torch = pytest.importorskip("torch")
 from hardtovary.experiments import baselines as bl  # noqa: E402
 from hardtovary.experiments import cli  # noqa: E402
 from hardtovary.experiments import gradient_correlation as gc  # noqa: E402
-from hardtovary.reference import data  # noqa: E402
+from hardtovary.reference import data, mlp, training  # noqa: E402
 
 TINY_DATA = data.SpiralsConfig(n_train_envs=4, examples_per_env=32, n_test=40, n_dims=3, seed=0)
 TINY = bl.BaselineConfig(hidden=(8, 8), batch_size=8, epochs=2, lr=1e-2)
@@ -115,11 +116,218 @@ def test_and_mask_with_batch_norm_and_sgd_runs(tiny_task):
     assert len(bl.train_baseline("and_mask", tiny_task, config)) == 2
 
 
-def test_irm_anneals_then_applies_the_full_penalty(tiny_task):
-    config = dataclasses.replace(bl.method_config(TINY, "irm"), irm_penalty_weight=1e4, irm_anneal_iters=4,
-                                 epochs=3)
-    history = bl.train_baseline("irm", tiny_task, config)
-    assert all("irm_penalty" in r and r["irm_penalty"] >= 0 for r in history)
+# ---- the exact step of each method --------------------------------------------------------------------------
+# The optimizer of train_baseline is wrapped to record, at every step, the parameters and the gradients it is
+# handed and the parameters it leaves; the model is wrapped to record its training-mode inputs and dropout masks.
+# The expected gradients come from an independent route: the NumPy oracle (reference.mlp) for ERM with and without
+# BatchNorm, and a hand-written float64 forward in torch for IRM's penalty and for dropout.
+
+STEP_CONFIG = bl.BaselineConfig(hidden=(8, 8), batch_size=8, epochs=1, lr=0.1, optimizer="sgd", momentum=0.0)
+N_ENVS, N_IN = 2, 3
+REAL_MAKE_OPTIMIZER, REAL_BUILD_MLP = bl.make_optimizer, bl.build_mlp  # before any test patches them
+
+
+class Step(NamedTuple):
+    before: list  # float64 copies of the parameters, the gradients and the parameters after the step
+    grads: list
+    after: list
+
+
+class Recorder:
+    """Patches ``baselines.make_optimizer`` and ``baselines.build_mlp`` to record every optimizer step and every
+    training-mode forward pass (its input, and the keep-masks of its Dropout layers)."""
+
+    def __init__(self, monkeypatch):
+        self.steps, self.inputs, self.masks, self.models = [], [], [], []
+
+        def snapshot(params, attribute=None):
+            return [(p if attribute is None else getattr(p, attribute)).detach().double().clone() for p in params]
+
+        def make(params, *args, **kwargs):
+            params = list(params)
+            optimizer = REAL_MAKE_OPTIMIZER(params, *args, **kwargs)
+            real_step = optimizer.step
+
+            def step(*a, **k):
+                before, grads = snapshot(params), snapshot(params, "grad")
+                result = real_step(*a, **k)
+                self.steps.append(Step(before, grads, snapshot(params)))
+                return result
+
+            optimizer.step = step
+            return optimizer
+
+        def build(*args, **kwargs):
+            model = REAL_BUILD_MLP(*args, **kwargs)
+
+            def record_input(module, inputs):
+                if module.training:
+                    self.inputs.append(inputs[0].detach().double().clone())
+                    self.masks.append([])
+
+            def record_mask(module, inputs, output):
+                if module.training:
+                    self.masks[-1].append((output != 0).double())
+
+            model.register_forward_pre_hook(record_input)
+            for layer in model:
+                if isinstance(layer, torch.nn.Dropout):
+                    layer.register_forward_hook(record_mask)
+            self.models.append(model)
+            return model
+
+        monkeypatch.setattr(bl, "make_optimizer", make)
+        monkeypatch.setattr(bl, "build_mlp", build)
+
+
+def step_task():
+    """Two environments of 8 float32-exact inputs with label 1[x_0 > 0], so a step's labels follow from its
+    inputs; with batch 8, one step per epoch."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((N_ENVS, STEP_CONFIG.batch_size, N_IN)).astype(np.float32).astype(np.float64)
+    X_test = rng.standard_normal((40, N_IN)).astype(np.float32).astype(np.float64)
+    return training.EnvironmentData(X, (X[..., 0] > 0).astype(np.float64), X_test, (X_test[:, 0] > 0) * 1.0)
+
+
+def train_recorded(monkeypatch, method, config):
+    recorder = Recorder(monkeypatch)
+    history = bl.train_baseline(method, step_task(), config)
+    assert len(recorder.steps) == len(recorder.inputs) == config.epochs  # one step per epoch here
+    return recorder, history
+
+
+def step_batch(flat):
+    """The step's inputs [K, B, in] (train_baseline stacks environment e's B rows at e*B) and their labels."""
+    X = flat.reshape(N_ENVS, -1, N_IN)
+    return X, (X[..., 0] > 0).double()
+
+
+def oracle_spec(batch_norm=False):
+    return mlp.MLPSpec(in_features=N_IN, hidden=STEP_CONFIG.hidden, batch_norm=batch_norm)
+
+
+def oracle_risk_gradient(step, flat, batch_norm=False):
+    """Gradient of the pooled risk mean_e L_e by the NumPy oracle, at the step's parameters and inputs."""
+    X, Y = step_batch(flat)
+    grads, _ = mlp.pooled_gradient(oracle_spec(batch_norm), [p.numpy() for p in step.before], X.numpy(),
+                                    Y.numpy(), loss="bce_with_logits", semantics="pooled")
+    return [torch.as_tensor(g) for g in grads]
+
+
+def assert_float32_close(actual, expected, scale=None):
+    """Tensors computed in float32 (training) against float64 references, each list element separately; absolute
+    tolerance relative to ``scale``, by default the largest expected magnitude."""
+    assert len(actual) == len(expected)
+    scale = scale or max(float(e.abs().max()) for e in expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e.to(a.dtype), rtol=1e-4, atol=1e-5 * scale)
+
+
+def hand_forward(params, X, *, masks=(), p=0.0):
+    """Logits of the documented MLP (Linear -> LeakyReLU(0.01) [-> Dropout] per hidden layer, then Linear) in
+    float64, with the given dropout keep-masks scaled by 1 / (1 - p)."""
+    h = X
+    for i in range(0, len(params) - 2, 2):
+        h = torch.nn.functional.leaky_relu(h @ params[i].T + params[i + 1], 0.01)
+        if masks:
+            h = h * masks[i // 2] / (1 - p)
+    return (h @ params[-2].T + params[-1]).squeeze(-1)
+
+
+def test_erm_step_is_the_risk_gradient_and_l1_adds_exactly_l1_sign_theta(monkeypatch):
+    l1 = 1e-2
+    plain, _ = train_recorded(monkeypatch, "erm", STEP_CONFIG)
+    with_l1, _ = train_recorded(monkeypatch, "erm", dataclasses.replace(STEP_CONFIG, l1=l1))
+    (step0,), (step1,) = plain.steps, with_l1.steps
+    assert torch.equal(plain.inputs[0], with_l1.inputs[0])  # the same seed: the same batch and initial weights
+    for a, b in zip(step0.before, step1.before):
+        assert torch.equal(a, b)
+    assert_float32_close(step0.grads, oracle_risk_gradient(step0, plain.inputs[0]))
+    # the L1 term l1 * sum|theta| adds l1 * sign(theta) to the gradient (every parameter, biases too) ...
+    signs = [torch.sign(p) for p in step0.before]
+    assert all(bool((s != 0).all()) for s in signs)
+    gradient_scale = max(float(g.abs().max()) for g in step0.grads)  # float32 rounding of the gradients
+    assert_float32_close([b - a for a, b in zip(step0.grads, step1.grads)], [l1 * s for s in signs], gradient_scale)
+    # ... so plain SGD's step changes by -lr * l1 * sign(theta)
+    assert_float32_close([(b1 - b0) - (a1 - a0) for a0, a1, b0, b1 in zip(step0.before, step0.after, step1.before,
+                                                                          step1.after)],
+                         [-STEP_CONFIG.lr * l1 * s for s in signs], max(float(t.abs().max()) for t in step0.before))
+
+
+def test_erm_l2_is_coupled_weight_decay_before_adam(monkeypatch):
+    # Adam's first step is -lr * g' / (|g'| + eps) with g' = g + wd * theta: decay inside the moments ('before');
+    # decoupled decay (AdamW) would give -lr * g / (|g| + eps) - lr * wd * theta instead
+    wd = 0.1
+    recorder, _ = train_recorded(monkeypatch, "erm", dataclasses.replace(STEP_CONFIG, optimizer="adam",
+                                                                         weight_decay=wd))
+    (step,) = recorder.steps
+    assert_float32_close(step.grads, oracle_risk_gradient(step, recorder.inputs[0]))  # L2 is not in the loss
+    coupled = [g + wd * theta for g, theta in zip(step.grads, step.before)]
+    expected = [theta - STEP_CONFIG.lr * g / (g.abs() + 1e-8) for theta, g in zip(step.before, coupled)]
+    assert_float32_close(step.after, expected)
+
+
+def test_erm_dropout_masks_the_training_forward_and_not_the_evaluation(monkeypatch):
+    p = 0.5
+    recorder, history = train_recorded(monkeypatch, "erm", dataclasses.replace(STEP_CONFIG, dropout=p))
+    (step,), (masks,) = recorder.steps, recorder.masks
+    # one Dropout after each hidden activation, each dropping about half of its 16 x 8 activations
+    assert [layer.p for layer in recorder.models[0] if isinstance(layer, torch.nn.Dropout)] == [p, p]
+    assert len(masks) == 2 and all(0.25 < float(1 - m.mean()) < 0.75 for m in masks)
+    X, Y = step_batch(recorder.inputs[0])
+    theta = [t.clone().requires_grad_(True) for t in step.before]
+    logits = hand_forward(theta, X.reshape(-1, N_IN), masks=masks, p=p).reshape(Y.shape)
+    risk = torch.nn.functional.binary_cross_entropy_with_logits(logits, Y, reduction="none").mean(dim=1).mean()
+    assert_float32_close(step.grads, torch.autograd.grad(risk, theta))
+    # the test accuracy is measured without dropout
+    task = step_task()
+    with torch.no_grad():
+        test_logits = hand_forward(step.after, torch.as_tensor(task.X_test))
+    correct = int(((test_logits > 0).double() == torch.as_tensor(task.y_test)).sum())
+    assert history[-1]["test_acc"] == pytest.approx(correct / len(task.y_test), abs=1e-6)  # a float32 mean
+
+
+def test_erm_batch_norm_uses_the_step_statistics_in_training_and_the_running_ones_in_evaluation(monkeypatch):
+    recorder, history = train_recorded(monkeypatch, "erm", dataclasses.replace(STEP_CONFIG, batch_norm=True))
+    (step,), model = recorder.steps, recorder.models[0]
+    # gradient through BatchNorm with the statistics of the step's 2 x 8 stacked rows (the oracle, "pooled")
+    assert_float32_close(step.grads, oracle_risk_gradient(step, recorder.inputs[0], batch_norm=True))
+    # the running statistics took one training-mode update from those rows
+    spec = oracle_spec(batch_norm=True)
+    X, Y = step_batch(recorder.inputs[0])
+    out = mlp.env_gradients(spec, [p.numpy() for p in step.before], X.numpy(), Y.numpy(), loss="bce_with_logits")
+    running = mlp.update_running_stats(mlp.init_running_stats(spec), out.bn_stats)
+    layers = [layer for layer in model if isinstance(layer, torch.nn.BatchNorm1d)]
+    assert len(layers) == 2
+    for layer, stats in zip(layers, running):
+        assert_float32_close([layer.running_mean.double(), layer.running_var.double()],
+                             [torch.as_tensor(stats.mean), torch.as_tensor(stats.var)])
+    # the test accuracy uses the running statistics (eval mode)
+    task = step_task()
+    logits = mlp.predict(spec, [p.numpy() for p in step.after], task.X_test, running)[:, 0]
+    correct = int(np.sum((logits > 0) == task.y_test))
+    assert history[-1]["test_acc"] == pytest.approx(correct / len(task.y_test), abs=1e-6)  # a float32 mean
+
+
+def test_irm_step_weighs_the_penalty_1_before_anneal_iters_and_the_full_weight_after(monkeypatch):
+    weight, anneal = 100.0, 2
+    config = dataclasses.replace(STEP_CONFIG, epochs=4, irm_penalty_weight=weight, irm_anneal_iters=anneal)
+    recorder, _ = train_recorded(monkeypatch, "irm", config)
+    for i, (step, flat) in enumerate(zip(recorder.steps, recorder.inputs)):
+        X, Y = step_batch(flat)
+        theta = [t.clone().requires_grad_(True) for t in step.before]
+        z = hand_forward(theta, X.reshape(-1, N_IN)).reshape(Y.shape)
+        risk = torch.nn.functional.binary_cross_entropy_with_logits(z, Y, reduction="none").mean(dim=1).mean()
+        # IRMv1: the squared derivative of environment e's risk in a scale w at w = 1, mean_b (sigmoid(z) - y) z
+        penalty = ((torch.sigmoid(z) - Y) * z).mean(dim=1).pow(2).mean()
+        expected_weight = 1.0 if i < anneal else weight
+        loss = (risk + expected_weight * penalty) / max(expected_weight, 1.0)  # divided by the weight when > 1
+        expected = torch.autograd.grad(loss, theta, retain_graph=True)
+        assert_float32_close(step.grads, expected)
+        # the case discriminates: the penalty's own gradient is far above the tolerance, so a weight of 1 after
+        # anneal_iters (or 100 before) would be seen
+        penalty_gradient = torch.autograd.grad(penalty, theta)
+        assert max(float(g.abs().max()) for g in penalty_gradient) > 1e-2 * max(float(g.abs().max()) for g in expected)
 
 
 def test_early_abort_stops_a_run_that_memorises():
