@@ -36,7 +36,7 @@ def cupy_status() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError as exc:
-        return False, f"CuPy is not installed ({exc}); pip install 'hardtovary[gpu]'"
+        return False, f"CuPy is not installed ({exc}); pip install 'hardtovary[gpu]' (from a checkout: '.[gpu]')"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError and driver errors have no common public base class

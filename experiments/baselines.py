@@ -26,7 +26,9 @@ Methods (:data:`METHODS`):
     code and the project's convention ``L = mean_e L_e``); the paper's sum differs by the constant factor K.
 ``and_mask`` / ``geometric_mean``
     The aggregation rules through :func:`hardtovary.accel.torch.optim.and_mask_backward` (per-environment
-    gradients of the torch engine, the rule per parameter tensor, L1 after masking), then the optimizer step.
+    gradients of the torch engine, the rule per parameter tensor, L1 after masking), then the optimizer step. The
+    geometric mean comes in the oracle's two flavours (``flavour``, :mod:`hardtovary.reference.rules`): the
+    paper's needs all K signs to agree (tau 1 only), the authors' ``"original"`` takes any tau.
 
 :func:`train_baseline` returns the per-epoch history (train accuracy of the step's forward passes before each
 update, as the authors count it; o.o.d. test accuracy in eval mode). With ``early_abort`` a run stops after the
@@ -49,17 +51,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
-from hardtovary.experiments.progress import show_epoch
+from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
+from hardtovary.reference import rules as _rules
 from hardtovary.reference import training as _training
 from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
            "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "train_baseline",
-           "method_config", "run", "format_table", "plot_bars"]
+           "method_config", "rule_arguments", "run", "format_table", "plot_bars"]
 
 METHODS = ("erm", "dann", "irm", "and_mask", "geometric_mean")
 DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
@@ -76,6 +79,8 @@ class BaselineConfig:
     environments). ``lr_milestones`` are epochs where the learning rate is multiplied by ``lr_gamma``.
     ``weight_decay`` is L2 (coupled, added to the gradient before the optimizer's moments). ``dann_hidden`` is the
     width of DANN's three 2-layer MLPs (None: ``hidden[0]``). ``irm_anneal_iters`` counts optimizer steps.
+    ``tau`` is the threshold of and_mask and geometric_mean; ``flavour`` (None: ``"paper"``) the geometric mean's
+    flavour, used by no other method.
     """
 
     hidden: tuple[int, ...] = (256, 256, 256)
@@ -94,6 +99,7 @@ class BaselineConfig:
     seed: int = 0
     tau: float = 1.0
     rescale: bool = False
+    flavour: str | None = None
     dann_lambda: float = 1.0
     dann_hidden: int | None = None
     irm_penalty_weight: float = 100.0
@@ -121,6 +127,8 @@ class BaselineConfig:
             raise ValueError(f"n_agreement_envs must be >= 1 or None, got {self.n_agreement_envs}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
+        if self.flavour is not None and self.flavour not in _rules.FLAVOURS:
+            raise ValueError(f"flavour must be None or one of {list(_rules.FLAVOURS)}, got {self.flavour!r}")
         if not self.irm_penalty_weight >= 0 or self.irm_anneal_iters < 0:
             raise ValueError(f"irm_penalty_weight and irm_anneal_iters must be >= 0, got "
                              f"{self.irm_penalty_weight}, {self.irm_anneal_iters}")
@@ -148,13 +156,31 @@ METHOD_PRESETS = {
 
 
 def method_config(base: BaselineConfig, method: str, overrides: dict | None = None) -> BaselineConfig:
-    """``base`` with the method's preset and then ``overrides`` (explicit user options) applied."""
+    """``base`` with the method's preset and then ``overrides`` (explicit user options) applied.
+
+    Only ``geometric_mean`` keeps a ``flavour``, recorded as the one it trains with (``"paper"`` unless
+    overridden). The masking methods' options are checked by the oracle's own validation
+    (:func:`rule_arguments`): the paper's geometric mean with tau != 1 raises ValueError."""
     if method not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     changes = {**METHOD_PRESETS[method], **(overrides or {})}
+    changes["flavour"] = (changes.get("flavour") or "paper") if method == "geometric_mean" else None
     if method in ("and_mask", "geometric_mean"):
         changes["dropout"] = 0.0  # per-environment gradients run under vmap: no dropout (documented in --help)
-    return dataclasses.replace(base, **changes)
+    config = dataclasses.replace(base, **changes)
+    rule_arguments(method, config)
+    return config
+
+
+def rule_arguments(method: str, config: BaselineConfig) -> dict:
+    """The rule options (``tau``, and ``flavour`` for the geometric mean) with which ``method``, a masking method,
+    trains under ``config``, validated by :func:`hardtovary.reference.rules.aggregate_arguments`; ``{}`` for the
+    methods that aggregate no per-environment gradients."""
+    if method not in ("and_mask", "geometric_mean"):
+        return {}
+    options = _rules.rule_options(method, config.tau, config.flavour if method == "geometric_mean" else None)
+    _rules.aggregate_arguments(method, rescale=config.rescale, **options)
+    return options
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,6 +340,7 @@ def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
         raise ValueError(f"batch_size={config.batch_size} exceeds the {n_examples} examples per environment")
     if method in ("and_mask", "geometric_mean") and config.dropout > 0:
         raise ValueError(f"dropout is not supported with {method} (per-environment gradients run under vmap)")
+    rule_options = rule_arguments(method, config)
     batching = dataclasses.replace(_training.TrainConfig(), batch_size=config.batch_size, n_agreement_envs=K)
 
     torch.manual_seed(config.seed)
@@ -339,8 +366,8 @@ def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
             Kb, B = y.shape
             opt.zero_grad(set_to_none=True)
             if method in ("and_mask", "geometric_mean"):
-                risk, _ = and_mask_backward(model, X, y, _bce, rule=method, tau=config.tau,
-                                            rescale=config.rescale, l1=config.l1)
+                risk, _ = and_mask_backward(model, X, y, _bce, rule=method, rescale=config.rescale, l1=config.l1,
+                                            **rule_options)
                 with torch.no_grad():  # accuracy of this step's inputs (BatchNorm: eval mode, no stats update)
                     was_training = model.training
                     model.train(not config.batch_norm)
@@ -430,14 +457,15 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
     folder = RunFolder(out, config, fresh=fresh)
     task = _data.make_spirals_task(data_config)
     units = [(m, seed, f"{m}-seed{seed}") for m in methods for seed in seed_list]
-    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m])
-                for m, _, name in units if folder.finished(name) is None)
+    todo = [(m, name) for m, _, name in units if folder.finished(name) is None]
+    note_resume(len(units) - len(todo), len(units), "runs", folder.root)
+    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m]) for m, _ in todo)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
         for m, seed, name in units:
             stored = folder.finished(name)
             if stored is None:
-                bar.set_description(name)
+                start_unit(bar, name)
                 start = time.perf_counter()
                 show = show_epoch(bar)
                 history = train_baseline(m, task, dataclasses.replace(configs[m], seed=seed),

@@ -17,7 +17,8 @@ Spaces (each value drawn uniformly, :func:`sample_trials`):
 ``and_mask`` / ``geometric_mean``  (Table 1, "the AND-mask used the same ranges")
     as ``erm`` without batch norm and dropout (the paper's best had neither; per-environment gradients run under
     vmap, which does not support dropout), plus tau and rescaling on/off. [ASSUMPTION] tau in {0.5, 0.75, 1.0}:
-    the paper does not give tau's range. ``geometric_mean`` always uses tau = 1.
+    the paper does not give tau's range. ``geometric_mean`` in the paper's flavour (the default) uses tau = 1, the
+    only threshold the oracle accepts for it; in the ``"original"`` flavour it draws tau like ``and_mask``.
 ``irm``  (Table 2 only)
     hidden units, hidden layers, batch size, optimizer, batch norm, penalty weight {10, 100, 1000}, annealing
     iterations {0, 1, 2, 4, 8} (optimizer steps) and learning rate {1e-3, 1e-2, 1e-1, 1}; no L1/L2/dropout.
@@ -45,11 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.experiments.sweep import PAPER_ARCHITECTURE, RERUN_SEED_OFFSET, _rank_key
 from hardtovary.reference import data as _data
 from hardtovary.reference import optim
+from hardtovary.reference import rules as _rules
 
 __all__ = ["TABLE1", "TABLE2", "AND_MASK_TAUS", "SMALL_ARCH", "PAPER_ARCH", "Architecture", "sample_trials",
            "trial_config", "run", "format_table"]
@@ -72,7 +75,7 @@ KEYS = {
     "irm": ("hidden_units", "layers", "batch_size", "optimizer", "batch_norm", "penalty_weight", "anneal_iters",
             "lr"),
 }
-KEYS["geometric_mean"] = KEYS["and_mask"]
+KEYS["geometric_mean"] = (*KEYS["and_mask"], "flavour")
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,14 @@ SMALL_ARCH = Architecture()
 PAPER_ARCH = Architecture(**PAPER_ARCHITECTURE)
 
 
-def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, seed: int = 0) -> list[dict]:
-    """``budget`` hyperparameter dicts for ``method`` (keys :data:`KEYS` ``[method]``), drawn from its space."""
+def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, seed: int = 0,
+                  flavour: str = "paper") -> list[dict]:
+    """``budget`` hyperparameter dicts for ``method`` (keys :data:`KEYS` ``[method]``), drawn from its space.
+    ``flavour`` is the geometric mean's (recorded in its trials): the paper's fixes tau at 1."""
     if method not in KEYS:
         raise ValueError(f"method must be one of {list(KEYS)}, got {method!r}")
+    if flavour not in _rules.FLAVOURS:
+        raise ValueError(f"flavour must be one of {list(_rules.FLAVOURS)}, got {flavour!r}")
     rng = np.random.default_rng([seed, _bl.METHODS.index(method)])
     pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
     trials = []
@@ -125,7 +132,8 @@ def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, 
             t["l1"] = float(pick(TABLE1["l1"])) if regulariser == "l1" else 0.0
             if method in ("and_mask", "geometric_mean"):
                 tau, rescale = float(pick(AND_MASK_TAUS)), bool(pick(RESCALE))
-                t["tau"], t["rescale"] = (1.0 if method == "geometric_mean" else tau), rescale
+                paper_geometric_mean = method == "geometric_mean" and flavour == "paper"
+                t["tau"], t["rescale"], t["flavour"] = (1.0 if paper_geometric_mean else tau), rescale, flavour
         trials.append({k: t[k] for k in KEYS[method]})
     return trials
 
@@ -146,7 +154,7 @@ def trial_config(method: str, hyper: dict, *, epochs: int, seed: int, early_abor
     if method == "irm":
         kw.update(irm_penalty_weight=hyper["penalty_weight"], irm_anneal_iters=hyper["anneal_iters"])
     if method in ("and_mask", "geometric_mean"):
-        kw.update(tau=hyper["tau"], rescale=hyper["rescale"])
+        kw.update(tau=hyper["tau"], rescale=hyper["rescale"], flavour=hyper.get("flavour"))
     return _bl.BaselineConfig(**kw)
 
 
@@ -173,8 +181,10 @@ def run(out: Path, **options) -> dict:
 
 def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
         seed: int = 0, arch: Architecture = SMALL_ARCH, data_config: _data.SpiralsConfig = _bl.DEFAULT_DATA,
-        n_agreement_envs: int | None = None, fresh: bool = False, progress: bool = True) -> dict:
-    """Search each method, re-run its best trial over ``seeds`` seeds; return and write ``out/results.json``:
+        n_agreement_envs: int | None = None, flavour: str = "paper", fresh: bool = False,
+        progress: bool = True) -> dict:
+    """Search each method (``flavour``: the geometric mean's, see :func:`sample_trials`), re-run its best trial
+    over ``seeds`` seeds; return and write ``out/results.json``:
     ``{"config", "methods": {method: {"search": [trial records, best first], "best": {trial, hyper,
     search_test_acc, train_acc_mean/std, test_acc_mean/std, n_seeds, runs}}}}``; also ``out/table.txt``."""
     from tqdm import tqdm
@@ -194,17 +204,20 @@ def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: i
                          f"{data_config.n_train_envs}")
     config = {"experiment": "baselines-search", "data": dataclasses.asdict(data_config), "methods": list(methods),
               "budget": budget, "seeds": seeds, "epochs": epochs, "seed": seed, "arch": dataclasses.asdict(arch),
-              "n_agreement_envs": n_agreement_envs, "and_mask_taus": list(AND_MASK_TAUS)}
+              "n_agreement_envs": n_agreement_envs, "and_mask_taus": list(AND_MASK_TAUS), "flavour": flavour}
+    trials = {m: sample_trials(m, budget, arch=arch, seed=seed, flavour=flavour) for m in methods}
     folder = RunFolder(out, config, fresh=fresh)
     task = _data.make_spirals_task(data_config)
-    trials = {m: sample_trials(m, budget, arch=arch, seed=seed) for m in methods}
+    names = [f"{phase}-{m}-{i:03d}" for m in methods for phase, n in (("search", budget), ("seeds", seeds))
+             for i in range(n)]
+    note_resume(sum(folder.finished(name) is not None for name in names), len(names), "runs", folder.root)
 
     def unit(bar, name, method, hyper, cfg, label):
         stored = folder.finished(name)
         if stored is not None:
             bar.update(epochs)
             return stored
-        bar.set_description(name)
+        start_unit(bar, name)
         start = time.perf_counter()
 
         def on_epoch(r):

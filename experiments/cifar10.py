@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hardtovary.experiments.progress import show_epoch
+from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
 from hardtovary.reference.optim import multistep_lr
 
@@ -394,12 +394,16 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
             done = torch.load(ckpt, map_location="cpu", weights_only=False)["epochs_done"] if ckpt.exists() else 0
             todo[name] = done
     total = sum((epochs - done) * steps for done in todo.values())
+    note_resume(len(trials) - len(todo), len(trials), "trials", folder.root)
+    for name, done in todo.items():
+        if done:
+            note_resume(done, epochs, f"epochs of trial {name}", folder.root)
     results = {"config": config, "trials": {}}
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
         for name, trial in trials.items():
             stored = folder.finished(name)
             if stored is None:
-                bar.set_description(name)
+                start_unit(bar, name)
 
                 show = show_epoch(bar)
                 outcome = train_trial(out / "trials" / name, data, trial, epochs=epochs, width=width,

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.reference import data as _data
 
@@ -121,6 +122,7 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
 
     units = [(n, m, r) for n in envs for m in methods for r in range(runs)]
     todo = [u for u in units if folder.finished(unit_name(*u)) is None]
+    note_resume(len(units) - len(todo), len(units), "runs", folder.root)
     total = sum(plans[n][2][m].epochs * _bl.steps_per_epoch(plans[n][0], plans[n][2][m]) for n, m, _ in todo)
     tasks = {}
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
@@ -130,7 +132,7 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
                 tasks.clear()  # one task in memory at a time
                 tasks[n] = _data.make_spirals_task(data_n)
             cfg = dataclasses.replace(configs[m], seed=base.seed + r)
-            bar.set_description(f"{n} envs {m} run {r}")
+            start_unit(bar, f"{n} envs {m} run {r}")
             start = time.perf_counter()
             history = _bl.train_baseline(m, tasks[n], cfg, on_step=lambda: bar.update(1))
             tests = [h["test_acc"] for h in history]

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
-from hardtovary.reference import data, optim, training
+from hardtovary.reference import data, optim, rules, training
 
 #: Methods the search can draw, and the rule options each one takes.
 METHODS = ("and_mask", "mean", "geometric_mean", "sand_mask")
@@ -48,7 +49,9 @@ RERUN_SEED_OFFSET = 1_000_000
 @dataclass(frozen=True)
 class SearchSpace:
     """The values each hyperparameter is drawn from, uniformly. ``l2`` and ``l1`` are the coefficients of the
-    regulariser chosen first, uniformly among {L2, L1, none} (paper Table 1: "never combined")."""
+    regulariser chosen first, uniformly among {L2, L1, none} (paper Table 1: "never combined"). ``flavour`` is one
+    value, not drawn: the geometric mean's flavour; the paper's fixes its tau at 1 (the only threshold the oracle
+    accepts for it), the ``"original"`` one draws tau from ``taus`` like the masks."""
 
     hidden_units: tuple[int, ...] = (32, 64)
     layers: tuple[int, ...] = (2, 3)
@@ -60,6 +63,7 @@ class SearchSpace:
     taus: tuple[float, ...] = (0.5, 0.75, 1.0)
     rescale: tuple[bool, ...] = (False, True)
     methods: tuple[str, ...] = ("and_mask", "mean")
+    flavour: str = "paper"
 
     def __post_init__(self):
         for name in ("hidden_units", "layers", "batch_sizes", "optimizers", "lrs", "l2", "l1", "taus", "rescale",
@@ -84,6 +88,8 @@ class SearchSpace:
                 raise ValueError(f"search space {name} must be >= 0, got {list(getattr(self, name))}")
         if any(not 0.0 <= x <= 1.0 for x in self.taus):
             raise ValueError(f"search space taus must lie in [0, 1], got {list(self.taus)}")
+        if self.flavour not in rules.FLAVOURS:
+            raise ValueError(f"flavour must be one of {list(rules.FLAVOURS)}, got {self.flavour!r}")
 
 
 #: Table 1's architecture values (paper App. B.3): hidden units, hidden layers, batch size per environment.
@@ -117,10 +123,11 @@ def sample_trials(space: SearchSpace, budget: int, *, epochs: int, n_agreement_e
         tau, rescale = pick(space.taus), pick(space.rescale)
         if method == "mean":
             tau, rescale = 0.0, False
-        elif method == "geometric_mean":
+        elif method == "geometric_mean" and space.flavour == "paper":
             tau = 1.0                                            # the paper's geometric mean needs all K signs
         trials.append(training.TrainConfig(
             method=method, tau=float(tau), rescale=bool(rescale), hidden=(int(units),) * int(layers),
+            flavour=space.flavour if method == "geometric_mean" else None,
             optimizer=optimizer, lr=float(lr), momentum=0.9,
             weight_decay=float(l2) if regulariser == "l2" else 0.0, weight_decay_order="before",
             l1=float(l1) if regulariser == "l1" else 0.0, batch_size=int(batch), n_agreement_envs=n_agreement_envs,
@@ -140,7 +147,7 @@ def _batches(configs: list[training.TrainConfig], runs_per_batch: int) -> list[l
 
 
 def _summary(config: training.TrainConfig) -> dict:
-    return {"method": config.method, "tau": config.tau, "rescale": config.rescale,
+    return {"method": config.method, "tau": config.tau, "flavour": config.flavour, "rescale": config.rescale,
             "hidden_units": config.hidden[0], "layers": len(config.hidden), "batch_size": config.batch_size,
             "optimizer": config.optimizer, "lr": config.lr, "l2": config.weight_decay, "l1": config.l1,
             "seed": config.seed}
@@ -149,15 +156,21 @@ def _summary(config: training.TrainConfig) -> dict:
 def _train_units(folder: RunFolder, phase: str, env_data, configs: list, labels: list[dict], *,
                  runs_per_batch: int, early_abort: bool, backend, dtype: str, bar) -> list[dict]:
     """Train ``configs`` in batches, each saved as unit ``<phase>-NNN``; finished units are read back, not
-    retrained. Returns one record per config (its label, final metrics, why it stopped and its history)."""
+    retrained (the bar counts their epochs as done). Returns one record per config (its label, final metrics, why
+    it stopped and its history)."""
     from hardtovary.accel.sweep import train_sweep
 
     records: list[dict | None] = [None] * len(configs)
-    for b, idx in enumerate(_batches(configs, runs_per_batch)):
-        name = f"{phase}-{b:03d}"
+    batches = _batches(configs, runs_per_batch)
+    names = [f"{phase}-{b:03d}" for b in range(len(batches))]
+    note_resume(sum(folder.finished(name) is not None for name in names), len(names), f"{phase} batches",
+                folder.root)
+    for name, idx in zip(names, batches):
         stored = folder.finished(name)
-        if stored is None:
-            bar.set_description(f"{phase} batch {b + 1} ({len(idx)} runs)")
+        if stored is not None:
+            bar.update(sum(configs[i].epochs for i in idx))
+        else:
+            start_unit(bar, f"{name} ({len(idx)} runs)")
             start = time.perf_counter()
             outcomes = train_sweep(env_data, [configs[i] for i in idx], backend=backend, dtype=dtype,
                                    early_abort=early_abort, on_epoch=lambda i, r: bar.update(1))
@@ -227,8 +240,8 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
 
     trials = sample_trials(space, budget, epochs=epochs, n_agreement_envs=n_envs, seed=seed)
-    total = (budget + top * seeds) * epochs  # an upper bound: fewer distinct configurations than top re-run fewer
-    with tqdm(total=total, disable=not progress, unit="run-epoch", dynamic_ncols=True) as bar:
+    with tqdm(total=(budget + top * seeds) * epochs, disable=not progress, unit="run-epoch",
+              dynamic_ncols=True) as bar:
         search = _train_units(folder, "search", env_data, trials, [{"trial": i} for i in range(budget)],
                               runs_per_batch=runs_per_batch, early_abort=early_abort, backend=backend,
                               dtype=dtype, bar=bar)
@@ -239,6 +252,8 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
             for s in range(seeds):
                 reruns.append(dataclasses.replace(trials[record["trial"]], seed=RERUN_SEED_OFFSET + seed + s))
                 labels.append({"rank": rank + 1, "trial": record["trial"]})
+        bar.total = (budget + len(reruns)) * epochs  # fewer distinct configurations than top re-run fewer
+        bar.refresh()
         repeated = _train_units(folder, "seeds", env_data, reruns, labels, runs_per_batch=runs_per_batch,
                                 early_abort=False, backend=backend, dtype=dtype, bar=bar)
 
@@ -268,13 +283,15 @@ def format_table(results: dict) -> str:
     """The best configurations, one row each: hyperparameters and mean ± std over seeds of the final accuracies."""
     n_search = len(results["search"])
     aborted = sum(r["stopped"] == "early_abort" for r in results["search"])
-    head = (f"{'rank':>4} {'method':<15}{'tau':>5} {'resc':<5}{'units':>6}{'layers':>7}{'batch':>6} {'opt':<5}"
+    head = (f"{'rank':>4} {'method':<15}{'tau':>5} {'flavour':<8} {'resc':<5}{'units':>6}{'layers':>7}{'batch':>6}"
+            f" {'opt':<5}"
             f"{'lr':>7}{'l2':>8}{'l1':>8}{'search test':>12}{'train acc (mean±std)':>22}"
             f"{'test acc o.o.d. (mean±std)':>28}{'seeds':>6}")
     lines = [f"search: {n_search} trials ({aborted} stopped early, paper §6.3); best re-run over seeds:", head]
     for r in results["best"]:
         lines.append(
-            f"{r['rank']:>4} {r['method']:<15}{r['tau']:>5.2f} {('yes' if r['rescale'] else 'no'):<5}"
+            f"{r['rank']:>4} {r['method']:<15}{r['tau']:>5.2f} {r['flavour'] or '-':<8} "
+            f"{('yes' if r['rescale'] else 'no'):<5}"
             f"{r['hidden_units']:>6}{r['layers']:>7}{r['batch_size']:>6} {r['optimizer']:<5}{r['lr']:>7.0e}"
             f"{_coefficient(r['l2']):>8}{_coefficient(r['l1']):>8}{r['search_test_acc']:>12.3f}"
             f"{r['train_acc_mean']:>14.3f} ± {r['train_acc_std']:.3f}"

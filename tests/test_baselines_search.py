@@ -9,8 +9,8 @@ pytest.importorskip("torch")
 from hardtovary.experiments import baselines_search as bs  # noqa: E402
 from hardtovary.experiments import cli  # noqa: E402
 
-TINY = ["--n-envs", "2", "--examples-per-env", "32", "--n-test", "40", "--n-dims", "3", "--hidden-units", "8",
-        "--layers", "1", "--batch-sizes", "8,16", "--epochs", "2", "--budget", "2", "--seeds", "2", "--no-progress"]
+TINY = ["--n-envs", "2", "--examples-per-env", "32", "--n-test", "40", "--n-dims", "3", "--widths", "8",
+        "--depths", "1", "--batch-sizes", "8,16", "--epochs", "2", "--budget", "2", "--seeds", "2", "--no-progress"]
 
 
 @pytest.mark.parametrize("method", ["erm", "dann", "and_mask", "geometric_mean"])
@@ -91,7 +91,7 @@ def test_cli_tiny_run_writes_table_results_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--budget", "0"], ["--seeds", "-1"], ["--methods", "erm,svm"],
-                                  ["--epochs", "x"], ["--hidden-units", "a,b"]])
+                                  ["--epochs", "x"], ["--widths", "a,b"]])
 def test_bad_options_are_refused_by_the_parser(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["baselines-search", "--out", str(tmp_path / "r"), *argv])
@@ -103,7 +103,7 @@ def test_bad_values_are_refused_before_training(tmp_path, capsys):
     # batch size larger than the examples per environment
     assert cli.main(["baselines-search", "--out", str(tmp_path / "a"), *TINY, "--batch-sizes", "64"]) == 2
     assert "exceed" in capsys.readouterr().err
-    assert cli.main(["baselines-search", "--out", str(tmp_path / "b"), *TINY, "--layers", "0"]) == 2
+    assert cli.main(["baselines-search", "--out", str(tmp_path / "b"), *TINY, "--depths", "0"]) == 2
     assert cli.main(["baselines-search", "--out", str(tmp_path / "c"), *TINY, "--n-agreement-envs", "3"]) == 2
     with pytest.raises(ValueError):
         bs.run(tmp_path / "d", methods=("erm", "erm"))

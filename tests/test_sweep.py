@@ -155,13 +155,15 @@ def test_synthetic_accel_backend_matches_reference(tmp_path, capsys):
     options = [*TINY, "--hidden", "8,8", "--batch-size", "8", "--epochs", "3",
                "--methods", "mean,and_mask,geometric_mean,sand_mask"]
     assert run_cli("synthetic", "--out", tmp_path / "ref", *options) == 0
-    assert run_cli("synthetic", "--out", tmp_path / "acc", "--backend", "accel", *options) == 0
+    assert run_cli("synthetic", "--out", tmp_path / "acc", "--implementation", "accel", "--backend", "numpy",
+                   *options) == 0
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
     acc = json.loads((tmp_path / "acc" / "results.json").read_text())
     assert list(acc["methods"]) == list(ref["methods"]) == ["mean", "and_mask", "geometric_mean", "sand_mask"]
     assert acc["config"] == ref["config"]
     for name in ref["methods"]:
-        assert acc["methods"][name]["backend"] == "accel" and ref["methods"][name]["backend"] == "reference"
+        assert acc["methods"][name]["implementation"] == "accel" and acc["methods"][name]["backend"] == "numpy"
+        assert ref["methods"][name]["implementation"] == "reference"
         for x, y in zip(acc["methods"][name]["history"], ref["methods"][name]["history"]):
             for key in HISTORY_KEYS:
                 assert x[key] == pytest.approx(y[key], abs=1e-10)
@@ -169,8 +171,8 @@ def test_synthetic_accel_backend_matches_reference(tmp_path, capsys):
     assert "sand_mask" in capsys.readouterr().out
 
 
-SWEEP = ["--budget", "5", "--top", "2", "--seeds", "2", "--epochs", "2", "--hidden-units", "8",
-         "--layers", "1,2", "--batch-sizes", "8", "--runs-per-batch", "2", *TINY]
+SWEEP = ["--budget", "5", "--top", "2", "--seeds", "2", "--epochs", "2", "--widths", "8",
+         "--depths", "1,2", "--batch-sizes", "8", "--runs-per-batch", "2", *TINY]
 
 
 def test_sweep_command_writes_a_table_and_resumes(tmp_path, capsys):
@@ -276,3 +278,51 @@ def test_mean_std_is_the_sample_deviation():
     assert std == pytest.approx(((0.3**2 + 0.1**2 + 0.4**2) / 2) ** 0.5)
     with pytest.raises(ValueError, match="at least one"):
         mean_std([])
+
+
+BARS = []
+
+
+class RecordingBar:
+    """A stand-in for tqdm that records its total and how far it got."""
+
+    def __init__(self, iterable=None, total=None, **kwargs):
+        self.total, self.n = total, 0
+        BARS.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_description(self, desc):
+        pass
+
+    def set_postfix(self, refresh=True, **values):
+        pass
+
+    def refresh(self):
+        pass
+
+
+def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, capsys):
+    """A search that draws one configuration over and over re-runs it once (fewer than --top), and a resumed run
+    reads every batch back: the bar ends at 100% in both (it stopped at 91% after a resume)."""
+    from hardtovary.experiments import sweep
+
+    monkeypatch.setattr(sweep, "tqdm", RecordingBar)
+    small = data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=40, n_dims=3)
+    space = sweep.SearchSpace(hidden_units=(8,), layers=(1,), batch_sizes=(8,), optimizers=("adam",), lrs=(1e-2,),
+                              l2=(0.0,), l1=(0.0,), taus=(1.0,), rescale=(True,), methods=("and_mask",))
+    options = {"space": space, "data_config": small, "budget": 3, "seeds": 2, "top": 2, "epochs": 2,
+               "runs_per_batch": 2, "progress": True, "backend": "numpy"}
+    for attempt in ("fresh", "resumed"):
+        BARS.clear()
+        sweep.run(tmp_path / "s", **options)
+        (bar,) = BARS
+        assert bar.n == bar.total, (attempt, bar.n, bar.total)
+    assert "resuming: 2 of 2 search batches reused" in capsys.readouterr().err
