@@ -425,8 +425,8 @@ def test_mean_of_the_counterexample_is_identical_in_every_order():
 
 
 def test_mean_where_the_float_sum_has_the_wrong_sign_and_is_not_small():
-    # 2^54 + 1.9 rounds back to 2^54 seven times: the row-by-row float sum is -12 (about 1.5 eps sum|g|), the exact
-    # sum 7 * 1.9 - 12 = +1.3; an error bound without the factor K would trust the -12
+    # 2^54 + 1.9 rounds back to 2^54 seven times: the row-by-row float sum is -12 (3 eps max|g|), the exact sum
+    # 7 * 1.9 - 12 = +1.3; an error bound without a factor K (eps max|g|, 2 eps max|g|) would trust the -12
     column = [2.0**54] + [1.9] * 7 + [-(2.0**54 + 12)]
     G = np.tile(np.array(column)[:, None], (1, 3))
     assert G.sum(axis=0).tolist() == [-12.0] * 3  # NumPy's float sum, this layout: the wrong sign
