@@ -77,7 +77,9 @@ def test_cli_tiny_run_writes_table_results_and_resumes(tmp_path, capsys):
     # resume: finished units are read back, not retrained
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()}
     (out / "units" / "seeds-dann-001.json").unlink()
+    capsys.readouterr()
     assert cli.main(["baselines-search", "--out", str(out), *TINY]) == 0
+    assert f"resuming: 15 of 16 runs reused from {out}" in capsys.readouterr().err
     after = {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()}
     assert set(after) == set(stamps)
     changed = [n for n in after if after[n] != stamps[n]]

@@ -36,8 +36,10 @@ def test_cli_writes_table_json_and_resumes(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["envs"] == results["envs"]
     # A missing unit is recomputed, only that one.
     (out / "units" / "envs00002-erm-run0.json").unlink()
+    capsys.readouterr()
     assert cli.main(["env-count", "--out", str(out), *TINY]) == 0
     assert (out / "units" / "envs00002-erm-run0.json").exists()
+    assert f"resuming: 7 of 8 runs reused from {out}" in capsys.readouterr().err
     assert (out / "units" / "envs00004-erm-run0.json").stat().st_mtime_ns == stamps["envs00004-erm-run0.json"]
     # Other options into the same folder are refused.
     assert cli.main(["env-count", "--out", str(out), *TINY, "--lr", "0.5"]) == 2
