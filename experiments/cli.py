@@ -99,6 +99,9 @@ def _widths(text: str) -> tuple[int, ...]:
     return values
 
 
+#: The help of every --hidden option (one MLP's widths).
+_HIDDEN_HELP = "hidden widths, comma-separated; at least one (none is an error)"
+
 #: The help of every --lr-milestones option, after what its default is.
 _MILESTONES_HELP = "; each m in 1..EPOCHS-1 (the rate drops from epoch m + 1 on), others are an error"
 
@@ -228,7 +231,7 @@ def _add_synthetic(subparsers) -> None:
     _add_flavour_option(p, "--tau")
     _add_spirals_options(p, d)
     g = p.add_argument_group("model and training (paper Table 1)")
-    g.add_argument("--hidden", type=_widths, default=t.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--hidden", type=_widths, default=t.hidden, help=_HIDDEN_HELP)
     g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation,
                    help="hidden-layer nonlinearity (LeakyReLU slope 0.01)")
     g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear")
@@ -416,8 +419,8 @@ def _run_sweep(args) -> int:
 #: units of eps, which does not depend on it).
 _ILC_EPS = 1.0
 
-#: The ilc options that apply to some problems only, and the options of those problems; giving one elsewhere is an
-#: error (it would change nothing).
+#: The ilc options that apply only with some of --hessians, --patchwork, --spirals-mlp and --compare, and with which;
+#: giving one without them is an error (it would change nothing).
 _ILC_SCOPE = {
     "eps": ("--hessians", "--patchwork", "--spirals-mlp"),
     "compare": ("--hessians", "--patchwork"),
@@ -483,7 +486,7 @@ def _add_ilc(subparsers) -> None:
     g.add_argument("--examples-per-env", type=_positive_int, default=None,
                    help=f"examples per environment (default: {_default_of(mlp, 'examples_per_env')})")
     g.add_argument("--hidden", type=_widths, default=None,
-                   help=f"hidden widths, comma-separated (default: {_shown(_default_of(mlp, 'hidden'))})")
+                   help=f"{_HIDDEN_HELP} (default: {_shown(_default_of(mlp, 'hidden'))})")
     g.add_argument("--epochs", type=_positive_int, default=None,
                    help=f"full-batch epochs (default: {_default_of(mlp, 'epochs')})")
     g = p.add_argument_group("--compare (with --hessians or --patchwork)")
@@ -663,7 +666,7 @@ def _add_baselines(subparsers) -> None:
     p.add_argument("--epochs", type=_positive_int, default=c.epochs, help="passes over the training data")
     _add_spirals_options(p, d)
     g = p.add_argument_group("model and training (defaults: each method's preset)")
-    g.add_argument("--hidden", type=_widths, default=c.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--hidden", type=_widths, default=c.hidden, help=_HIDDEN_HELP)
     g.add_argument("--batch-size", type=_positive_int, default=c.batch_size, help="examples per environment")
     g.add_argument("--n-agreement-envs", type=_positive_int, default=None,
                    help="environments per step (must divide --n-envs; default: all of them)")
@@ -793,7 +796,7 @@ def _add_gradient_correlation(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/gradient_correlation"), help="output folder")
     p.add_argument("--seeds", type=_positive_int, default=c.n_seeds, help="weight seeds (0 .. N-1)")
     p.add_argument("--taus", type=_float_list, default=c.taus, help="thresholds in [-1, 1], comma-separated")
-    p.add_argument("--hidden", type=_widths, default=c.hidden, help="hidden widths, comma-separated")
+    p.add_argument("--hidden", type=_widths, default=c.hidden, help=_HIDDEN_HELP)
     p.add_argument("--remove-label-independent", action="store_true",
                    help="subtract the average gradient on label-independent inputs (all input columns permuted) "
                         "before correlating")
@@ -873,7 +876,7 @@ def _add_env_count(subparsers) -> None:
     g.add_argument("--shortcut-scale", type=_nonnegative, default=d.shortcut_scale,
                    help="multiplies the shortcut signatures (the paper's variance 0.1 is 0.316)")
     g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
-    g.add_argument("--hidden", type=_widths, default=c.hidden, help="hidden widths, comma-separated")
+    g.add_argument("--hidden", type=_widths, default=c.hidden, help=_HIDDEN_HELP)
     g.add_argument("--batch-size", type=_positive_int, default=c.batch_size,
                    help="examples per environment per step (capped at the examples per environment)")
     g.add_argument("--epochs", type=_positive_int, default=c.epochs,
