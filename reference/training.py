@@ -78,6 +78,8 @@ class TrainConfig:
         if self.sand_k is not None and self.method != "sand_mask":
             raise ValueError(f"sand_k is only for method='sand_mask', got sand_k={self.sand_k!r} "
                              f"with method={self.method!r}")
+        if self.method == "geometric_mean":  # the paper flavour needs tau = 1: refuse, never train another tau
+            rules.aggregate_arguments(self.method, self.tau, self.rescale, self.flavour)
         v.choice(self.optimizer, "optimizer", OPTIMIZERS)
         v.positive(self.lr, "lr")
         v.in_range(self.momentum, "momentum", 0.0, 0.999999)

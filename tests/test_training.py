@@ -62,6 +62,14 @@ def test_bad_configuration_names_the_field(field, value, error, match):
         tiny_config(**{field: value})
 
 
+def test_the_paper_geometric_mean_refuses_a_tau_it_would_not_train_with():
+    """The paper flavour is defined only for unanimous signs (tau = 1): another tau is refused, never replaced."""
+    with pytest.raises(ValueError, match="flavour='original'"):
+        tiny_config(method="geometric_mean", tau=0.5)
+    assert tiny_config(method="geometric_mean", tau=0.5, flavour="original").tau == 0.5
+    assert tiny_config(method="geometric_mean", tau=1.0).tau == 1.0
+
+
 # -- what the loop does ---------------------------------------------------------------------------------------------
 
 def test_training_is_deterministic_per_seed_and_records_every_epoch():
