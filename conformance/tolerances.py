@@ -25,6 +25,12 @@ A component passes when ``|t - o| <= rtol * |o| + atol_eff``. Documented widenin
    number that rounding is absolute, not relative. Seen on an H200: a float16 mean of exactly 17.5 subnormal
    steps (1.0431e-6) correctly rounded to 18 steps (1.0729e-6), 2.9% above the oracle's float64 value.
 
+4. **The sign of a cancelling mean.** The authors' geometric mean takes the sign of the arithmetic mean. Where the
+   exact mean is within a float sum's rounding error of 0, ``|mean| <= K * eps(dtype) * max_e |G[e, j]|`` (Higham's
+   bound on the error of a K-term sum, divided by K), a target computing in its dtype cannot decide that sign: 0 or
+   either sign is accepted there, and reported as a divergence (``Tolerance.sign_undecidable``). The oracle's own
+   mean is exact in sign.
+
 Discrete decisions are **exact**: where the oracle masks a component (its output is exactly 0.0 because the mask
 is 0), the target must return exactly 0.0, whatever the dtype. Sign counts are integers and never need a
 tolerance. The only place where a discrete disagreement is reported instead of failed is the named check
@@ -65,6 +71,12 @@ class Tolerance:
                 + self.half_subnormal)
 
 
+    def sign_undecidable(self, exact_mean, largest, K: int):
+        """Where the sign of a mean of K terms, each at most ``largest`` in magnitude, is within the rounding error of
+        a sum in this dtype (widening 4)."""
+        return np.abs(np.asarray(exact_mean, dtype=np.float64)) <= K * self.eps * np.asarray(largest, dtype=np.float64)
+
+
 def dtype_name(dtype) -> str:
     name = getattr(dtype, "name", None) or str(dtype)
     name = name.replace("torch.", "")
@@ -76,12 +88,6 @@ def for_dtype(dtype) -> Tolerance:
     name = dtype_name(dtype)
     rtol, atol = DEFAULTS[name]
     return Tolerance(name, rtol, atol, _EPS[name], _HALF_SUBNORMAL[name])
-
-
-def widest(*dtypes) -> Tolerance:
-    """The loosest policy among the dtypes (used when input and output dtypes differ)."""
-    tols = [for_dtype(d) for d in dtypes]
-    return max(tols, key=lambda t: (t.rtol, t.eps))
 
 
 def within(target, oracle, bound) -> np.ndarray:

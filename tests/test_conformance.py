@@ -586,3 +586,23 @@ def test_a_dtype_the_target_refuses_is_unsupported_and_the_others_judged():
     assert verdicts == {"agg.oracle.and_mask.rescaled.float64": "unsupported",
                         "agg.oracle.and_mask.rescaled.float32": "pass",
                         "agg.oracle.and_mask.rescaled.float16": "unsupported"}
+
+
+def test_the_sign_of_a_cancelling_mean_is_reported_not_failed():
+    """[0.5, 1e-300, -0.5, 2^-7, -2^-7]: the exact mean is positive, a float sum in this order gives 0. A target
+    taking the sign of its float sum is excused there (the sign is below the sum's rounding error) and the divergence
+    is reported; the same sign error where the mean is clearly nonzero fails, and the magnitude is still judged."""
+    G = np.array([[0.5], [1e-300], [-0.5], [2.0**-7], [-(2.0**-7)]])
+    options = {"rule": "geometric_mean", "tau": 0.0, "rescale": False, "flavour": "original"}
+    oracle = targets.reference.aggregate([G], **options)[0]
+    assert oracle[0] > 1e-4 and np.sign(G.sum(0))[0] == 0.0
+    with checks.tallying() as tally:
+        checks.compare_aggregate([G], [np.zeros(1)], **options)
+        checks.compare_aggregate([G], [-oracle], **options)
+    assert len(tally.divergences) == 2 and "sign of a cancelling mean" in tally.divergences[0]
+    clear = np.array([[1.0], [2.0], [3.0], [-1.0], [0.5]])
+    value = targets.reference.aggregate([clear], **options)[0]
+    with pytest.raises(checks.Mismatch):
+        checks.compare_aggregate([clear], [-value], **options)
+    with pytest.raises(checks.Mismatch):
+        checks.compare_aggregate([G], [2 * oracle], **options)
