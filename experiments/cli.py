@@ -574,10 +574,13 @@ def _add_conformance(subparsers) -> None:
         "conformance",
         help="check an implementation of the rules, gradients and optimizer steps against the oracle",
         description=(
-            "Run the conformance suite against a target named as module:attribute (see README, 'Verify your "
-            "implementation'). Built-in targets: hardtovary.conformance.targets:reference (the oracle), "
-            "hardtovary.conformance.torch_target:target (hardtovary.accel.torch), and the planted mutants "
-            "hardtovary.conformance.mutants:<name>. Exit status 0 exactly when no check fails unexpectedly."))
+            "Run the conformance suite against a target named as module:attribute (imported with the current "
+            "directory first on the path) or path/to/file.py:attribute (see README, 'Verify your implementation'). "
+            "Built-in targets: hardtovary.conformance.targets:reference (the oracle), "
+            "hardtovary.conformance.torch_target:target (hardtovary.accel.torch), "
+            "hardtovary.conformance.accel_target:target (hardtovary.accel.rules) and the planted mutants "
+            "hardtovary.conformance.mutants:<name>. Exit status 0 exactly when no check fails unexpectedly and at "
+            "least one check compared values; 1 otherwise; 2 for usage errors."))
     conformance_cli.add_arguments(p)
     p.set_defaults(run=conformance_cli.run_from_args, interrupted="no verdict was reached")
 
