@@ -478,7 +478,7 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
                 folder.save(name, stored)
             runs[m].append(stored)
             results = {"config": config, "methods": {k: _summarise(v) for k, v in runs.items() if v}}
-            folder.write("results.json", results)
+            folder.write_results(results)
     write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
 

@@ -258,8 +258,8 @@ def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: i
                          "train_acc_mean": train_mean, "train_acc_std": train_std,
                          "test_acc_mean": test_mean, "test_acc_std": test_std, "n_seeds": len(runs),
                          "runs": [{k: r[k] for k in ("seed", "train_acc", "test_acc")} for r in runs]}}
-            folder.write("results.json", results)
-    folder.write("results.json", results)
+            folder.write_results(results)
+    folder.write_results(results)
     write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
 

@@ -413,7 +413,7 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
                 stored = {**trial, **outcome}
                 folder.save(name, stored)
             results["trials"][name] = stored
-            folder.write("results.json", results)
+            folder.write_results(results)
     return results
 
 

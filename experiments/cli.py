@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from hardtovary import __version__
+from hardtovary.experiments import runtime
 from hardtovary.reference import optim
 
 
@@ -932,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
             add(subparsers)
         else:
             _add_needs_torch(subparsers, name)
+    for command in subparsers.choices.values():
+        if "-" in command.prefix_chars:  # not the stand-ins for torch commands, which take every word as it is
+            runtime.add_threads_option(command)
     return parser
 
 
@@ -965,7 +969,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        status = args.run(args)
+        with runtime.limited_threads(runtime.resolve_threads(getattr(args, "threads", None))):
+            status = args.run(args)
         sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, as BrokenPipeError
         return status
     except (UsageError, ValueError, TypeError) as exc:

@@ -151,7 +151,7 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
             row[m] = {**summarise(s["max_test_acc"] for s in stored),
                       "examples_per_env": data_n.examples_per_env, "n_agreement_envs": K}
         results["envs"][str(n)] = row
-    folder.write("results.json", results)
+    folder.write_results(results)
     table = format_table(results)
     write_atomic(Path(out) / "table.txt", lambda f: f.write(table + "\n"))
     return results

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from hardtovary.accel.torch import rules as _rules
 from hardtovary.accel.torch.env_gradients import env_gradients
 from hardtovary.accel.torch.models import mlp_from_spec
-from hardtovary.experiments.runfolder import write_json_atomic
+from hardtovary.experiments.runfolder import write_results
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 
@@ -205,7 +205,7 @@ def run(config: GradientCorrelationConfig = GradientCorrelationConfig(), out: Pa
         results[k] = {"per_seed": a.tolist(), "mean": np.nanmean(a, axis=0).tolist() if a.size else [],
                       "std": np.nanstd(a, axis=0).tolist() if a.size else []}
     if out is not None:
-        write_json_atomic(Path(out) / "results.json", _json_safe(results))
+        write_results(out, _json_safe(results))
     return results
 
 

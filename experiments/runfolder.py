@@ -4,24 +4,41 @@ A run folder holds ``config.json`` (the full configuration of the run) and one J
 (``units/<name>.json``). Files are written to a temporary name in the same folder and renamed into place
 (``os.replace`` is atomic on POSIX), so a reader never sees a half-written file. Re-running with the same
 configuration skips the units that are already there; a different configuration is refused unless the caller
-asks to start afresh.
+asks to start afresh. ``results.json`` (:func:`write_results`) also records the installation and thread settings
+that produced it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+
+from hardtovary.experiments import runtime
+
+RESULTS_FILE = "results.json"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """Create a new file beside ``path`` for writing; returns its descriptor and path. Unlike
+    ``tempfile.mkstemp``, which creates files readable by their owner only (mode 0600), the mode is 0666 less the
+    umask, the mode that ``open(path, "w")`` would give."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def write_atomic(path: Path, write, *, binary: bool = False) -> None:
     """Create ``path`` atomically: ``write(file)`` fills a temporary file in the same folder, which is flushed to
-    disk and renamed into place, so a reader never sees a half-written file."""
+    disk and renamed into place, so a reader never sees a half-written file. The file's mode respects the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -42,6 +59,14 @@ def write_json_atomic(path: Path, obj) -> None:
         f.write("\n")
 
     write_atomic(path, write)
+
+
+def write_results(folder: Path, results: dict) -> Path:
+    """Write ``folder/results.json``: ``results`` plus, under ``"runtime"``, the installation and thread settings
+    that produced them (:func:`hardtovary.experiments.runtime.describe`). Returns the file's path."""
+    path = Path(folder) / RESULTS_FILE
+    write_json_atomic(path, {**results, "runtime": runtime.describe()})
+    return path
 
 
 def read_json(path: Path):
@@ -79,7 +104,6 @@ class RunFolder:
     def save(self, name: str, result) -> None:
         write_json_atomic(self.unit_path(name), result)
 
-    def write(self, filename: str, obj) -> Path:
-        path = self.root / filename
-        write_json_atomic(path, obj)
-        return path
+    def write_results(self, results: dict) -> Path:
+        """:func:`write_results` into this run folder."""
+        return write_results(self.root, results)

@@ -270,7 +270,7 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
     results = {"config": config,
                "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
                "best": rows}
-    folder.write("results.json", results)
+    folder.write_results(results)
     write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
 

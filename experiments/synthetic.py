@@ -114,7 +114,7 @@ def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
                           "backend": "numpy", "history": outcome.history}
                 folder.save(name, stored)
             results["methods"][name] = stored
-            folder.write("results.json", results)
+            folder.write_results(results)
     return results
 
 
@@ -144,7 +144,7 @@ def _run_accel(folder: RunFolder, env_data, configs: dict, methods, todo: list, 
                                "history": outcome.history})
     for name in methods:
         results["methods"][name] = folder.finished(name)
-    folder.write("results.json", results)
+    folder.write_results(results)
     return results
 
 
