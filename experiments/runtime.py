@@ -1,8 +1,8 @@
 """The software a command runs on: how many threads its numerical libraries may use, and what to record about them.
 
 Thread bound. NumPy's and SciPy's BLAS (OpenBLAS) and torch's intra-op pool (OpenMP) start one thread per core.
-The experiments multiply small matrices, where those threads mostly wait for each other, and on a machine with
-other work running they compete with it for the cores (``bench/bench_threads.py`` measures both). Every
+The experiments multiply small matrices, where extra threads gain little, and on a machine with other work running
+they compete with it for the cores and wait for each other (``bench/bench_threads.py`` measures both). Every
 ``hardtovary`` command therefore bounds them, by default to :data:`DEFAULT_THREADS`; ``--threads N`` or the
 environment variable ``HARDTOVARY_THREADS`` changes the bound, and 0 leaves the libraries' own defaults.
 :func:`limited_threads` applies it with ``threadpoolctl`` to the pools already loaded (torch's intra-op pool is one
@@ -28,8 +28,8 @@ import threadpoolctl
 from hardtovary import __version__
 
 THREADS_ENV_VAR = "HARDTOVARY_THREADS"
-# Measured by bench/bench_threads.py (README, "Benchmarks"): one thread is as fast as two on an idle 2-core
-# machine and several times faster under a concurrent load, for the NumPy commands and the torch MLP commands.
+# bench/bench_threads.py (README, "Benchmarks"): next to other work, one thread ran every command's workload 1.3x to
+# 12.7x faster than one thread per core; on an idle machine one per core was 1.1x to 1.7x faster (--threads 0).
 DEFAULT_THREADS = 1
 # Read by OpenMP runtimes, OpenBLAS, MKL and torch when they start: they bound libraries loaded inside the block.
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
