@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from hardtovary.reference import quadratic as _ref
-from hardtovary.reference._validate import non_finite_error, positive
+from hardtovary.reference.validate import non_finite_error, positive
 
 from .backend import array_module, to_numpy
 

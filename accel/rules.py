@@ -44,8 +44,8 @@ from typing import NamedTuple
 import numpy as np
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference._validate import consistent_stacks
-from hardtovary.reference._validate import finite as _finite_or_raise
+from hardtovary.reference.validate import consistent_stacks
+from hardtovary.reference.validate import finite as _finite_or_raise
 
 from .backend import array_module, to_numpy
 

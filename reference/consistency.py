@@ -25,7 +25,7 @@ theta*. The closed forms for quadratics live in ``quadratic.py``; this module co
   ``prop2_bound_corrected`` (paper.md §4.6 errata);
 - the two-sigmoid toy of App. A.1: ``two_sigmoid_inconsistency_lower_bound`` (paper.md §2.4 erratum).
 
-Bad input raises ``TypeError`` / ``ValueError`` naming the argument (see ``_validate``).
+Bad input raises ``TypeError`` / ``ValueError`` naming the argument (see ``validate``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.stats import binom
 
 from . import rules
-from ._validate import choice, finite, float_array, in_range, integer, positive, real_number
+from .validate import choice, finite, float_array, in_range, integer, positive, real_number
 from .data import (
     two_sigmoid_env_grid,
     two_sigmoid_env_losses,

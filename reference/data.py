@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from ._validate import choice, finite, float_array, integer, positive, real_number
+from .validate import choice, finite, float_array, integer, positive, real_number
 
 __all__ = [
     "PAPER_SHORTCUT_SCALE",

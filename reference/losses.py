@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit, logsumexp, softmax
 
-from ._validate import choice, finite, float_array
+from .validate import choice, finite, float_array
 
 LOSS_KINDS = ("bce_with_logits", "cross_entropy", "mse")
 

@@ -68,7 +68,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import losses as _losses
-from ._validate import choice, finite, float_array, in_range, integer, positive, real_number
+from .validate import choice, finite, float_array, in_range, integer, positive, real_number
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh")
 SEMANTICS = ("pooled", "per_env")

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ._validate import choice, finite, float_array, integer, positive, real_number
+from .validate import choice, finite, float_array, integer, positive, real_number
 
 __all__ = ["SGD", "Adam", "l1_gradient", "multistep_lr"]
 
@@ -29,7 +29,7 @@ _ORDERS = {"before", "after"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# validation helpers local to this module (composed from _validate)
+# validation helpers local to this module (composed from validate)
 # ---------------------------------------------------------------------------------------------------------------
 
 

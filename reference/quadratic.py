@@ -64,7 +64,7 @@ determinant ratio, AM singular                 None (0/0, undefined: a direction
 
 Bad input raises ``TypeError`` (bool, complex, object or string arrays; non-real scalars) or ``ValueError``
 (shape, range, non-finite entries, asymmetric or indefinite Hessians), naming the argument and the environment
-(see ``_validate``). Integer arrays are accepted and converted to float64; everything is computed in float64.
+(see ``validate``). Integer arrays are accepted and converted to float64; everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 
-from ._validate import finite, float_array, integer, positive
+from .validate import finite, float_array, integer, positive
 
 #: Largest accepted asymmetry of a Hessian, relative to its largest entry.
 SYMMETRY_RTOL = 1e-10

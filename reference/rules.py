@@ -70,7 +70,7 @@ fully masked tensor, rescaled           exactly 0 (never inf or NaN), paper foot
 
 Bad input raises ``TypeError`` (wrong kind of object or dtype: integer/bool/complex gradients, bool or string
 tau, mixed dtypes between stacks) or ``ValueError`` (shape, range, non-finite entries, unknown names), with a
-message naming the argument (see ``_validate``).
+message naming the argument (see ``validate``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import choice, consistent_stacks, finite, float_array, gradient_stack, in_range, integer, positive
+from .validate import choice, consistent_stacks, finite, float_array, gradient_stack, in_range, integer, positive
 
 RULES = ("mean", "and_mask", "geometric_mean", "sand_mask")
 FLAVOURS = ("paper", "original")

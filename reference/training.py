@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from hardtovary.reference import _validate as v
+from hardtovary.reference import validate as v
 from hardtovary.reference import losses, mlp, optim, rules
 
 METHODS = ("mean", "and_mask", "geometric_mean", "sand_mask")

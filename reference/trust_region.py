@@ -112,7 +112,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import linalg, optimize
 
-from ._validate import finite, float_array, positive, real_number
+from .validate import finite, float_array, positive, real_number
 
 #: Largest ``max|H - H^T| / max|H|`` accepted as symmetric.
 SYMMETRY_RTOL = 1e-10

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hardtovary.reference._validate import choice, in_range, positive
+from hardtovary.reference.validate import choice, in_range, positive
 from hardtovary.reference.rules import rule_options
 
 from . import rules as _rules

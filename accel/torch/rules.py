@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference._validate import consistent_stacks, in_range, integer, non_finite_error, positive
+from hardtovary.reference.validate import consistent_stacks, in_range, integer, non_finite_error, positive
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS

@@ -1,4 +1,4 @@
-"""Input validation shared by the oracle's public functions.
+"""Input validation shared by every package of hardtovary (the oracle, accel, the experiments): public by design.
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, range or
 non-finite entries) with a message that names the argument, what was expected and what was received.
