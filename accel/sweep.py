@@ -44,12 +44,7 @@ from hardtovary.accel.backend import get_backend, to_numpy
 from hardtovary.reference import mlp, optim, training
 from hardtovary.reference.training import EnvironmentData, TrainConfig, TrainResult
 
-__all__ = ["SweepResult", "train_sweep", "group_key", "EARLY_ABORT_TRAIN_ACC", "EARLY_ABORT_TEST_ACC"]
-
-#: Early abort of paper §6.3: a run stops when its training accuracy exceeds this ...
-EARLY_ABORT_TRAIN_ACC = 0.97
-#: ... while its o.o.d. test accuracy is below this.
-EARLY_ABORT_TEST_ACC = 0.6
+__all__ = ["SweepResult", "train_sweep", "group_key"]
 
 #: Adam's constants, as reference.training.make_optimizer uses them (torch defaults).
 _ADAM_BETAS = (0.9, 0.999)
@@ -440,8 +435,7 @@ def _train_group(data, xp, dtype, X_train, y_train, X_test, y_test, configs, ind
                 on_epoch(i, record)
             if epoch + 1 >= configs[i].epochs:
                 stop[i] = "completed"
-            elif early_abort and (record["train_acc"] > EARLY_ABORT_TRAIN_ACC
-                                  and record["test_acc"] < EARLY_ABORT_TEST_ACC):
+            elif early_abort and training.memorising(record["train_acc"], record["test_acc"]):
                 stop[i] = "early_abort"
         if stop:
             for i, why in stop.items():

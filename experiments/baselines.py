@@ -67,9 +67,6 @@ __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFA
 METHODS = ("erm", "dann", "irm", "and_mask", "geometric_mean")
 DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
 
-EARLY_ABORT_TRAIN = 0.97
-EARLY_ABORT_TEST = 0.6
-
 
 @dataclass(frozen=True)
 class BaselineConfig:
@@ -414,7 +411,7 @@ def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if config.early_abort and record["train_acc"] > EARLY_ABORT_TRAIN and record["test_acc"] < EARLY_ABORT_TEST:
+        if config.early_abort and _training.memorising(record["train_acc"], record["test_acc"]):
             record["aborted"] = True
             break
     return history

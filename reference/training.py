@@ -34,6 +34,16 @@ from hardtovary.reference import losses, mlp, optim, rules
 METHODS = ("mean", "and_mask", "geometric_mean", "sand_mask")
 OPTIMIZERS = ("adam", "sgd")
 
+#: The early abort of the paper's search (App. B.3): a run that fits its training data (accuracy above the first)
+#: while the o.o.d. test accuracy stays below the second is memorising, and is stopped at the end of that epoch.
+EARLY_ABORT_TRAIN_ACC = 0.97
+EARLY_ABORT_TEST_ACC = 0.6
+
+
+def memorising(train_acc: float, test_acc: float) -> bool:
+    """The early-abort test of App. B.3 (:data:`EARLY_ABORT_TRAIN_ACC`, :data:`EARLY_ABORT_TEST_ACC`)."""
+    return train_acc > EARLY_ABORT_TRAIN_ACC and test_acc < EARLY_ABORT_TEST_ACC
+
 
 @dataclass(frozen=True)
 class TrainConfig:

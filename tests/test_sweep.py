@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hardtovary.accel.backend import cupy_status
-from hardtovary.accel.sweep import EARLY_ABORT_TEST_ACC, EARLY_ABORT_TRAIN_ACC, SweepResult, train_sweep
+from hardtovary.accel.sweep import SweepResult, train_sweep
+from hardtovary.reference.training import EARLY_ABORT_TEST_ACC, EARLY_ABORT_TRAIN_ACC
 from hardtovary.experiments import cli
 from hardtovary.reference import data, training
 
