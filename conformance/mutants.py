@@ -2,15 +2,15 @@
 
 Each mutant is a target built on the oracle (:class:`~hardtovary.conformance.targets.ReferenceTarget`) with one
 deliberate bug taken from a real implementation's mistake, or one that a tolerance or a property exists to catch.
-``MUTANTS`` maps a name to ``(target, area, catching_check_ids, description)``; ``area`` is the check-id prefix
-whose checks the teeth test runs; ``catching_check_ids`` are the checks known to catch it (the test asserts the
-mutant FAILs at least one check of its area, and that each listed check is among the FAILs).
+``MUTANTS`` maps a name to a :class:`Mutant`: the target, what it breaks, and the checks known to catch it (the
+teeth test asserts that each of those checks FAILs).
 Run one by hand: ``--target hardtovary.conformance.mutants:strict_gt``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -246,45 +246,68 @@ class SpiralsNoiseFirst(ReferenceTarget):
         return np.hstack((mech, signatures)).astype(np.float32), labels.astype(np.float32)
 
 
-# name -> (target, area, checks that catch it, description)
-MUTANTS = {
-    "strict_gt": (StrictGreater(), "agg", ("agg.ties.exact", "agg.prop.tau0_mean.float64"),
-                  "strict > instead of >= (InvarianceUnitTests)"),
-    "sum_not_mean": (SumNotMean(), "agg", ("agg.oracle.mean.plain.float64",), "sum instead of mean (DGvGS Agr-Sum)"),
-    "rescale_always": (RescaleAlways(), "agg", ("agg.oracle.and_mask.plain.float64",),
-                       "rescaling always on (DomainBed)"),
-    "rescale_never": (RescaleNever(), "agg", ("agg.oracle.and_mask.rescaled.float64", "agg.special.k1"),
-                      "rescaling always off"),
-    "rescale_global": (RescaleGlobal(), "agg", ("agg.special.per_tensor_rescale",),
-                       "rescaling over the whole model instead of per tensor"),
-    "rescale_smoothed": (RescaleSmoothed(), "agg", ("agg.oracle.and_mask.rescaled.float64",),
-                         "rescaling by 1 / (kept fraction + 1e-5): an error of about 1e-5 relative"),
-    "env_axis_mixed": (EnvAxisMixed(), "agg", ("agg.prop.permutation.mean.float64",),
-                       "environment axis mixed with a parameter axis by a reshape"),
-    "sign0_plus": (SignZeroPlus(), "agg", ("agg.special.exact_zeros", "agg.prop.sign_flip.and_mask.float64"),
-                   "sign(0) counted as +1"),
-    "float32_agreement": (Float32Agreement(), "agg", ("agg.ties.exact",),
-                          "float32 |mean sign| compared with a float64 tau, no tie tolerance"),
-    "geomean_float32_underflow": (GeoMeanNotebookFloat32(), "agg", ("agg.special.underflow",),
-                                  "geometric mean as exp(sum log)^(1/K) in float32 (notebook)"),
-    "geomean_partial_agreement": (GeoMeanPartialAgreement(), "agg", ("agg.special.partial_agreement",),
-                                  "paper GM asked; partial agreement kept with sign of the arithmetic mean"),
-    "sand_domainbed": (SandDomainBed(), "agg", ("agg.oracle.sand_mask.plain.float64", "agg.special.identical"),
-                       "SAND-mask with DomainBed's ddof=0 variance and 1e-17 NaN substitutes"),
-    "count_form": (CountForm(), "agg", ("agg.special.exact_zeros",), "count form instead of threshold form"),
-    "bn_per_env": (BNPerEnv(), "envgrad", ("envgrad.bn_pooled.bce",),
-                   "BatchNorm statistics per environment where pooled was asked"),
-    "loss_summed": (LossSummed(), "envgrad", ("envgrad.nobn.mse",), "per-environment loss summed, not averaged"),
-    "l1_masked": (L1Masked(), "step", ("step.l1_after_mask",), "L1 term added before the mask (masked)"),
-    "weight_decay_masked": (WeightDecayMasked(), "step", ("step.adam.before",),
-                            "coupled weight decay added to the env gradients before the mask"),
-    "temporal_bias_correction": (TemporalBiasCorrected(), "temporal", ("temporal.oracle",),
-                                 "Algorithm 1 with bias correction"),
-    "temporal_mask_on_gradient": (TemporalMaskOnGradient(), "temporal", ("temporal.oracle",),
-                                  "Algorithm 1 with the mask on g entering the moments instead of on m"),
-    "spirals_noise_first": (SpiralsNoiseFirst(), "spirals", ("spirals.bit_identical",),
-                            "spirals with radius noise before the angle"),
-}
+@dataclass(frozen=True)
+class Mutant:
+    """A planted mistake: its name (``--target hardtovary.conformance.mutants:<name>``), the target, what it breaks,
+    and the checks expected to catch it (``tests/test_conformance_teeth.py`` asserts each one fails them)."""
+
+    name: str
+    target: object = field(repr=False)
+    breaks: str
+    catches: tuple[str, ...]
+
+    @property
+    def target_name(self) -> str:
+        return f"hardtovary.conformance.mutants:{self.name}"
+
+
+MUTANTS: dict[str, Mutant] = {m.name: m for m in (
+    Mutant("strict_gt", StrictGreater(), "strict > instead of >= (InvarianceUnitTests)",
+           ("agg.ties.exact", "agg.prop.tau0_mean.float64")),
+    Mutant("sum_not_mean", SumNotMean(), "sum instead of mean (DGvGS Agr-Sum)",
+           ("agg.oracle.mean.plain.float64",)),
+    Mutant("rescale_always", RescaleAlways(), "rescaling always on (DomainBed)",
+           ("agg.oracle.and_mask.plain.float64",)),
+    Mutant("rescale_never", RescaleNever(), "rescaling always off",
+           ("agg.oracle.and_mask.rescaled.float64", "agg.special.k1")),
+    Mutant("rescale_global", RescaleGlobal(), "rescaling over the whole model instead of per tensor",
+           ("agg.special.per_tensor_rescale",)),
+    Mutant("rescale_smoothed", RescaleSmoothed(),
+           "rescaling by 1 / (kept fraction + 1e-5): an error of about 1e-5 relative",
+           ("agg.oracle.and_mask.rescaled.float64",)),
+    Mutant("env_axis_mixed", EnvAxisMixed(), "environment axis mixed with a parameter axis by a reshape",
+           ("agg.prop.permutation.mean.float64",)),
+    Mutant("sign0_plus", SignZeroPlus(), "sign(0) counted as +1",
+           ("agg.special.exact_zeros", "agg.prop.sign_flip.and_mask.float64")),
+    Mutant("float32_agreement", Float32Agreement(), "float32 |mean sign| compared with a float64 tau, no tie tolerance",
+           ("agg.ties.exact",)),
+    Mutant("geomean_float32_underflow", GeoMeanNotebookFloat32(),
+           "geometric mean as exp(sum log)^(1/K) in float32 (notebook)",
+           ("agg.special.underflow",)),
+    Mutant("geomean_partial_agreement", GeoMeanPartialAgreement(),
+           "paper GM asked; partial agreement kept with sign of the arithmetic mean",
+           ("agg.special.partial_agreement",)),
+    Mutant("sand_domainbed", SandDomainBed(), "SAND-mask with DomainBed's ddof=0 variance and 1e-17 NaN substitutes",
+           ("agg.oracle.sand_mask.plain.float64", "agg.special.identical")),
+    Mutant("count_form", CountForm(), "count form instead of threshold form",
+           ("agg.special.exact_zeros",)),
+    Mutant("bn_per_env", BNPerEnv(), "BatchNorm statistics per environment where pooled was asked",
+           ("envgrad.bn_pooled.bce",)),
+    Mutant("loss_summed", LossSummed(), "per-environment loss summed, not averaged",
+           ("envgrad.nobn.mse",)),
+    Mutant("l1_masked", L1Masked(), "L1 term added before the mask (masked)",
+           ("step.l1_after_mask",)),
+    Mutant("weight_decay_masked", WeightDecayMasked(),
+           "coupled weight decay added to the env gradients before the mask",
+           ("step.adam.before",)),
+    Mutant("temporal_bias_correction", TemporalBiasCorrected(), "Algorithm 1 with bias correction",
+           ("temporal.oracle",)),
+    Mutant("temporal_mask_on_gradient", TemporalMaskOnGradient(),
+           "Algorithm 1 with the mask on g entering the moments instead of on m",
+           ("temporal.oracle",)),
+    Mutant("spirals_noise_first", SpiralsNoiseFirst(), "spirals with radius noise before the angle",
+           ("spirals.bit_identical",)),
+)}
 
 # module attributes, so that `--target hardtovary.conformance.mutants:strict_gt` works
-globals().update({name: entry[0] for name, entry in MUTANTS.items()})
+globals().update({name: m.target for name, m in MUTANTS.items()})

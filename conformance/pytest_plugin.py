@@ -21,6 +21,7 @@ from . import checks as C
 from . import report as R
 from . import runner
 from . import xfails as X
+from .judging import Settings
 from .targets import Adapter, TargetError, describe_offer, load_target
 
 _STATE = pytest.StashKey[dict]()
@@ -54,8 +55,8 @@ def pytest_configure(config):
         raise pytest.UsageError(str(exc)) from None
     config.stash[_STATE] = {"name": name, "target": target, "adapter": Adapter(target, name), "checks": selected,
                             "xfails": xfails, "compared": 0, "ran": 0,
-                            "settings": C.Settings(max_examples=config.getoption("conformance_max_examples"),
-                                                   shrink=not config.getoption("conformance_no_shrink"))}
+                            "settings": Settings(max_examples=config.getoption("conformance_max_examples"),
+                                                 shrink=not config.getoption("conformance_no_shrink"))}
 
 
 class ConformanceItem(pytest.Item):

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import checks as C
 from . import xfails as X
+from .judging import Mismatch, Settings, tallying
+from .registry import Check
 from .targets import Adapter, Unsupported
 
 VERDICTS = ("pass", "FAIL", "xfail", "xpass", "skip", "unsupported")
@@ -53,19 +55,19 @@ def _verdict(failed: bool, compared: int, unsupported: list, xfail_reason: str |
     return ("xfail" if xfail_reason else "FAIL"), "compared nothing: no target output reached the oracle"
 
 
-def run_check(check: C.Check, adapter: Adapter, settings: C.Settings, xfail_reason: str | None = None) -> Result:
+def run_check(check: Check, adapter: Adapter, settings: Settings, xfail_reason: str | None = None) -> Result:
     start = time.perf_counter()
     res = Result(check.id, check.description, "pass", xfail_reason=xfail_reason)
     if not adapter.has(check.needs):
         res.verdict, res.message = "skip", f"target offers no `{check.needs}`"
         return res
     failed = False
-    with C.tallying() as tally:
+    with tallying() as tally:
         try:
             res.notes = list(check.run(adapter, settings) or [])
         except Unsupported as exc:
             tally.unsupported.append(str(exc))
-        except C.Mismatch as exc:
+        except Mismatch as exc:
             failed, res.message, res.counterexample = True, exc.message, exc.counterexample
         except Exception as exc:  # a target crashing is a failure of that check
             failed = True
@@ -88,7 +90,7 @@ def run_suite(target, *, checks=None, xfails: dict | None = None, max_examples: 
     if unknown:
         raise C.UnknownCheck(C.describe_unknown(unknown, "the expected-failures file"))
     adapter = target if isinstance(target, Adapter) else Adapter(target, name)
-    settings = C.Settings(max_examples=max_examples, shrink=shrink)
+    settings = Settings(max_examples=max_examples, shrink=shrink)
     results = []
     for check in C.select(checks):
         results.append(run_check(check, adapter, settings, X.reason_for(check.id, xfails)))

@@ -11,7 +11,7 @@ A *target* is any object (a module, a class instance, ...) that offers some of t
 
 A callable the target lacks skips its checks (the report says which); a call that raises ``NotImplementedError``
 marks that option combination "unsupported" instead of failed. Everything else a call raises is a failure, except
-a deliberate refusal of non-finite input (:data:`REFUSALS`, judged by ``agg.special.nonfinite`` only).
+a deliberate refusal of non-finite input (:data:`.protocol.REFUSALS`, judged by ``agg.special.nonfinite`` only).
 
 The suite only talks to targets through :class:`Adapter`, which converts results with ``numpy.asarray`` (so torch
 tensors on the CPU, CuPy arrays with ``__array__``... work as long as ``numpy.asarray`` accepts them; a torch
@@ -35,64 +35,10 @@ from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import optim as _optim
 from hardtovary.reference import rules as _rules
 
-CALLABLES = ("aggregate", "env_gradients", "step", "temporal", "spirals")
-#: Alternatives: a target may offer ``steps`` instead of ``step``.
-ALTERNATIVES = {"step": ("step", "steps")}
+from .protocol import PROTOCOL, REFUSALS, method_names, offered
 
-#: The exceptions by which a target deliberately refuses non-finite input (see PROTOCOL). Anything else it raises
-#: on such input (a TypeError from a wrong signature, an IndexError...) is a failure.
-REFUSALS = (ValueError, FloatingPointError)
-
-PROTOCOL = """\
-Target protocol (hardtovary.conformance). A target offers any of these callables; all arrays are NumPy
-arrays on input, and anything numpy.asarray accepts on output. Raise NotImplementedError for an option
-combination you do not support (reported "unsupported", not failed).
-
-aggregate(grads, *, rule, tau, rescale, flavour=None, k=None) -> list of arrays
-    grads:   list of gradient stacks G_i[K, *shape_i], one per parameter tensor, all of one dtype
-             (float64, float32 or float16) and one K >= 1.
-    rule:    "mean" | "and_mask" | "geometric_mean" | "sand_mask".
-    tau:     float in [0, 1] (0.0 for "mean"; 1.0 for geometric_mean flavour "paper").
-    rescale: bool, per-tensor inverse-sparsity rescaling n / n_kept (a fully masked tensor stays 0).
-    flavour: "paper" | "original", passed only with rule="geometric_mean".
-    k:       SAND-mask sharpness (float > 0), passed only with rule="sand_mask".
-    returns: one aggregated array of shape shape_i per tensor.
-    Canonical mask: keep iff |sum_e sign(G[e, j])| >= ceil(tau*K - 1e-9), sign(0) = 0.
-    Non-finite input (NaN or inf in one environment): either refuse it by raising ValueError or
-    FloatingPointError (the suite checks that the same call with finite values succeeds), or return a
-    non-finite value at each affected component. Any other exception, or a finite value there, fails.
-
-env_gradients(spec, params, X, Y, *, loss, semantics) -> list of arrays
-    spec:      dict with the fields of hardtovary.reference.mlp.MLPSpec: in_features, hidden (tuple),
-               out_features, activation ("leaky_relu"|"relu"|"tanh"), negative_slope, batch_norm, bn_eps.
-    params:    list of float64 arrays in nn.Sequential order (W[out, in], b[out], [gamma, beta], ..., W_out, b_out).
-    X:         float64 [K, B, in_features];  Y: targets for logits [K, B, out] ([K, B] float for
-               "bce_with_logits", [K, B] int64 for "cross_entropy", [K, B, out] float for "mse").
-    loss:      "bce_with_logits" | "cross_entropy" | "mse";  L_e is the MEAN loss over environment e's B rows.
-    semantics: "pooled" (BatchNorm statistics over all K*B rows) | "per_env" (over each environment's rows).
-    returns:   one stack [K, *param_shape] per parameter, G[e] = dL_e/dtheta (training-mode BatchNorm).
-
-step(params, grads, *, rule, tau, rescale, optimizer, lr, weight_decay, weight_decay_order, l1, momentum,
-     state=None) -> (new_params, state)
-    One AND-mask training step: aggregate the per-environment stacks `grads` (list of [K, *shape]) with
-    `rule` ("mean" | "and_mask"), tau, rescale; then add l1 * sign(theta) (AFTER masking: never masked);
-    then one optimizer step: optimizer "adam" (betas 0.9, 0.999, eps 1e-8) or "sgd" (momentum, dampening 0),
-    with weight_decay applied "before" (coupled L2 added to the masked gradient, inside the optimizer) or
-    "after" (decoupled, theta *= 1 - lr*weight_decay, as torch.optim.AdamW). `state` is opaque: None on the
-    first call, then whatever the previous call returned.
-  or, instead of step:
-steps(params, grad_sequence, *, <the same keywords, without state>) -> list of params after each step
-
-temporal(params, grad_sequence, *, lr, beta1, beta2, beta3, tau, eps, bias_correction) -> list of params
-    Algorithm 1 (temporal AND-mask Adam) from zero state, one gradient list (one environment) per step:
-    m, v, a EMAs (a of sign(g), sign(0) = 0), mask b = |a| >= tau on m only, theta -= lr*(m*b)/(sqrt(v)+eps);
-    no bias correction unless asked. Returns the parameters after each step.
-
-spirals(n_examples, n_revolutions, env, n_envs, n_dims, seed) -> (X, y)
-    The spirals dataset, bit-identical to hardtovary.reference.data.spirals (float32 X [n, 2+n_dims], y [n]);
-    env an int in [0, n_envs) or "test".
-"""
-
+__all__ = ["PROTOCOL", "REFUSALS", "Adapter", "ReferenceTarget", "TargetError", "Unsupported", "describe_offer",
+           "load_target", "offered", "reference"]
 
 class Unsupported(Exception):
     """A target raised NotImplementedError for this option combination."""
@@ -181,18 +127,13 @@ def load_target(name: str):
     return obj
 
 
-def offered(target) -> dict[str, bool]:
-    """Which protocol callables the target offers (``step`` counts when ``steps`` is offered)."""
-    return {c: any(callable(getattr(target, a, None)) for a in ALTERNATIVES.get(c, (c,))) for c in CALLABLES}
-
-
 def describe_offer(target) -> str:
     """One paragraph for a run that compared nothing: the protocol callables found and not found, and the names
     the target has that look like misspellings of them."""
     offer = offered(target)
     found = [c for c, ok in offer.items() if ok]
     missing = [c for c, ok in offer.items() if not ok]
-    protocol_names = sorted({a for c in CALLABLES for a in ALTERNATIVES.get(c, (c,))})
+    protocol_names = method_names()
     near = []
     for attr in dir(target):
         if attr.startswith("_") or attr in protocol_names:

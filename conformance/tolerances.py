@@ -52,8 +52,9 @@ DEFAULTS = {
 }
 
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
-#: Half the smallest positive subnormal number of each dtype: the largest error of rounding to it near zero.
-_HALF_SUBNORMAL = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150, "float64": 0.0}  # 2**-1075 is not a float64
+#: Half the smallest positive subnormal number of each dtype: the largest error of rounding to it near zero
+#: (float64's, 2**-1075, is not a float64 number: 0 there).
+_HALF_SUBNORMAL = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150, "float64": 0.0}
 
 
 @dataclass(frozen=True)

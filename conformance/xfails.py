@@ -7,14 +7,14 @@ Format (one entry per line; ``#`` starts a comment; blank lines ignored)::
     agg.ties.exact          strict '>' as in InvarianceUnitTests
 
 The check id may be an exact id, a prefix (``agg.oracle.sand_mask`` declares every check under it) or any
-``fnmatch`` glob. The reason is the rest of the line after whitespace and is required. A declared check that fails is reported ``xfail``; one that passes
-is reported ``xpass`` (not an error, but shown so the entry can be removed). An entry that matches no check id is
-an error (a misspelt id would otherwise declare nothing).
+``fnmatch`` glob. The reason is the rest of the line after whitespace and is required. A declared check that
+fails is reported ``xfail``; one that passes is reported ``xpass`` (not an error, but shown so the entry can be
+removed). An entry that matches no check id is an error (a misspelt id would otherwise declare nothing).
 """
 
 from __future__ import annotations
 
-from .checks import describe_unknown, matches, unknown_patterns
+from .checks import describe_unknown, matches, unknown_patterns  # registers the checks
 
 
 class XfailFormatError(ValueError):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardtovary.conformance import checks, cli, mutants, report, runner, targets, tolerances, xfails
+from hardtovary.conformance import checks, cli, compare, judging, mutants, report, runner, targets, tolerances, xfails
 from hardtovary.conformance import strategies as S
 
 BIN = Path(sys.executable).parent
@@ -154,11 +154,11 @@ def test_a_target_that_implements_nothing_fails_and_says_why(obj, expected, monk
 
 def test_a_check_that_compares_nothing_never_passes():
     quiet = checks.Check("x.quiet", "returns without comparing", "aggregate", lambda adapter, settings: ["done"])
-    res = runner.run_check(quiet, targets.Adapter(targets.reference), checks.Settings())
+    res = runner.run_check(quiet, targets.Adapter(targets.reference), judging.Settings())
     assert res.verdict == "FAIL" and "compared nothing" in res.message
     judged = checks.Check("x.judged", "compares once", "aggregate",
-                          lambda adapter, settings: checks._judged() or ["done"])
-    assert runner.run_check(judged, targets.Adapter(targets.reference), checks.Settings()).verdict == "pass"
+                          lambda adapter, settings: judging.judged() or ["done"])
+    assert runner.run_check(judged, targets.Adapter(targets.reference), judging.Settings()).verdict == "pass"
 
 
 def test_the_summary_says_how_many_checks_compared(capsys):
@@ -241,7 +241,7 @@ def test_nonfinite_passes_only_a_deliberate_refusal_or_propagation(target, verdi
                                            ("sign0_plus", "agg.prop.sign_flip.and_mask"),
                                            ("env_axis_mixed", "agg.prop.permutation.and_mask")])
 def test_property_checks_catch_their_bug_on_the_fixed_cases_alone(mutant, check):
-    results = runner.run_suite(mutants.MUTANTS[mutant][0], checks=[check], max_examples=1, shrink=False)
+    results = runner.run_suite(mutants.MUTANTS[mutant].target, checks=[check], max_examples=1, shrink=False)
     assert results and all(r.verdict == "FAIL" for r in results), [(r.check_id, r.verdict) for r in results]
     assert all("fixed K=4 stack" in r.message for r in results)
 
@@ -596,13 +596,13 @@ def test_the_sign_of_a_cancelling_mean_is_reported_not_failed():
     options = {"rule": "geometric_mean", "tau": 0.0, "rescale": False, "flavour": "original"}
     oracle = targets.reference.aggregate([G], **options)[0]
     assert oracle[0] > 1e-4 and np.sign(G.sum(0))[0] == 0.0
-    with checks.tallying() as tally:
-        checks.compare_aggregate([G], [np.zeros(1)], **options)
-        checks.compare_aggregate([G], [-oracle], **options)
+    with judging.tallying() as tally:
+        compare.compare_aggregate([G], [np.zeros(1)], **options)
+        compare.compare_aggregate([G], [-oracle], **options)
     assert len(tally.divergences) == 2 and "sign of a cancelling mean" in tally.divergences[0]
     clear = np.array([[1.0], [2.0], [3.0], [-1.0], [0.5]])
     value = targets.reference.aggregate([clear], **options)[0]
-    with pytest.raises(checks.Mismatch):
-        checks.compare_aggregate([clear], [-value], **options)
-    with pytest.raises(checks.Mismatch):
-        checks.compare_aggregate([G], [2 * oracle], **options)
+    with pytest.raises(judging.Mismatch):
+        compare.compare_aggregate([clear], [-value], **options)
+    with pytest.raises(judging.Mismatch):
+        compare.compare_aggregate([G], [2 * oracle], **options)
