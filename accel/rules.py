@@ -11,8 +11,8 @@ A gradient stack ``G[K, *shape]`` is viewed as ``[K, P]`` (``P = prod(shape)``).
 per coordinate j, the statistics every rule needs:
 
 - ``S_j = sum_e sign(G[e, j])`` (sign(0) = 0), an exact integer: the mask decisions are integer comparisons,
-  ``|S| >= ceil(tau*K - 1e-9)`` (canonical AND-mask), ``|S| == K`` (paper geometric mean), so masks are bit-equal
-  with the oracle in every dtype;
+  ``|S| >= thr`` with the oracle's keep threshold ``thr = spec.threshold(K)`` (canonical AND-mask), ``|S| == K``
+  (paper geometric mean), so masks are bit-equal with the oracle in every dtype;
 - ``sum_e G[e, j]`` (the mean is ``sum / K``);
 - ``sum_e log|G[e, j]|`` (paper geometric mean) or ``sum_e log(|G[e, j]| + 1e-10)`` (original flavour);
 - for the SAND-mask, the shifted sums ``sum_e d`` and ``sum_e d*d`` with ``d = G[e, j] - G[0, j]`` (the one-pass
@@ -35,15 +35,19 @@ stack and the first bad entry (detected from the non-finite sums, one host synch
 
 Rescaling (paper App. B.3.1, footnote 14) is per tensor: one reduction of the mask gives ``n_kept`` and the value
 is multiplied by ``n / n_kept`` on the device; a fully masked tensor is exactly 0.
+
+The rule is a :class:`hardtovary.reference.rules.RuleSpec` (validated by the oracle); :data:`REGISTRY` says how
+each rule is computed here (:class:`AccelRule`), and :func:`plan` resolves a spec for K environments.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from hardtovary.reference import rules as _ref
+from hardtovary.reference.rules import RuleSpec, aggregate_arguments
 from hardtovary.reference.validate import consistent_stacks
 from hardtovary.reference.validate import finite as _finite_or_raise
 
@@ -51,7 +55,6 @@ from .backend import array_module, to_numpy
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS
-TIE_TOLERANCE = _ref.TIE_TOLERANCE
 ORIGINAL_LOG_EPSILON = _ref.ORIGINAL_LOG_EPSILON
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -60,10 +63,10 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 #: stay in L2, so the stack is streamed from memory once).
 NUMPY_BLOCK_ELEMENTS = 1 << 18
 
-__all__ = ["aggregate", "aggregate_stack", "compute_dtype", "Plan", "plan", "stack_rule", "RULES", "FLAVOURS",
-           "HARD_KERNEL_SOURCE", "SAND_KERNEL_SOURCE"]
+__all__ = ["aggregate", "aggregate_stack", "compute_dtype", "AccelRule", "REGISTRY", "Plan", "plan", "stack_rule",
+           "RULES", "FLAVOURS", "HARD_KERNEL_SOURCE", "SAND_KERNEL_SOURCE"]
 
-# Rule ids shared by the Python plan and the CUDA source (#defines in _KERNEL_PREAMBLE).
+# Kernel variants: the ids shared by the plans and the CUDA source (#defines in _KERNEL_PREAMBLE).
 _MEAN, _AND, _GM_PAPER, _GM_ORIGINAL, _SAND = 0, 1, 2, 3, 4
 
 
@@ -72,29 +75,45 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-class Plan(NamedTuple):
-    """A validated rule for stacks of K environments: ``kind`` (one of the ``_MEAN``.. ids), ``thr`` the canonical
-    threshold ``ceil(tau*K - 1e-9)`` (or K for the paper geometric mean), ``tau`` and ``k`` (SAND)."""
+class AccelRule(NamedTuple):
+    """How this module computes one rule of the oracle's registry (an entry of :data:`REGISTRY`).
 
-    kind: int
+    - ``block(g, p, cdt, xp) -> (value, mask)``: the rule on a ``[K, C]`` block ``g`` of the array module ``xp``
+      (NumPy or CuPy) for the :class:`Plan` ``p``, in the compute dtype ``cdt``: value ``[C]`` in cdt, NaN where the
+      sum over environments is not finite (:func:`aggregate` turns that into an error or a float64 recomputation);
+      mask ``[C]``, bool, or in cdt for a ``soft_mask``.
+    - ``kernel(spec)``: the variant of the fused CUDA kernel that computes the same as ``block`` (one of the
+      ``_MEAN``.. ids; ``block`` is then its specification), or None: ``block`` runs on CuPy as well.
+    - ``soft_mask``: the mask is soft, in the compute dtype (returned in the gradients' dtype), not bool.
+    """
+
+    block: Callable
+    kernel: Callable[[RuleSpec], int] | None = None
+    soft_mask: bool = False
+
+
+class Plan(NamedTuple):
+    """A rule resolved for stacks of K environments (:func:`plan`): the ``spec``, K, ``thr`` its keep threshold
+    ``spec.threshold(K)`` (an integer; K for the paper geometric mean), the ``entry`` of :data:`REGISTRY` and
+    ``kind``, the fused kernel's variant (None for a rule without one)."""
+
+    spec: RuleSpec
     K: int
     thr: int
-    tau: float
-    k: float
+    entry: AccelRule
+    kind: int | None
 
 
-def plan(K: int, *, rule, tau=None, rescale=False, flavour=None, k=None) -> Plan:
-    """Validate the options with :func:`hardtovary.reference.rules.aggregate_arguments` and resolve them for K."""
-    rule, tau, flavour, k = _ref.aggregate_arguments(rule, tau, rescale, flavour, k)
-    if rule == "mean":
-        return Plan(_MEAN, K, 0, 0.0, 0.0)
-    if rule == "and_mask":
-        return Plan(_AND, K, _ref.agreement_threshold_count(tau, K), tau, 0.0)
-    if rule == "geometric_mean" and flavour == "paper":
-        return Plan(_GM_PAPER, K, K, 1.0, 0.0)
-    if rule == "geometric_mean":
-        return Plan(_GM_ORIGINAL, K, _ref.agreement_threshold_count(tau, K), tau, 0.0)
-    return Plan(_SAND, K, 0, tau, k)
+def plan(spec: RuleSpec, K: int) -> Plan:
+    """Resolve a ``RuleSpec`` for stacks of K environments; NotImplementedError for a rule without an entry in
+    :data:`REGISTRY`."""
+    if not isinstance(spec, RuleSpec):
+        raise TypeError(f"spec must be a RuleSpec, got {type(spec).__name__} {spec!r}")
+    if spec.rule not in REGISTRY:
+        raise NotImplementedError(f"rule {spec.rule!r} has no entry in hardtovary.accel.rules.REGISTRY; it has "
+                                  f"{sorted(REGISTRY)}")
+    entry = REGISTRY[spec.rule]
+    return Plan(spec, K, spec.threshold(K), entry, None if entry.kernel is None else entry.kernel(spec))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +167,7 @@ def _block_spec_sand(g, p: Plan, cdt: np.dtype, xp):
         d = g - g[0]
         sd = d.sum(axis=0)
         sdd = (d * d).sum(axis=0)
-    diff = xp.abs(S).astype(np.float64) / K - p.tau  # A - tau in float64, as the oracle
+    diff = xp.abs(S).astype(np.float64) / K - p.spec.tau  # A - tau in float64, as the oracle
     above = diff > 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if K == 1:
@@ -157,7 +176,7 @@ def _block_spec_sand(g, p: Plan, cdt: np.dtype, xp):
             var = (sdd - (sd / cdt.type(K)) * sd) / cdt.type(K - 1)
             var = xp.where(xp.isinf(sdd), cdt.type(np.inf), xp.maximum(var, cdt.type(0)))
             var = xp.where(sdd == 0, cdt.type(0), var)
-        arg = (p.k * diff).astype(cdt) / var  # k (A - tau) in float64, then in cdt (inf -> tanh = +-1)
+        arg = (p.spec.k * diff).astype(cdt) / var  # k (A - tau) in float64, then in cdt (inf -> tanh = +-1)
         t = xp.tanh(arg)
         smooth = xp.where(t > 0, t, cdt.type(0))  # max(tanh, 0); inf/inf (k and var both beyond cdt) -> 0
     mask = xp.where(var == 0, above.astype(cdt), smooth).astype(cdt, copy=False)
@@ -166,20 +185,31 @@ def _block_spec_sand(g, p: Plan, cdt: np.dtype, xp):
     return value.astype(cdt, copy=False), mask
 
 
+#: How each rule of the oracle's registry is computed here (module docstring of
+#: :mod:`hardtovary.reference.rules`, "How to add a rule").
+REGISTRY: dict[str, AccelRule] = {
+    "mean": AccelRule(_block_spec_hard, lambda spec: _MEAN),
+    "and_mask": AccelRule(_block_spec_hard, lambda spec: _AND),
+    "geometric_mean": AccelRule(_block_spec_hard, lambda spec: _GM_PAPER if spec.flavour == "paper" else _GM_ORIGINAL),
+    "sand_mask": AccelRule(_block_spec_sand, lambda spec: _SAND, soft_mask=True),
+}
+
+
 def _xp_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
-    """The spec applied to a whole ``[K, P]`` stack, in cache-sized column blocks on NumPy (one block on CuPy)."""
+    """The rule's block applied to a whole ``[K, P]`` stack, in cache-sized column blocks on NumPy (one block on
+    CuPy)."""
     K, P = G2.shape
-    spec = _block_spec_sand if p.kind == _SAND else _block_spec_hard
+    block = p.entry.block
     # Non-finite sums (bad input, float32 overflow) are marked NaN and resolved by aggregate: no warnings here.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if xp is not np or K * P <= NUMPY_BLOCK_ELEMENTS:
-            return spec(G2, p, cdt, xp)
+            return block(G2, p, cdt, xp)
         value = np.empty(P, dtype=cdt)
-        mask = np.empty(P, dtype=cdt if p.kind == _SAND else bool)
+        mask = np.empty(P, dtype=cdt if p.entry.soft_mask else bool)
         step = max(1, NUMPY_BLOCK_ELEMENTS // K)
         for start in range(0, P, step):
             stop = min(P, start + step)
-            value[start:stop], mask[start:stop] = spec(G2[:, start:stop], p, cdt, xp)
+            value[start:stop], mask[start:stop] = block(G2[:, start:stop], p, cdt, xp)
         return value, mask
 
 
@@ -313,7 +343,7 @@ def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
     out = xp.empty(P, dtype=cdt)
     if p.kind == _SAND:
         mask = xp.empty(P, dtype=cdt)
-        _kernel(_SAND)(flat, np.int32(K), np.int64(P), np.float64(p.tau), np.float64(p.k), out, mask)
+        _kernel(_SAND)(flat, np.int32(K), np.int64(P), np.float64(p.spec.tau), np.float64(p.spec.k), out, mask)
     else:
         mask = xp.empty(P, dtype=bool)
         _kernel(p.kind)(flat, np.int32(K), np.int64(P), np.int32(p.thr), np.float64(ORIGINAL_LOG_EPSILON), out,
@@ -325,16 +355,19 @@ def stack_rule(G2, p: Plan, *, cdt=None, use_kernel=None):
     """One rule over a ``[K, P]`` stack of xp: ``(value [P] in the compute dtype, mask [P])``; values are NaN where
     the sum over environments is not finite.
 
-    ``use_kernel``: None (default) uses the fused CUDA kernel for CuPy arrays and the xp expression for NumPy;
-    True requires CuPy; False forces the xp expression (on CuPy too, for comparisons).
+    ``use_kernel``: None (default) uses the fused CUDA kernel for CuPy arrays when the rule has one, and the xp
+    expression otherwise; True requires CuPy and a rule with a kernel; False forces the xp expression (on CuPy too,
+    for comparisons).
     """
     xp = array_module(G2)
     cdt = compute_dtype(G2.dtype) if cdt is None else np.dtype(cdt)
     if use_kernel is None:
-        use_kernel = xp is not np
+        use_kernel = xp is not np and p.kind is not None
     if use_kernel:
         if xp is np:
             raise ValueError("use_kernel=True needs CuPy arrays: the fused kernels run on CUDA only")
+        if p.kind is None:
+            raise ValueError(f"use_kernel=True: rule {p.spec.rule!r} has no fused CUDA kernel")
         return _cupy_stack_rule(G2, p, cdt, xp)
     return _xp_stack_rule(G2, p, cdt, xp)
 
@@ -398,14 +431,14 @@ def _factor_too_big(n_kept, n: int, cdt) -> bool:
     return nk > 0 and (n / nk) > float(np.finfo(cdt).max)
 
 
-def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
+def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
     """Apply one aggregation rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate`.
 
     ``grads``: a non-empty list or tuple of NumPy or CuPy arrays ``G[K, *shape_i]``, one K >= 1 and one dtype
-    (float16/32/64), finite. ``rule``, ``tau``, ``rescale``, ``flavour``, ``k``: as the oracle, validated by
-    :func:`hardtovary.reference.rules.aggregate_arguments` (``tau`` None means 0 for and_mask / sand_mask and 1
-    for geometric_mean; ``flavour`` only with geometric_mean, ``k`` only with sand_mask). ``use_kernel``: see
-    :func:`stack_rule`.
+    (float16/32/64), finite. The rule: a ``RuleSpec`` (``spec``) or the keywords ``rule``, ``tau``, ``flavour``,
+    ``k``, with ``rescale``, as the oracle (:func:`hardtovary.reference.rules.aggregate_arguments`; ``tau`` None
+    means 0 for and_mask / sand_mask and 1 for geometric_mean; ``flavour`` only with geometric_mean, ``k`` only
+    with sand_mask). ``use_kernel``: see :func:`stack_rule`.
 
     Returns ``(values, masks)``, lists of arrays of the input's module: values of shape ``shape_i`` in the input
     dtype (computed in float64 for float64 input, float32 otherwise); masks ``bool`` (mean, and_mask,
@@ -413,7 +446,8 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
     Non-finite gradients raise ValueError naming the stack and its first bad entry.
     """
     xp, stacks = _validate_gradient_list(grads)
-    p = plan(stacks[0].shape[0], rule=rule, tau=tau, rescale=rescale, flavour=flavour, k=k)
+    spec, rescale = aggregate_arguments(rule, tau, rescale, flavour, k, spec=spec)
+    p = plan(spec, stacks[0].shape[0])
     out = [stack_rule(_as_2d(G), p, use_kernel=use_kernel) for G in stacks]
 
     # One host synchronisation: which tensors have a non-finite value (non-finite input, or float32 overflow)?
@@ -430,7 +464,7 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
     if rescale:
         counts = [_kept_count(m, xp) for _, m in out]
         bigs = [False] * len(out)
-        if p.kind == _SAND:  # a soft mask whose sum is tiny: one more synchronisation, SAND only
+        if p.entry.soft_mask:  # a soft mask whose sum is tiny: one more synchronisation, soft masks only
             host = to_numpy(xp.stack(counts))
             bigs = [_factor_too_big(c, v.size, v.dtype) for c, (v, _) in zip(host, out)]
         out = [(_rescale(v, c, xp, big), m) for (v, m), c, big in zip(out, counts, bigs)]
@@ -441,7 +475,8 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
     return values, masks
 
 
-def aggregate_stack(G, *, rule: str, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
+def aggregate_stack(G, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
     """One stack ``G[K, *shape]``: ``aggregate([G], ...)`` unpacked to ``(value, mask)``."""
-    values, masks = aggregate([G], rule=rule, tau=tau, rescale=rescale, flavour=flavour, k=k, use_kernel=use_kernel)
+    values, masks = aggregate([G], spec, rule=rule, tau=tau, rescale=rescale, flavour=flavour, k=k,
+                              use_kernel=use_kernel)
     return values[0], masks[0]

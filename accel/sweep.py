@@ -42,6 +42,7 @@ import numpy as np
 from hardtovary.accel import rules as accel_rules
 from hardtovary.accel.backend import get_backend, to_numpy
 from hardtovary.reference import mlp, optim, training
+from hardtovary.reference.rules import RuleSpec
 from hardtovary.reference.training import EnvironmentData, TrainConfig, TrainResult
 
 __all__ = ["SweepResult", "train_sweep", "group_key"]
@@ -90,26 +91,15 @@ def _check_configs(configs) -> list[TrainConfig]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _rule_key(config: TrainConfig) -> tuple:
-    """The options the rule actually uses (as reference.training.aggregate_gradients passes them)."""
-    if config.method == "mean":
-        return ("mean",)
-    if config.method == "geometric_mean":
-        flavour = config.flavour or "paper"
-        return ("geometric_mean", flavour, config.tau if flavour == "original" else None)
-    if config.method == "sand_mask":
-        return ("sand_mask", config.tau, config.sand_k)
-    return ("and_mask", config.tau)
-
-
 class _RuleGroups:
-    """Runs of a batch grouped by the rule options they use, with their rescaling flags."""
+    """Runs of a batch grouped by their rule (``TrainConfig.rule_spec``: equal specs compute the same), with their
+    rescaling flags."""
 
     def __init__(self, configs: Sequence[TrainConfig]):
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[RuleSpec, list[int]] = {}
         for i, c in enumerate(configs):
-            groups.setdefault(_rule_key(c), []).append(i)
-        self.groups = [(np.asarray(idx), configs[idx[0]]) for idx in groups.values()]
+            groups.setdefault(c.rule_spec, []).append(i)
+        self.groups = [(np.asarray(idx), spec) for spec, idx in groups.items()]
         self.rescale = np.array([c.rescale for c in configs], dtype=bool)
         self.n_runs = len(configs)
 
@@ -129,10 +119,10 @@ def _aggregate(xp, grads: list, rule_groups: _RuleGroups) -> tuple[list, np.ndar
     R = rule_groups.n_runs
     values = [xp.empty((R,) + G.shape[2:], dtype=G.dtype) for G in grads]
     kept_sum = xp.zeros(R, dtype=xp.float64)
-    for idx, config in rule_groups.groups:
+    for idx, spec in rule_groups.groups:
         rows = xp.asarray(idx)
         stacks = [xp.moveaxis(G[rows], 1, 0) for G in grads]       # [K, R_group, *shape]
-        unscaled, masks = accel_rules.aggregate(stacks, rescale=False, **training.rule_arguments(config))
+        unscaled, masks = accel_rules.aggregate(stacks, spec, rescale=False)
         rescale = xp.asarray(rule_groups.rescale[idx])
         for j, (value, mask) in enumerate(zip(unscaled, masks)):
             n = int(np.prod(value.shape[1:]))
@@ -341,7 +331,7 @@ def train_sweep(data: EnvironmentData, configs: list[TrainConfig], *, backend=No
     if not isinstance(early_abort, (bool, np.bool_)):
         raise TypeError(f"early_abort must be a bool, got {early_abort!r}")
     for c in configs:
-        training._check_fits(data, c)
+        training.check_fits(data, c)
     be = backend if hasattr(backend, "xp") else get_backend(backend)
     xp = be.xp
     X_train = xp.asarray(np.asarray(data.X_train, dtype=dtype))

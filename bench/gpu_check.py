@@ -260,17 +260,16 @@ def time_rules(xp, K: int, P: int, repeats: int, use_kernel: bool) -> None:
     print(f"device copy of the stack: {t_copy * 1e3:.3f} ms, {copy_gbs:.0f} GB/s (read + write)")
     print(f"{'rule':34s} {'ms':>8s} {'GB/s':>8s} {'of copy':>8s}")
     for label, options in RULE_CASES[1:]:
-        p = accel_rules.plan(K, **options)
+        p = accel_rules.plan(ref_rules.RuleSpec(**options), K)
 
         def run():
             accel_rules.stack_rule(G, p, use_kernel=use_kernel)
 
         t = best_time(xp, run, repeats)
-        mask_bytes = 4 if p.kind == accel_rules._SAND else 1
+        mask_bytes = 4 if p.entry.soft_mask else 1
         moved = G.nbytes + P * (4 + mask_bytes)
         gbs = moved / t / 1e9
         print(f"{label:34s} {t * 1e3:8.3f} {gbs:8.0f} {gbs / copy_gbs:7.0%}")
-    p = accel_rules.plan(K, rule="and_mask", tau=0.5, rescale=True)
     t = best_time(xp, lambda: accel_rules.aggregate([G], rule="and_mask", tau=0.5, rescale=True,
                                                     use_kernel=use_kernel), repeats)
     print(f"{'aggregate and_mask rescaled (full)':34s} {t * 1e3:8.3f} {(G.nbytes + P * 5) / t / 1e9:8.0f} "

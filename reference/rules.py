@@ -10,8 +10,33 @@ The rules of "Learning Explanations That Are Hard To Vary" (Parascandolo et al.,
 - the SAND-mask (Shahtalebi et al., arXiv 2106.02266, as DomainBed's ``SANDMask`` computes it), with its
   degenerate cases defined by their mathematical limits;
 - layer-wise "inverse sparsity" rescaling (paper App. B.3.1, footnote 14);
+- ``RuleSpec``, one rule with its options validated and resolved, and ``REGISTRY``, the rules it may name;
 - ``aggregate``, which applies one rule to every parameter tensor of a model;
 - ``TemporalAndMaskAdam``, Algorithm 1 of the paper (App. B.6).
+
+The rule specification
+----------------------
+Which rule, which ``tau``, which flavour and which sharpness ``k``, and what is valid for each, is decided in one
+place: ``RuleSpec(rule, tau=None, flavour=None, k=None)`` validates the options against the rule's entry in
+``REGISTRY`` and fills in the defaults; ``RuleSpec.threshold(K)`` is the keep threshold of its agreement mask
+(``agreement_threshold_count``, the only place the threshold is computed). Every backend's ``aggregate`` (this
+module, ``hardtovary.accel.rules``, ``hardtovary.accel.torch.rules``) takes a ``RuleSpec`` or the same keywords
+(``aggregate_arguments``), and the training loops hold one (``TrainConfig.rule_spec``).
+
+How to add a rule
+-----------------
+1. The oracle: write ``compute(G, spec) -> (value, mask)`` for one validated float64 stack ``G[K, *shape]`` (value
+   float64 of shape ``G.shape[1:]``, mask bool or a soft mask in [0, 1] of that shape) and add
+   ``REGISTRY[name] = Rule(compute, tau=..., flavours=..., k=...)``, which says which options the rule takes and
+   their defaults. ``RuleSpec`` then accepts the name and validates its options, and ``aggregate`` computes it,
+   rescaled per tensor when asked.
+2. One entry per backend: ``hardtovary.accel.rules.REGISTRY[name] = AccelRule(block, ...)`` (array-module
+   expressions over a ``[K, C]`` block, NumPy or CuPy; a fused CUDA kernel is optional) and
+   ``hardtovary.accel.torch.rules.REGISTRY[name] = compute`` (torch tensors). A backend without an entry
+   refuses the rule with ``NotImplementedError``.
+3. One conformance entry, so that every target is checked on the new rule.
+
+``tests/test_rule_registry.py`` adds "sign of the mean" through exactly these entry points.
 
 Shapes and dtypes
 -----------------
@@ -77,15 +102,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .validate import choice, consistent_stacks, finite, float_array, gradient_stack, in_range, integer, positive
 
-RULES = ("mean", "and_mask", "geometric_mean", "sand_mask")
+#: The flavours of the geometric mean, the default first (``geometric_mean``).
 FLAVOURS = ("paper", "original")
 
-#: Tolerance of the canonical mask rule: ``ceil(tau*K - TIE_TOLERANCE)`` (design.md "Mask rule").
+#: Tolerance of the canonical mask rule, ``ceil(tau*K - TIE_TOLERANCE)`` (``agreement_threshold_count``).
 TIE_TOLERANCE = 1e-9
 
 #: The constant added inside the log by the authors' ``geom_mean`` (paper.md §4.4).
@@ -143,7 +170,7 @@ def _mean(G64: np.ndarray) -> np.ndarray:
 
 
 def _threshold_keep(S: np.ndarray, K: int, tau: float) -> np.ndarray:
-    """The canonical rule on validated inputs: ``|S| >= ceil(tau*K - 1e-9)``."""
+    """The canonical rule on validated inputs: ``|S| >= agreement_threshold_count(tau, K)``."""
     return np.asarray(np.abs(S) >= agreement_threshold_count(tau, K), dtype=bool)
 
 
@@ -182,7 +209,7 @@ def agreement_threshold_count(tau, K) -> int:
     when ``tau`` carries float noise: ``tau = 2*0.8 - 1 = 0.6000000000000001`` with ``K = 10`` gives 6, not 7, so an
     8-of-10 agreement (``|S| = 6``) is kept as the paper's ``>=`` intends. The tolerance absorbs rounding noise
     in ``tau*K`` as long as ``K`` is far below 1e6. ``tau`` in [0, 1], ``K`` an integer >= 1; returns an int in
-    ``[0, K]``.
+    ``[0, K]``. The only place the keep threshold is computed (``RuleSpec.threshold`` and every backend use it).
     """
     tau = _validate_tau(tau)
     K = integer(K, "K", low=1)
@@ -247,19 +274,14 @@ def and_masked_mean(G, tau) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _geometric_mean_tau(flavour: str, tau) -> float:
-    """Validate (flavour, tau) for the geometric mean and return the tau actually used."""
-    flavour = choice(flavour, "flavour", FLAVOURS)
-    if tau is None:
-        return 1.0
-    tau = _validate_tau(tau)
-    if flavour == "paper" and tau != 1.0:
+def _paper_flavour_needs_unanimity(spec: RuleSpec) -> None:
+    """The paper defines the geometric mean of gradients only when all K signs agree (paper §2.3 (i))."""
+    if spec.flavour == "paper" and spec.tau != 1.0:
         raise ValueError(
             "tau must be None or 1 for flavour='paper': the paper defines the geometric mean of gradients only "
-            f"when all K signs agree (paper §2.3 (i)); got tau={tau}. Use flavour='original' for the authors' "
+            f"when all K signs agree (paper §2.3 (i)); got tau={spec.tau}. Use flavour='original' for the authors' "
             "partial-agreement variant"
         )
-    return tau
 
 
 def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
@@ -269,14 +291,14 @@ def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
     - ``flavour="original"``: the AND-mask ``and_mask(G, tau)``, ``tau`` defaulting to 1 when None.
 
     Returns bool of shape ``G.shape[1:]``. With ``flavour="original"`` and tau < 1 a kept component can still be
-    0 (difference (c) in ``geometric_mean``).
+    0 (difference (c) in ``geometric_mean``). ``flavour`` and ``tau`` are validated as ``RuleSpec`` does.
     """
-    tau = _geometric_mean_tau(flavour, tau)
+    spec = RuleSpec("geometric_mean", tau, flavour)
     G64 = _stack64(G)
     S = _signs(G64).sum(axis=0)
-    if flavour == "paper":
+    if spec.flavour == "paper":
         return np.asarray(np.abs(S) == G64.shape[0], dtype=bool)
-    return _threshold_keep(S, G64.shape[0], tau)
+    return _threshold_keep(S, G64.shape[0], spec.tau)
 
 
 def geometric_mean(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
@@ -309,19 +331,19 @@ def geometric_mean(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
     Computed in float64 (the authors' code runs in the parameters' dtype, float32, where ``|g| + 1e-10`` rounds
     to ``|g|`` for ``|g|`` above about 1e-3).
 
-    ``G``: ``[K, *shape]`` real floating, finite. Returns float64 of shape ``G.shape[1:]``; components outside
-    ``geometric_mean_mask`` are exactly 0.0.
+    ``G``: ``[K, *shape]`` real floating, finite; ``flavour`` and ``tau`` are validated as ``RuleSpec`` does.
+    Returns float64 of shape ``G.shape[1:]``; components outside ``geometric_mean_mask`` are exactly 0.0.
     """
-    tau = _geometric_mean_tau(flavour, tau)
+    spec = RuleSpec("geometric_mean", tau, flavour)
     G64 = _stack64(G)
     K = G64.shape[0]
     S = _signs(G64).sum(axis=0)
-    if flavour == "paper":
+    if spec.flavour == "paper":
         keep = np.abs(S) == K
         magnitudes = np.where(keep, np.abs(G64), 1.0)  # log only where every magnitude is nonzero
         value = np.sign(S) * np.exp(np.log(magnitudes).mean(axis=0))
     else:
-        keep = _threshold_keep(S, K, tau)
+        keep = _threshold_keep(S, K, spec.tau)
         value = np.sign(_mean(G64)) * np.exp(np.log(np.abs(G64) + ORIGINAL_LOG_EPSILON).mean(axis=0))
     return np.asarray(np.where(keep, value, 0.0), dtype=np.float64)
 
@@ -433,47 +455,159 @@ def _validate_gradient_list(grads) -> list[np.ndarray]:
     return [G.astype(np.float64) for G in stacks]
 
 
-def aggregate_arguments(rule, tau=None, rescale=False, flavour=None, k=None):
-    """Validate the options of :func:`aggregate` and fill in their defaults; returns ``(rule, tau, flavour, k)``.
+@dataclass(frozen=True)
+class Rule:
+    """One entry of :data:`REGISTRY`: how the oracle computes a rule, and which options the rule takes.
 
-    Shared with the other implementations (``hardtovary.accel.torch.rules``) so that every one accepts and refuses
-    the same combinations: ``flavour`` only with ``geometric_mean`` (default ``"paper"``), ``k`` only with
-    ``sand_mask`` (default 10), ``tau`` None or 0 for ``mean``, default 0 for the masks and 1 for the geometric
-    mean, ``rescale`` a bool.
+    - ``compute(G, spec) -> (value, mask)``: the rule on one validated float64 stack ``G[K, *shape]`` (finite,
+      K >= 1) with the options of ``spec``; value float64 of shape ``G.shape[1:]``, mask bool or a soft mask in
+      [0, 1] of that shape, on which ``aggregate`` rescales.
+    - ``tau``: the default agreement threshold, or None for a rule that takes none; such a rule accepts tau None
+      or 0 (it keeps every component, as the AND-mask at tau = 0) and resolves it to 0.
+    - ``flavours``: the flavours the rule accepts, the default first; ``()`` for none.
+    - ``k``: the default sharpness, or None for a rule that takes none.
+    - ``check(spec)``: raises ValueError for a combination of resolved options the fields above cannot express,
+      or None.
     """
-    rule = choice(rule, "rule", RULES)
+
+    compute: Callable[[np.ndarray, "RuleSpec"], tuple[np.ndarray, np.ndarray]]
+    tau: float | None = None
+    flavours: tuple[str, ...] = ()
+    k: float | None = None
+    check: Callable[["RuleSpec"], None] | None = None
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One aggregation rule with its options validated and the defaults filled in: the one place that decides what
+    is valid. Frozen and hashable; equal options give equal specs (``RuleSpec("geometric_mean") ==
+    RuleSpec("geometric_mean", 1.0, "paper")``).
+
+    ``RuleSpec(rule, tau=None, flavour=None, k=None)`` (also through ``dataclasses.replace``) checks, in order:
+
+    - ``rule``: a name in :data:`REGISTRY` (``mean``, ``and_mask``, ``geometric_mean``, ``sand_mask`` and any
+      registered later);
+    - ``flavour`` only for a rule with flavours (``geometric_mean``: ``"paper"`` by default, or ``"original"``),
+      ``k`` only for a rule with a sharpness (``sand_mask``: a real > 0, default 10);
+    - ``tau`` a real in [0, 1]: default 0 for ``and_mask`` and ``sand_mask``, 1 for ``geometric_mean``; None or 0
+      for ``mean`` (use ``and_mask`` for tau > 0), resolved to 0.0;
+    - the paper's geometric mean needs tau = 1 (paper §2.3 (i)); ``flavour="original"`` takes any tau.
+
+    ``TypeError`` for bools and non-reals, ``ValueError`` for anything else refused, each naming the option.
+    """
+
+    rule: str
+    tau: float | None = None
+    flavour: str | None = None
+    k: float | None = None
+
+    def __post_init__(self):
+        entry = REGISTRY[choice(self.rule, "rule", tuple(REGISTRY))]
+        rule, tau, flavour, k = self.rule, self.tau, self.flavour, self.k
+        if flavour is not None and not entry.flavours:
+            raise ValueError(f"flavour applies only to {_rules_taking('flavours')}, got flavour={flavour!r} with "
+                             f"rule={rule!r}")
+        if k is not None and entry.k is None:
+            raise ValueError(f"k applies only to {_rules_taking('k')}, got k={k!r} with rule={rule!r}")
+        if entry.flavours:
+            flavour = choice(entry.flavours[0] if flavour is None else flavour, "flavour", entry.flavours)
+        if entry.tau is not None:
+            tau = entry.tau if tau is None else _validate_tau(tau)
+        elif tau is None or _validate_tau(tau) == 0.0:
+            tau = 0.0
+        else:
+            raise ValueError(f"tau must be None or 0 for rule={rule!r} (use rule='and_mask' for tau > 0), got tau={tau}")
+        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "flavour", flavour)
+        if entry.check is not None:
+            entry.check(self)
+        if entry.k is not None:
+            object.__setattr__(self, "k", positive(entry.k if k is None else k, "k"))
+
+    def threshold(self, K) -> int:
+        """The smallest ``|S|`` the rule's agreement mask keeps for K environments: ``agreement_threshold_count(tau,
+        K)``; K for the paper's geometric mean (tau = 1, unanimity), 0 for a rule without a tau."""
+        return agreement_threshold_count(self.tau, K)
+
+
+def _rules_taking(option: str) -> str:
+    """``rule='a' or rule='b'``: the registered rules that take ``option`` (``"flavours"`` or ``"k"``)."""
+    return " or ".join(f"rule={name!r}" for name, entry in REGISTRY.items() if getattr(entry, option))
+
+
+def _mean_rule(G: np.ndarray, spec: RuleSpec):
+    """``mean_e G[e]``, every component kept."""
+    return _mean(G), np.ones(G.shape[1:], dtype=bool)
+
+
+def _and_mask_rule(G: np.ndarray, spec: RuleSpec):
+    """``and_masked_mean`` and its ``and_mask`` (paper §2.3)."""
+    return and_masked_mean(G, spec.tau), and_mask(G, spec.tau)
+
+
+def _geometric_mean_rule(G: np.ndarray, spec: RuleSpec):
+    """``geometric_mean`` and its ``geometric_mean_mask`` (paper §2.2, §2.3 (i)), in the spec's flavour."""
+    return (geometric_mean(G, flavour=spec.flavour, tau=spec.tau),
+            geometric_mean_mask(G, flavour=spec.flavour, tau=spec.tau))
+
+
+def _sand_mask_rule(G: np.ndarray, spec: RuleSpec):
+    """``sand_masked_mean`` and its soft ``sand_mask``."""
+    return sand_masked_mean(G, spec.tau, spec.k), sand_mask(G, spec.tau, spec.k)
+
+
+#: The rules ``RuleSpec`` may name, with how the oracle computes each and which options it takes (module
+#: docstring, "How to add a rule").
+REGISTRY: dict[str, Rule] = {
+    "mean": Rule(_mean_rule),
+    "and_mask": Rule(_and_mask_rule, tau=0.0),
+    "geometric_mean": Rule(_geometric_mean_rule, tau=1.0, flavours=FLAVOURS, check=_paper_flavour_needs_unanimity),
+    "sand_mask": Rule(_sand_mask_rule, tau=0.0, k=10.0),
+}
+
+#: The built-in rules (``REGISTRY`` holds these and any registered later).
+RULES = tuple(REGISTRY)
+
+
+def aggregate_arguments(rule=None, tau=None, rescale=False, flavour=None, k=None, *, spec=None):
+    """The validated rule and rescaling flag of an ``aggregate`` call, ``(spec, rescale)``, for every backend.
+
+    The rule comes either as a ``RuleSpec`` (``spec``) or as the keywords ``rule``, ``tau``, ``flavour``, ``k``
+    (``RuleSpec(rule, tau, flavour, k)``), not both (TypeError); ``rescale`` must be a bool. A call with several
+    bad arguments reports the rule's name first, then ``rescale``, then the other options.
+    """
+    if spec is not None:
+        if not isinstance(spec, RuleSpec):
+            raise TypeError(f"spec must be a RuleSpec, got {type(spec).__name__} {spec!r}")
+        if (rule, tau, flavour, k) != (None, None, None, None):
+            raise TypeError("give the rule either as a RuleSpec or as rule=... with its options, not both; got "
+                            f"{spec!r} and rule={rule!r}, tau={tau!r}, flavour={flavour!r}, k={k!r}")
+    else:
+        choice(rule, "rule", tuple(REGISTRY))
     if not isinstance(rescale, (bool, np.bool_)):
         raise TypeError(f"rescale must be a bool, got {type(rescale).__name__} {rescale!r}")
-    if flavour is not None and rule != "geometric_mean":
-        raise ValueError(f"flavour applies only to rule='geometric_mean', got flavour={flavour!r} with rule={rule!r}")
-    if k is not None and rule != "sand_mask":
-        raise ValueError(f"k applies only to rule='sand_mask', got k={k!r} with rule={rule!r}")
-    if rule == "mean" and tau is not None and _validate_tau(tau) != 0.0:
-        raise ValueError(f"tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau={tau}")
-    if rule in ("and_mask", "sand_mask"):
-        tau = 0.0 if tau is None else _validate_tau(tau)
-    if rule == "geometric_mean":
-        flavour = "paper" if flavour is None else flavour
-        tau = _geometric_mean_tau(flavour, tau)
-    if rule == "sand_mask":
-        k = positive(10.0 if k is None else k, "k")
-    return rule, tau, flavour, k
+    return (RuleSpec(rule, tau, flavour, k) if spec is None else spec), bool(rescale)
 
 
-def rule_options(rule: str, tau=None, flavour=None, k=None) -> dict:
-    """Keyword arguments for ``aggregate(grads, rule=rule, **rule_options(...))`` from a caller that always has a
-    tau: drops tau for ``"mean"`` (which takes none) and the options that are None."""
-    options = {"flavour": flavour, "k": k, "tau": None if rule == "mean" else tau}
+def rule_options(rule, tau=None, flavour=None, k=None) -> dict:
+    """Keyword options for ``RuleSpec(rule, **rule_options(...))`` or ``aggregate(grads, rule=rule,
+    **rule_options(...))`` from a caller that always has a tau (a configuration, a command line): tau is dropped
+    for a rule that takes none (``mean``), and options that are None are left out. Validates nothing."""
+    without_tau = [name for name, entry in REGISTRY.items() if entry.tau is None]
+    options = {"flavour": flavour, "k": k, "tau": None if rule in without_tau else tau}
     return {key: value for key, value in options.items() if value is not None}
 
 
-def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None):
+def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None):
     """Apply one aggregation rule to every parameter tensor of a model, rescaling per tensor when asked.
+
+    ``aggregate(grads, spec, rescale=False)`` with a ``RuleSpec``, or ``aggregate(grads, rule=..., tau=...,
+    flavour=..., k=..., rescale=False)``, which builds ``RuleSpec(rule, tau, flavour, k)`` (not both).
 
     ``grads``: a non-empty list or tuple of gradient stacks ``G[K, *shape_i]``, one per parameter tensor, all
     with the same K >= 1 and the same real floating dtype, finite.
 
-    ``rule`` and the masks it returns:
+    The rules and the masks they return:
 
     - ``"mean"``: ``mean_e G[e]``; mask all True. ``tau`` must be None or 0 (the mean is the AND-mask at
       tau = 0; use ``rule="and_mask"`` for tau > 0).
@@ -482,28 +616,22 @@ def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None
       ``flavour`` None means ``"paper"``; ``tau`` None means 1 (the only value the paper flavour accepts).
     - ``"sand_mask"``: ``sand_masked_mean(G, tau, k)``; the float64 soft mask. ``tau`` None means 0, ``k``
       None means 10.
+    - any rule registered in :data:`REGISTRY`: its ``compute``.
 
     ``flavour`` is accepted only with ``rule="geometric_mean"`` and ``k`` only with ``rule="sand_mask"``
-    (ValueError otherwise). ``rescale`` (a bool) multiplies each tensor's result by ``n / n_kept`` of its own
-    mask (``rescale_inverse_sparsity``); a fully masked tensor stays exactly 0.
+    (ValueError otherwise; ``RuleSpec``). ``rescale`` (a bool) multiplies each tensor's result by ``n / n_kept``
+    of its own mask (``rescale_inverse_sparsity``); a fully masked tensor stays exactly 0.
 
     Returns ``(aggregated, masks)``: two lists with one float64 array (resp. mask) of shape ``shape_i`` per
     parameter tensor.
     """
-    rule, tau, flavour, k = aggregate_arguments(rule, tau, rescale, flavour, k)
+    spec, rescale = aggregate_arguments(rule, tau, rescale, flavour, k, spec=spec)
     stacks = _validate_gradient_list(grads)
+    compute = REGISTRY[spec.rule].compute
 
     aggregated, masks = [], []
     for G in stacks:
-        if rule == "mean":
-            value, mask = _mean(G), np.ones(G.shape[1:], dtype=bool)
-        elif rule == "and_mask":
-            value, mask = and_masked_mean(G, tau), and_mask(G, tau)
-        elif rule == "geometric_mean":
-            value = geometric_mean(G, flavour=flavour, tau=tau)
-            mask = geometric_mean_mask(G, flavour=flavour, tau=tau)
-        else:
-            value, mask = sand_masked_mean(G, tau, k), sand_mask(G, tau, k)
+        value, mask = compute(G, spec)
         if rescale:
             value = rescale_inverse_sparsity(value, mask)
         aggregated.append(value)

@@ -31,7 +31,6 @@ import numpy as np
 from hardtovary.reference import validate as v
 from hardtovary.reference import losses, mlp, optim, rules
 
-METHODS = ("mean", "and_mask", "geometric_mean", "sand_mask")
 OPTIMIZERS = ("adam", "sgd")
 
 #: The early abort of the paper's search (App. B.3): a run that fits its training data (accuracy above the first)
@@ -52,6 +51,10 @@ class TrainConfig:
     ``batch_size`` is per environment (as in the authors' code); ``lr_milestones`` are epochs at which the learning
     rate is multiplied by ``lr_gamma`` (torch's MultiStepLR). ``method="mean"`` is plain averaging, identical to the
     AND-mask with ``tau = 0``.
+
+    The rule is ``method`` with ``tau``, ``flavour`` and ``sand_k`` (its ``k``), held as :attr:`rule_spec` and
+    validated by it when the configuration is made; ``tau`` is a number in [0, 1] for every method and ignored by
+    ``mean``, which takes none.
     """
 
     method: str = "and_mask"
@@ -78,18 +81,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        v.choice(self.method, "method", METHODS)
+        v.choice(self.method, "method", tuple(rules.REGISTRY))
         v.in_range(self.tau, "tau", 0.0, 1.0)
         if not isinstance(self.rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(self.rescale).__name__} {self.rescale!r}")
-        if self.flavour is not None and self.method != "geometric_mean":
-            raise ValueError(f"flavour is only for method='geometric_mean', got flavour={self.flavour!r} "
-                             f"with method={self.method!r}")
-        if self.sand_k is not None and self.method != "sand_mask":
-            raise ValueError(f"sand_k is only for method='sand_mask', got sand_k={self.sand_k!r} "
-                             f"with method={self.method!r}")
-        if self.method == "geometric_mean":  # the paper flavour needs tau = 1: refuse, never train another tau
-            rules.aggregate_arguments(self.method, self.tau, self.rescale, self.flavour)
+        self.rule_spec  # building the spec validates the options: refused here, never replaced while training
         v.choice(self.optimizer, "optimizer", OPTIMIZERS)
         v.positive(self.lr, "lr")
         v.in_range(self.momentum, "momentum", 0.0, 0.999999)
@@ -103,6 +99,11 @@ class TrainConfig:
             v.integer(m, "lr_milestones entry", low=1)
         v.positive(self.lr_gamma, "lr_gamma")
         v.integer(self.seed, "seed", low=0)
+
+    @property
+    def rule_spec(self) -> rules.RuleSpec:
+        """The configured rule: ``RuleSpec(method, tau, flavour, sand_k)``, without tau for ``mean``."""
+        return rules.RuleSpec(self.method, **rules.rule_options(self.method, self.tau, self.flavour, self.sand_k))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +184,9 @@ def steps_per_epoch(n_envs: int, n_examples: int, config: TrainConfig) -> int:
     return (n_examples // config.batch_size) * (n_envs // config.n_agreement_envs)
 
 
-def _check_fits(data: EnvironmentData, config: TrainConfig) -> None:
+def check_fits(data: EnvironmentData, config: TrainConfig) -> None:
+    """Raise ValueError unless ``config``'s groups of environments divide ``data``'s training environments and its
+    batch fits in one environment."""
     n_envs, n_examples = data.X_train.shape[:2]
     if n_envs % config.n_agreement_envs:
         raise ValueError(f"n_agreement_envs={config.n_agreement_envs} must divide the number of training "
@@ -207,24 +210,10 @@ def make_optimizer(config: TrainConfig, params: list):
                      weight_decay_order=config.weight_decay_order)
 
 
-def rule_arguments(config: TrainConfig) -> dict:
-    """Keyword arguments of ``aggregate`` for the configured rule (without ``rescale``): ``method="mean"`` takes no
-    tau, the paper's geometric mean takes none either (it needs unanimity), the original flavour and the masks do."""
-    extra = {"rule": config.method}
-    if config.method == "geometric_mean":
-        extra["flavour"] = config.flavour or "paper"
-        if extra["flavour"] == "original":
-            extra["tau"] = config.tau
-    elif config.method in ("and_mask", "sand_mask"):
-        extra["tau"] = config.tau
-        if config.method == "sand_mask" and config.sand_k is not None:
-            extra["k"] = config.sand_k
-    return extra
-
-
 def aggregate_gradients(G: list, config: TrainConfig) -> tuple[list, list]:
-    """Apply the configured rule to the per-environment stacks (:func:`rule_arguments`), rescaled if configured."""
-    return rules.aggregate(G, rescale=config.rescale, **rule_arguments(config))
+    """Apply the configured rule (:attr:`TrainConfig.rule_spec`) to the per-environment stacks, rescaled if
+    configured."""
+    return rules.aggregate(G, config.rule_spec, rescale=config.rescale)
 
 
 def evaluate(spec: mlp.MLPSpec, params: list, X: np.ndarray, y: np.ndarray, loss: str,
@@ -245,7 +234,7 @@ def train(data: EnvironmentData, config: TrainConfig, *,
     ``test_loss``, ``test_acc``, ``kept_fraction`` (mean over steps of the fraction of gradient components whose
     mask is on; soft masks count their mass).
     """
-    _check_fits(data, config)
+    check_fits(data, config)
     rng = np.random.default_rng(config.seed)
     spec = model_spec(data, config)
     params = mlp.init_params(spec, rng)

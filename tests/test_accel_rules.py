@@ -225,8 +225,8 @@ def run_cpu_kernel(lib, G2, p, cdt):
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     if p.kind == A._SAND:
         mask = np.empty(P, dtype=cdt)
-        getattr(lib, f"sand_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_double(p.tau),
-                                       ctypes.c_double(p.k), ptr(out), ptr(mask))
+        getattr(lib, f"sand_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_double(p.spec.tau),
+                                       ctypes.c_double(p.spec.k), ptr(out), ptr(mask))
     else:
         mask = np.empty(P, dtype=np.bool_)
         getattr(lib, f"hard_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_int(p.kind),
@@ -248,7 +248,7 @@ def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dty
     G[1 % K, 21] = np.inf
     G = G.astype(dtype)
     rule, options = case
-    p = A.plan(K, rule=rule, **options)
+    p = A.plan(R.RuleSpec(rule, **options), K)
     want_v, want_m = A.stack_rule(G, p)
     got_v, got_m = run_cpu_kernel(cpu_kernels, G, p, np.dtype(dtype))
     ok = np.isfinite(G).all(axis=0)  # masks of non-finite columns are unspecified: their value is NaN (raised)

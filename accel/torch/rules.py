@@ -9,10 +9,13 @@ docstring for the formulas and the table of edge cases. What differs is precisio
   their own dtype. Masks never promote: AND-masks are ``bool``, the SAND soft mask is in the gradients' dtype,
   so ``mask * grad`` keeps the parameter's dtype (the authors' float32 mask raises on half-precision params).
 - **Masks and sign counts are exact** in every dtype: ``S`` is an int64 sum of signs and the canonical rule
-  ``|S| >= ceil(tau*K - 1e-9)`` compares integers. The SAND-mask's ``A > tau`` test is evaluated in float64 on
+  compares it with the oracle's integer keep threshold (``RuleSpec.threshold``). The SAND-mask's ``A > tau`` test is evaluated in float64 on
   the K + 1 possible values of ``|S|`` (a lookup table), so it agrees with the oracle bit for bit.
 - Bad input raises ``TypeError`` / ``ValueError`` naming the argument, as the oracle does. Gradients must be
   ``torch.Tensor`` of a floating dtype (float16, bfloat16, float32, float64) and finite (one host sync per call).
+
+The rule is a :class:`hardtovary.reference.rules.RuleSpec` (validated by the oracle); :data:`REGISTRY` says how
+each rule is computed on tensors.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
+from hardtovary.reference.rules import RuleSpec, agreement_threshold_count, aggregate_arguments
 from hardtovary.reference.validate import consistent_stacks, in_range, integer, non_finite_error, positive
 
 RULES = _ref.RULES
 FLAVOURS = _ref.FLAVOURS
-TIE_TOLERANCE = _ref.TIE_TOLERANCE
 ORIGINAL_LOG_EPSILON = _ref.ORIGINAL_LOG_EPSILON
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,7 +35,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = [
     "sign_agreement", "agreement_threshold_count", "and_mask", "and_mask_count", "and_masked_mean",
     "mean_gradient", "geometric_mean_mask", "geometric_mean", "sand_mask", "sand_masked_mean",
-    "rescale_inverse_sparsity", "aggregate", "compute_dtype",
+    "rescale_inverse_sparsity", "aggregate", "compute_dtype", "REGISTRY",
 ]
 
 
@@ -93,11 +96,6 @@ def _mean(G: torch.Tensor) -> torch.Tensor:
     return G.to(compute_dtype(G.dtype)).mean(dim=0)
 
 
-def agreement_threshold_count(tau, K) -> int:
-    """Smallest ``|S|`` the AND-mask keeps: ``ceil(tau*K - 1e-9)`` (the oracle's canonical rule)."""
-    return _ref.agreement_threshold_count(tau, K)
-
-
 def _keep(S: torch.Tensor, K: int, tau: float) -> torch.Tensor:
     return S.abs() >= agreement_threshold_count(tau, K)
 
@@ -119,7 +117,7 @@ def sign_agreement(G) -> torch.Tensor:
 
 
 def and_mask(G, tau) -> torch.Tensor:
-    """AND-mask, threshold form, ``|S_j| >= ceil(tau*K - 1e-9)`` as a bool tensor (paper §2.3)."""
+    """AND-mask, threshold form, ``|S_j| >= agreement_threshold_count(tau, K)`` as a bool tensor (paper §2.3)."""
     tau = _tau(tau)
     G = _stack(G)
     return _keep(_sign_sum(G), G.shape[0], tau)
@@ -152,26 +150,26 @@ def _and_masked_mean(G: torch.Tensor, tau: float):
 
 def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
     """Components where the geometric mean is not forced to 0 (bool): paper ``|S| == K``; original
-    ``and_mask(G, tau)`` with tau defaulting to 1."""
-    tau = _ref._geometric_mean_tau(flavour, tau)
+    ``and_mask(G, tau)`` with tau defaulting to 1 (``flavour`` and ``tau`` validated by ``RuleSpec``)."""
+    spec = RuleSpec("geometric_mean", tau, flavour)
     G = _stack(G)
     S = _sign_sum(G)
-    if flavour == "paper":
+    if spec.flavour == "paper":
         return S.abs() == G.shape[0]
-    return _keep(S, G.shape[0], tau)
+    return _keep(S, G.shape[0], spec.tau)
 
 
-def _geometric_mean(G: torch.Tensor, flavour: str, tau: float):
+def _geometric_mean(G: torch.Tensor, spec: RuleSpec):
     K = G.shape[0]
     S = _sign_sum(G)
     Gc = G.to(compute_dtype(G.dtype))
     zero = torch.zeros((), dtype=Gc.dtype, device=Gc.device)
-    if flavour == "paper":
+    if spec.flavour == "paper":
         keep = S.abs() == K
         magnitudes = torch.where(keep, Gc.abs(), torch.ones((), dtype=Gc.dtype, device=Gc.device))
         value = torch.sign(S) * torch.exp(torch.log(magnitudes).mean(dim=0))
     else:
-        keep = _keep(S, K, tau)
+        keep = _keep(S, K, spec.tau)
         value = torch.sign(Gc.mean(dim=0)) * torch.exp(torch.log(Gc.abs() + ORIGINAL_LOG_EPSILON).mean(dim=0))
     return torch.where(keep, value, zero), keep
 
@@ -179,10 +177,10 @@ def _geometric_mean(G: torch.Tensor, flavour: str, tau: float):
 def geometric_mean(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
     """Elementwise signed geometric mean in the log domain, flavours ``"paper"`` / ``"original"`` exactly as
     :func:`hardtovary.reference.rules.geometric_mean`; result in G's dtype (computed in float32 for half
-    precision, so the log-domain mean cannot underflow)."""
-    tau = _ref._geometric_mean_tau(flavour, tau)
+    precision, so the log-domain mean cannot underflow); ``flavour`` and ``tau`` validated by ``RuleSpec``."""
+    spec = RuleSpec("geometric_mean", tau, flavour)
     G = _stack(G)
-    return _geometric_mean(G, flavour, tau)[0].to(G.dtype)
+    return _geometric_mean(G, spec)[0].to(G.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,33 +299,59 @@ def _check_finite_stacks(stacks, means) -> None:
             _finite(G, f"grads[{i}]")
 
 
-def aggregate(grads, *, rule: str, tau=None, rescale=False, flavour=None, k=None):
-    """Apply one rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate` (same argument
-    rules: ``tau`` None means 0 for and_mask / sand_mask and 1 for geometric_mean; ``flavour`` only with
-    geometric_mean, ``k`` only with sand_mask; ``rule='mean'`` accepts tau None or 0).
+def _mean_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
+    return mean, torch.ones(G.shape[1:], dtype=torch.bool, device=G.device)
+
+
+def _and_mask_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
+    mask = _sign_sum(G).abs() >= spec.threshold(G.shape[0])
+    return torch.where(mask, mean, torch.zeros((), dtype=mean.dtype, device=mean.device)), mask
+
+
+def _geometric_mean_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
+    return _geometric_mean(G, spec)
+
+
+def _sand_mask_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
+    mask = _sand_mask(G, spec.tau, spec.k)
+    return mask * mean, mask
+
+
+#: How each rule of the oracle's registry is computed on tensors (module docstring of
+#: :mod:`hardtovary.reference.rules`, "How to add a rule"): ``compute(G, mean, spec) -> (value, mask)`` with ``G``
+#: a validated finite stack ``[K, *shape]``, ``mean`` its mean over environments in the compute dtype; value in the
+#: compute dtype, mask bool or a soft mask in the compute dtype.
+REGISTRY = {
+    "mean": _mean_rule,
+    "and_mask": _and_mask_rule,
+    "geometric_mean": _geometric_mean_rule,
+    "sand_mask": _sand_mask_rule,
+}
+
+
+def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None):
+    """Apply one rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate`: a ``RuleSpec``
+    (``spec``) or the keywords ``rule``, ``tau``, ``flavour``, ``k``, with ``rescale``, validated as the oracle
+    does (:func:`hardtovary.reference.rules.aggregate_arguments`: ``tau`` None means 0 for and_mask / sand_mask and
+    1 for geometric_mean; ``flavour`` only with geometric_mean, ``k`` only with sand_mask; ``rule='mean'`` accepts
+    tau None or 0). NotImplementedError for a rule without an entry in :data:`REGISTRY`.
 
     ``grads``: list of tensors ``G[K, *shape_i]`` with one K and one floating dtype. Returns ``(aggregated,
     masks)``: values in the gradients' dtype; masks bool (mean, and_mask, geometric_mean) or, for sand_mask, the
     soft mask in the gradients' dtype.
     """
-    rule, tau, flavour, k = _ref.aggregate_arguments(rule, tau, rescale, flavour, k)
+    spec, rescale = aggregate_arguments(rule, tau, rescale, flavour, k, spec=spec)
+    if spec.rule not in REGISTRY:
+        raise NotImplementedError(f"rule {spec.rule!r} has no entry in hardtovary.accel.torch.rules.REGISTRY; it "
+                                  f"has {sorted(REGISTRY)}")
+    compute = REGISTRY[spec.rule]
     stacks = _validate_gradient_list(grads)
     means = [_mean(G) for G in stacks]
     _check_finite_stacks(stacks, means)
 
     aggregated, masks = [], []
     for G, mean in zip(stacks, means):
-        if rule == "mean":
-            value = mean
-            mask = torch.ones(G.shape[1:], dtype=torch.bool, device=G.device)
-        elif rule == "and_mask":
-            mask = _keep(_sign_sum(G), G.shape[0], tau)
-            value = torch.where(mask, mean, torch.zeros((), dtype=mean.dtype, device=mean.device))
-        elif rule == "geometric_mean":
-            value, mask = _geometric_mean(G, flavour, tau)
-        else:
-            mask = _sand_mask(G, tau, k)
-            value = mask * mean
+        value, mask = compute(G, mean, spec)
         if rescale:
             value = _rescale(value, mask)
         aggregated.append(value.to(G.dtype))
