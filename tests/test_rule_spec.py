@@ -234,3 +234,17 @@ def test_every_backend_keeps_exactly_the_brute_force_ties(K):
             assert R.aggregate([G], spec)[1][0].tolist() == want
             assert A.aggregate([G.astype(np.float32)], spec)[1][0].tolist() == want
             assert T.aggregate([torch.from_numpy(G).to(torch.bfloat16)], spec)[1][0].tolist() == want
+
+
+def test_the_geometric_mean_functions_take_their_options_through_the_spec():
+    """The standalone geometric mean and its mask (oracle and torch) validate flavour and tau as RuleSpec does:
+    None is the paper flavour and tau 1, the paper flavour refuses another tau."""
+    G = np.array([[1.0, 2.0, -1.0, 0.0], [4.0, 0.5, 2.0, 3.0]])
+    for M, g in ((R, G), (T, torch.from_numpy(G))):
+        for function in (M.geometric_mean, M.geometric_mean_mask):
+            assert np.asarray(function(g, flavour=None)).tolist() == np.asarray(function(g)).tolist()
+            with pytest.raises(ValueError, match=r"tau must be None or 1 for flavour='paper'"):
+                function(g, tau=0.5)
+            with pytest.raises(ValueError, match=r"flavour must be one of \['original', 'paper'\], got 'bogus'"):
+                function(g, flavour="bogus")
+        assert np.asarray(M.geometric_mean(g, flavour=None)).tolist() == [2.0, 1.0, 0.0, 0.0]  # sqrt(1*4), sqrt(2*.5)

@@ -130,6 +130,26 @@ def test_float32_is_close_and_callbacks_report_every_epoch(env):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
+def test_runs_are_aggregated_together_when_their_rule_specs_are_equal():
+    """The rule groups of a batch are keyed by TrainConfig.rule_spec: options a rule ignores or fills in by default
+    (mean's tau, the paper flavour, k = 10) do not split a group."""
+    from hardtovary.accel.sweep import _RuleGroups
+    from hardtovary.reference.rules import RuleSpec
+
+    r = dataclasses.replace
+    configs = [r(BASE, method="mean", tau=0.3), r(BASE, method="mean", tau=0.9, rescale=True),
+               r(BASE, method="geometric_mean", tau=1.0), r(BASE, method="geometric_mean", flavour="paper"),
+               r(BASE, method="geometric_mean", flavour="original", tau=1.0),
+               r(BASE, method="sand_mask", tau=0.5), r(BASE, method="sand_mask", tau=0.5, sand_k=10.0),
+               r(BASE, method="and_mask", tau=0.5), r(BASE, method="and_mask", tau=0.5, rescale=True)]
+    groups = _RuleGroups(configs)
+    assert {spec: idx.tolist() for idx, spec in groups.groups} == {
+        RuleSpec("mean"): [0, 1], RuleSpec("geometric_mean", 1.0, "paper"): [2, 3],
+        RuleSpec("geometric_mean", 1.0, "original"): [4], RuleSpec("sand_mask", 0.5, None, 10.0): [5, 6],
+        RuleSpec("and_mask", 0.5): [7, 8]}
+    assert groups.rescale.tolist() == [False, True, False, False, False, False, False, False, True]
+
+
 def test_bad_input_is_refused(env):
     with pytest.raises(ValueError, match="batch_norm"):
         train_sweep(env, [dataclasses.replace(BASE, batch_norm=True)], backend="numpy")

@@ -70,6 +70,51 @@ def test_the_paper_geometric_mean_refuses_a_tau_it_would_not_train_with():
     assert tiny_config(method="geometric_mean", tau=1.0).tau == 1.0
 
 
+def test_the_configuration_holds_its_rule_as_one_spec():
+    """TrainConfig.rule_spec: method with tau, flavour and sand_k; mean takes no tau, whatever tau says."""
+    RuleSpec = training.rules.RuleSpec
+    assert tiny_config(method="mean", tau=0.7).rule_spec == RuleSpec("mean", None)
+    assert tiny_config(method="and_mask", tau=0.5).rule_spec == RuleSpec("and_mask", 0.5)
+    assert tiny_config(method="geometric_mean", tau=1.0).rule_spec == RuleSpec("geometric_mean", 1.0, "paper")
+    assert (tiny_config(method="geometric_mean", tau=0.5, flavour="original").rule_spec
+            == RuleSpec("geometric_mean", 0.5, "original"))
+    assert tiny_config(method="sand_mask", tau=0.25).rule_spec == RuleSpec("sand_mask", 0.25, None, 10.0)
+    assert tiny_config(method="sand_mask", tau=0.25, sand_k=3).rule_spec == RuleSpec("sand_mask", 0.25, None, 3.0)
+    with pytest.raises(ValueError, match="k must be > 0"):  # refused when the configuration is made
+        tiny_config(method="sand_mask", sand_k=-1.0)
+    with pytest.raises(ValueError, match="k applies only to rule='sand_mask'"):
+        tiny_config(method="and_mask", sand_k=3.0)
+    with pytest.raises(ValueError, match="flavour applies only to rule='geometric_mean'"):
+        tiny_config(method="mean", flavour="original")
+
+
+@pytest.mark.parametrize("config, keywords", [
+    (dict(method="mean", tau=0.7, rescale=True), dict(rule="mean", rescale=True)),
+    (dict(method="and_mask", tau=0.5, rescale=True), dict(rule="and_mask", tau=0.5, rescale=True)),
+    (dict(method="geometric_mean", tau=0.5, flavour="original"), dict(rule="geometric_mean", tau=0.5,
+                                                                      flavour="original")),
+    (dict(method="sand_mask", tau=0.25, sand_k=3.0, rescale=True), dict(rule="sand_mask", tau=0.25, k=3.0,
+                                                                        rescale=True)),
+])
+def test_aggregate_gradients_applies_the_configured_rule(config, keywords):
+    rng = np.random.default_rng(2)
+    G = [rng.standard_normal((4, 3, 2)), rng.standard_normal((4, 5))]
+    G[0][:2, 0] = 0.0
+    values, masks = training.aggregate_gradients(G, tiny_config(**config))
+    want_values, want_masks = training.rules.aggregate(G, **keywords)
+    for a, b in zip(values + masks, want_values + want_masks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_check_fits_names_what_does_not_fit():
+    env_data = tiny_spirals(n_envs=4, n=12)
+    training.check_fits(env_data, tiny_config(n_agreement_envs=2, batch_size=12))
+    with pytest.raises(ValueError, match="n_agreement_envs=3 must divide the number of training environments 4"):
+        training.check_fits(env_data, tiny_config(n_agreement_envs=3))
+    with pytest.raises(ValueError, match="batch_size=13 exceeds the 12 examples per environment"):
+        training.check_fits(env_data, tiny_config(batch_size=13))
+
+
 # -- what the loop does ---------------------------------------------------------------------------------------------
 
 def test_training_is_deterministic_per_seed_and_records_every_epoch():
