@@ -42,7 +42,8 @@ each rule is computed here (:class:`AccelRule`), and :func:`plan` resolves a spe
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

@@ -102,8 +102,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -470,11 +470,11 @@ class Rule:
       or None.
     """
 
-    compute: Callable[[np.ndarray, "RuleSpec"], tuple[np.ndarray, np.ndarray]]
+    compute: Callable[[np.ndarray, RuleSpec], tuple[np.ndarray, np.ndarray]]
     tau: float | None = None
     flavours: tuple[str, ...] = ()
     k: float | None = None
-    check: Callable[["RuleSpec"], None] | None = None
+    check: Callable[[RuleSpec], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ class TrainConfig:
         v.in_range(self.tau, "tau", 0.0, 1.0)
         if not isinstance(self.rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(self.rescale).__name__} {self.rescale!r}")
-        self.rule_spec  # building the spec validates the options: refused here, never replaced while training
+        # The rule's options are validated once, here: refused when the configuration is made, never while training.
+        object.__setattr__(self, "_rule_spec", rules.RuleSpec(
+            self.method, **rules.rule_options(self.method, self.tau, self.flavour, self.sand_k)))
         v.choice(self.optimizer, "optimizer", OPTIMIZERS)
         v.positive(self.lr, "lr")
         v.in_range(self.momentum, "momentum", 0.0, 0.999999)
@@ -103,7 +105,7 @@ class TrainConfig:
     @property
     def rule_spec(self) -> rules.RuleSpec:
         """The configured rule: ``RuleSpec(method, tau, flavour, sand_k)``, without tau for ``mean``."""
-        return rules.RuleSpec(self.method, **rules.rule_options(self.method, self.tau, self.flavour, self.sand_k))
+        return self._rule_spec
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,16 +44,16 @@ ACCEPTED = [
 ]
 
 REFUSED = [
-    (("median", None, None, None), (ValueError, "rule must be one of ['and_mask', 'geometric_mean', 'mean', "
-                                                "'sand_mask'], got 'median'")),
+    (("median", None, None, None),
+     (ValueError, "rule must be one of ['and_mask', 'geometric_mean', 'mean', 'sand_mask'], got 'median'")),
     ((None, 0.5, None, None), (ValueError, "rule must be one of")),
-    (("mean", 0.5, None, None), (ValueError, "tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), "
-                                             "got tau=0.5")),
+    (("mean", 0.5, None, None),
+     (ValueError, "tau must be None or 0 for rule='mean' (use rule='and_mask' for tau > 0), got tau=0.5")),
     (("mean", 1, None, None), (ValueError, "tau must be None or 0 for rule='mean'")),
     (("mean", 1.5, None, None), (ValueError, "tau must lie in [0.0, 1.0], got 1.5")),
     (("mean", True, None, None), (TypeError, "tau must be a real number, got bool True")),
-    (("mean", None, "paper", None), (ValueError, "flavour applies only to rule='geometric_mean', got flavour='paper' "
-                                                 "with rule='mean'")),
+    (("mean", None, "paper", None),
+     (ValueError, "flavour applies only to rule='geometric_mean', got flavour='paper' with rule='mean'")),
     (("mean", None, None, 3.0), (ValueError, "k applies only to rule='sand_mask', got k=3.0 with rule='mean'")),
     (("mean", 0.5, "paper", None), (ValueError, "flavour applies only")),  # flavour before tau
     (("and_mask", -0.1, None, None), (ValueError, "tau must lie in [0.0, 1.0], got -0.1")),
@@ -63,12 +63,11 @@ REFUSED = [
     (("and_mask", 0.5, None, 10), (ValueError, "k applies only to rule='sand_mask', got k=10 with rule='and_mask'")),
     (("and_mask", 2.0, "paper", 10), (ValueError, "flavour applies only")),  # flavour before k before tau
     (("and_mask", 2.0, None, 10), (ValueError, "k applies only")),
-    (("geometric_mean", 0.5, None, None), (ValueError, "tau must be None or 1 for flavour='paper': the paper defines "
-                                                       "the geometric mean of gradients only when all K signs agree "
-                                                       "(paper §2.3 (i)); got tau=0.5. Use flavour='original'")),
+    (("geometric_mean", 0.5, None, None),
+     (ValueError, ("tau must be None or 1 for flavour='paper': the paper defines the geometric mean of gradients "
+                   "only when all K signs agree (paper §2.3 (i)); got tau=0.5. Use flavour='original'"))),
     (("geometric_mean", 0, "paper", None), (ValueError, "tau must be None or 1 for flavour='paper'")),
-    (("geometric_mean", None, "bogus", None), (ValueError, "flavour must be one of ['original', 'paper'], got "
-                                                           "'bogus'")),
+    (("geometric_mean", None, "bogus", None), (ValueError, "flavour must be one of ['original', 'paper'], got 'bogus'")),
     (("geometric_mean", 2.0, "bogus", None), (ValueError, "flavour must be one of")),  # flavour value before tau
     (("geometric_mean", 2.0, "original", None), (ValueError, "tau must lie in [0.0, 1.0]")),
     (("geometric_mean", None, None, 10), (ValueError, "k applies only to rule='sand_mask'")),
@@ -96,12 +95,13 @@ def test_rule_spec_refuses_with_the_options_name(options, refusal):
     assert str(caught.value).startswith(message)
 
 
-def _outcome(call):
+def _outcome(aggregate, *args, **kwargs):
+    """``aggregate(*args, **kwargs)`` as ``(error type, message)`` or ``("ok", values and masks as float64)``."""
     try:
-        values, masks = call()
+        values, masks = aggregate(*args, **kwargs)
     except (TypeError, ValueError) as exc:
         return type(exc), str(exc)
-    return [np.asarray(v, dtype=np.float64) for v in values], [np.asarray(m, dtype=np.float64) for m in masks]
+    return "ok", [np.asarray(x, dtype=np.float64) for x in values + masks]
 
 
 @pytest.mark.parametrize("options", [o for o, _ in ACCEPTED + REFUSED], ids=repr)
@@ -110,18 +110,19 @@ def test_every_backend_decides_as_the_spec_and_computes_the_same_with_a_spec(opt
     otherwise computes exactly what the spec form computes."""
     rule, tau, flavour, k = options
     G = np.random.default_rng(7).standard_normal((5, 3, 2))
-    keywords = dict(rule=rule, tau=tau, flavour=flavour, k=k)
-    backends = [(R.aggregate, lambda g: g), (A.aggregate, lambda g: g), (T.aggregate, torch.from_numpy)]
+    keywords = {"rule": rule, "tau": tau, "flavour": flavour, "k": k}
+    backends = [(R.aggregate, G), (A.aggregate, G), (T.aggregate, torch.from_numpy(G))]
     try:
         spec = RuleSpec(*options)
     except (TypeError, ValueError) as exc:
-        for aggregate, convert in backends:
-            assert _outcome(lambda: aggregate([convert(G)], rescale=True, **keywords)) == (type(exc), str(exc))
+        for aggregate, g in backends:
+            assert _outcome(aggregate, [g], rescale=True, **keywords) == (type(exc), str(exc))
         return
-    for aggregate, convert in backends:
-        by_keywords = _outcome(lambda: aggregate([convert(G)], rescale=True, **keywords))
-        by_spec = _outcome(lambda: aggregate([convert(G)], spec, rescale=True))
-        for a, b in zip(by_keywords[0] + by_keywords[1], by_spec[0] + by_spec[1]):
+    for aggregate, g in backends:
+        status, by_keywords = _outcome(aggregate, [g], rescale=True, **keywords)
+        assert status == "ok", by_keywords
+        assert _outcome(aggregate, [g], spec, rescale=True)[0] == "ok"
+        for a, b in zip(by_keywords, _outcome(aggregate, [g], spec, rescale=True)[1]):
             np.testing.assert_array_equal(a, b)
 
 

@@ -89,12 +89,12 @@ def test_the_configuration_holds_its_rule_as_one_spec():
 
 
 @pytest.mark.parametrize("config, keywords", [
-    (dict(method="mean", tau=0.7, rescale=True), dict(rule="mean", rescale=True)),
-    (dict(method="and_mask", tau=0.5, rescale=True), dict(rule="and_mask", tau=0.5, rescale=True)),
-    (dict(method="geometric_mean", tau=0.5, flavour="original"), dict(rule="geometric_mean", tau=0.5,
-                                                                      flavour="original")),
-    (dict(method="sand_mask", tau=0.25, sand_k=3.0, rescale=True), dict(rule="sand_mask", tau=0.25, k=3.0,
-                                                                        rescale=True)),
+    ({"method": "mean", "tau": 0.7, "rescale": True}, {"rule": "mean", "rescale": True}),
+    ({"method": "and_mask", "tau": 0.5, "rescale": True}, {"rule": "and_mask", "tau": 0.5, "rescale": True}),
+    ({"method": "geometric_mean", "tau": 0.5, "flavour": "original"},
+     {"rule": "geometric_mean", "tau": 0.5, "flavour": "original"}),
+    ({"method": "sand_mask", "tau": 0.25, "sand_k": 3.0, "rescale": True},
+     {"rule": "sand_mask", "tau": 0.25, "k": 3.0, "rescale": True}),
 ])
 def test_aggregate_gradients_applies_the_configured_rule(config, keywords):
     rng = np.random.default_rng(2)
