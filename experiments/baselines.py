@@ -1,40 +1,19 @@
-"""Baselines of the synthetic memorization task (paper §3.1, App. B.3; spec ``notes/paper.md`` §6.3), in torch.
+"""Baselines of the synthetic memorization task (paper §3.1, App. B.3), in torch.
 
 Every method trains on the spirals environments with the batching of :mod:`hardtovary.reference.training`: each
 optimizer step takes one batch of ``batch_size`` examples from each of ``n_agreement_envs`` environments, grouped
 by :func:`~hardtovary.reference.training.permutation_groups` (:func:`~hardtovary.reference.training.epoch_batches`).
 
-Methods (:data:`METHODS`):
+Each method (:data:`METHODS`) is an :class:`Algorithm` with one update step (:data:`ALGORITHMS`): :class:`ERM`,
+:class:`DomainAdversarial` (``dann``), :class:`IRM`, :class:`AndMask` and :class:`GeometricMean`. L2 is coupled
+weight decay of the optimizer (``weight_decay_order 'before'``); L1 adds ``l1 * sum |theta|`` to the loss (after
+masking for the AND-mask and the geometric mean).
 
-``erm``
-    The MLP (LeakyReLU, Kaiming-normal weights, bias 0.01, as the authors') on the pooled loss ``mean_e L_e``,
-    with optional dropout (after each hidden activation), L1 (``l1 * sum |theta|`` added to the loss, i.e.
-    ``l1 * sign(theta)`` in the gradient), L2 (coupled weight decay of the optimizer, ``weight_decay_order
-    'before'``) and BatchNorm (pooled statistics over the step's stacked batch).
-``dann``
-    Domain-adversarial training (Ganin et al. 2016): an embedding net, a label classifier and a domain
-    discriminator, each a 2-layer MLP (``Linear -> LeakyReLU -> Linear``, the embedding also ends in a
-    LeakyReLU). The discriminator reads the embedding through a :class:`GradientReversal` layer with coefficient
-    ``dann_lambda`` and classifies the training environment (``n_train_envs`` classes, cross-entropy over the
-    step's environments). Total loss ``L_task + L_domain``: the heads minimise their own losses, the embedding
-    receives ``grad L_task - lambda grad L_domain``. Lambda is constant (Ganin's ramp is not used; [choice]).
-``irm``
-    IRMv1 (Arjovsky et al. 2019): ``mean_e R^e + lambda_t mean_e ||d R^e(w * Phi) / dw at w=1||^2`` (a dummy
-    scalar ``w`` per environment, :func:`irm_penalty`). ``lambda_t = 1`` for the first ``irm_anneal_iters``
-    optimizer steps, ``irm_penalty_weight`` afterwards, and, as the official implementation, the loss is divided
-    by ``lambda_t`` whenever ``lambda_t > 1``. Risks and penalties are averaged over environments (the official
-    code and the project's convention ``L = mean_e L_e``); the paper's sum differs by the constant factor K.
-``and_mask`` / ``geometric_mean``
-    The aggregation rules through :func:`hardtovary.accel.torch.optim.and_mask_backward` (per-environment
-    gradients of the torch engine, the rule per parameter tensor, L1 after masking), then the optimizer step. The
-    geometric mean comes in the oracle's two flavours (``flavour``, :mod:`hardtovary.reference.rules`): the
-    paper's needs all K signs to agree (tau 1 only), the authors' ``"original"`` takes any tau.
-
-:func:`train_baseline` returns the per-epoch history (train accuracy of the step's forward passes before each
-update, as the authors count it; o.o.d. test accuracy in eval mode). With ``early_abort`` a run stops after the
-first epoch with train accuracy > 0.97 and test accuracy < 0.6 (paper App. B.3).
-:func:`run` trains several methods, each over one or more seeds (initialisation and batch order; the data stay
-fixed), into a resumable run folder (``hardtovary baselines``).
+:func:`train_baseline` is the loop around an algorithm's update: it returns the per-epoch history (train accuracy
+of the step's forward passes before each update, as the authors count it; o.o.d. test accuracy in eval mode). With
+``early_abort`` a run stops after the first epoch that :func:`hardtovary.reference.training.memorising` calls
+memorising (paper App. B.3). :func:`run` trains several methods, each over one or more seeds (initialisation and
+batch order; the data stay fixed), into a resumable run folder (``hardtovary baselines``).
 """
 
 from __future__ import annotations
@@ -43,7 +22,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
+from hardtovary.experiments.errors import UsageError, usage_errors
 from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
@@ -61,10 +41,10 @@ from hardtovary.reference import training as _training
 from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
-           "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "train_baseline",
-           "method_config", "rule_arguments", "run", "format_table", "plot_bars"]
+           "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "Algorithm", "Update", "ERM",
+           "IRM", "DomainAdversarial", "AndMask", "GeometricMean", "ALGORITHMS", "train_baseline", "method_config",
+           "rule_arguments", "run", "format_table", "plot_bars"]
 
-METHODS = ("erm", "dann", "irm", "and_mask", "geometric_mean")
 DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
 
 
@@ -126,6 +106,8 @@ class BaselineConfig:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
         if self.flavour is not None and self.flavour not in _rules.FLAVOURS:
             raise ValueError(f"flavour must be None or one of {list(_rules.FLAVOURS)}, got {self.flavour!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not self.irm_penalty_weight >= 0 or self.irm_anneal_iters < 0:
             raise ValueError(f"irm_penalty_weight and irm_anneal_iters must be >= 0, got "
                              f"{self.irm_penalty_weight}, {self.irm_anneal_iters}")
@@ -262,8 +244,9 @@ def _two_layer(n_in: int, width: int, n_out: int, *, final_activation: bool = Fa
 
 
 class DANN(nn.Module):
-    """Embedding, label classifier and domain discriminator, each a 2-layer MLP; the discriminator reads the
-    embedding through :class:`GradientReversal`. ``forward`` returns ``(label_logits[N], domain_logits[N, D])``."""
+    """Embedding, label classifier and domain discriminator, each a 2-layer MLP (``Linear -> LeakyReLU -> Linear``,
+    the embedding also ends in a LeakyReLU); the discriminator reads the embedding through
+    :class:`GradientReversal`. ``forward`` returns ``(label_logits[N], domain_logits[N, D])``."""
 
     def __init__(self, in_features: int, n_domains: int, width: int, lambd: float = 1.0):
         super().__init__()
@@ -291,13 +274,155 @@ def _l1_term(model: nn.Module, l1: float) -> torch.Tensor:
     return l1 * sum(p.abs().sum() for p in model.parameters())
 
 
-@torch.no_grad()
-def _test_accuracy(method: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    out = model(X)
-    logits = out[0] if method == "dann" else out.squeeze(-1)
-    model.train()
-    return float(((logits > 0).float() == y).float().mean())
+class Update(NamedTuple):
+    """What one update step reports: the step's task risk ``mean_e L_e``, the training-mode logits of its inputs
+    (before the update, flattened as ``[K * B]``) and the method's own per-step metrics (averaged per epoch)."""
+
+    risk: float
+    logits: torch.Tensor
+    metrics: dict
+
+
+class Algorithm:
+    """A baseline: its model, its optimizer, and one update step on a batch of ``K`` environments.
+
+    :meth:`update` takes the step's inputs ``X[K, B, in]``, labels ``y[K, B]`` and environment indices
+    ``envs[K]``, lets :meth:`backward` put the method's gradients into ``.grad``, and takes the optimizer step
+    (L2 is coupled weight decay, added before the optimizer's moments). A subclass builds its model
+    (:meth:`build_model`) and computes its gradients (:meth:`backward`)."""
+
+    def __init__(self, config: BaselineConfig, in_features: int, n_envs: int):
+        self.config = config
+        self.model = self.build_model(in_features, n_envs)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, lr=config.lr,
+                                        weight_decay=config.weight_decay, weight_decay_order="before",
+                                        momentum=config.momentum)
+        self.steps = 0  # optimizer steps taken
+
+    def build_model(self, in_features: int, n_envs: int) -> nn.Module:
+        return build_mlp(in_features, self.config)
+
+    def backward(self, X: torch.Tensor, y: torch.Tensor, envs: torch.Tensor):
+        """Fill ``.grad`` for this step; return ``(risk, training-mode logits [K * B], metrics)``."""
+        raise NotImplementedError
+
+    def update(self, X: torch.Tensor, y: torch.Tensor, envs: torch.Tensor) -> Update:
+        self.optimizer.zero_grad(set_to_none=True)
+        risk, logits, metrics = self.backward(X, y, envs)
+        self.optimizer.step()
+        self.steps += 1
+        return Update(float(risk.detach()), logits.detach(), metrics)
+
+    @torch.no_grad()
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits of ``X[N, in]`` in eval mode (dropout off, BatchNorm's running statistics)."""
+        self.model.eval()
+        logits = self.model(X).squeeze(-1)
+        self.model.train()
+        return logits
+
+    def _backward_loss(self, loss: torch.Tensor) -> None:
+        """``loss`` plus the L1 term ``l1 * sum |theta|`` (``l1 * sign(theta)`` in the gradient), backward."""
+        if self.config.l1 > 0:
+            loss = loss + _l1_term(self.model, self.config.l1)
+        loss.backward()
+
+
+class ERM(Algorithm):
+    """Empirical risk minimisation: the MLP (LeakyReLU, Kaiming-normal weights, bias 0.01, as the authors') on the
+    pooled loss ``mean_e L_e``, with optional dropout (after each hidden activation), L1, L2 and BatchNorm (pooled
+    statistics over the step's stacked batch)."""
+
+    def backward(self, X, y, envs):
+        logits = self.model(X.reshape(-1, X.shape[-1])).squeeze(-1)
+        env_logits = logits.reshape(y.shape)
+        risk = F.binary_cross_entropy_with_logits(env_logits, y, reduction="none").mean(dim=1).mean()
+        loss, metrics = self.objective(risk, env_logits, y)
+        self._backward_loss(loss)
+        return risk, logits, metrics
+
+    def objective(self, risk, env_logits, y):
+        """The loss to minimise and the step's metrics, given the risk and the logits ``[K, B]``."""
+        return risk, {}
+
+
+class IRM(ERM):
+    """IRMv1 (Arjovsky et al. 2019): ``mean_e R^e + lambda_t mean_e ||d R^e(w * Phi) / dw at w=1||^2`` (a dummy
+    scalar ``w`` per environment, :func:`irm_penalty`). ``lambda_t = 1`` for the first ``irm_anneal_iters``
+    optimizer steps, ``irm_penalty_weight`` afterwards, and, as the official implementation, the loss is divided
+    by ``lambda_t`` whenever ``lambda_t > 1``. Risks and penalties are averaged over environments (the official
+    code and the convention ``L = mean_e L_e``); the paper's sum differs by the constant factor K."""
+
+    def objective(self, risk, env_logits, y):
+        penalty = torch.stack([irm_penalty(env_logits[e], y[e]) for e in range(len(y))]).mean()
+        weight = self.config.irm_penalty_weight if self.steps >= self.config.irm_anneal_iters else 1.0
+        loss = risk + weight * penalty
+        if weight > 1.0:
+            loss = loss / weight
+        return loss, {"irm_penalty": float(penalty.detach())}
+
+
+class DomainAdversarial(Algorithm):
+    """Domain-adversarial training (DANN, Ganin et al. 2016) with the network :class:`DANN`: its discriminator
+    reads the embedding through a :class:`GradientReversal` layer with coefficient ``dann_lambda`` and classifies
+    the training environment (``n_train_envs`` classes, cross-entropy over the step's environments). Total loss
+    ``L_task + L_domain``: the heads minimise their own losses, the embedding receives ``grad L_task - lambda grad
+    L_domain``. Lambda is constant (Ganin's ramp is not used; [choice])."""
+
+    def build_model(self, in_features, n_envs):
+        return DANN(in_features, n_envs, self.config.dann_hidden or self.config.hidden[0], self.config.dann_lambda)
+
+    def backward(self, X, y, envs):
+        K, B = y.shape
+        logits, domain_logits = self.model(X.reshape(K * B, -1))
+        domain_loss = F.cross_entropy(domain_logits, envs.repeat_interleave(B))
+        risk = F.binary_cross_entropy_with_logits(logits, y.reshape(-1))
+        self._backward_loss(risk + domain_loss)
+        return risk, logits, {"domain_loss": float(domain_loss.detach())}
+
+    @torch.no_grad()
+    def predict(self, X):
+        self.model.eval()
+        logits = self.model(X)[0]
+        self.model.train()
+        return logits
+
+
+class AndMask(Algorithm):
+    """The AND-mask through :func:`hardtovary.accel.torch.optim.and_mask_backward`: per-environment gradients of
+    the torch engine, the rule per parameter tensor (threshold ``tau``, inverse-sparsity ``rescale``), L1 after
+    masking. No dropout: the per-environment gradients run under vmap."""
+
+    rule = "and_mask"
+
+    def __init__(self, config: BaselineConfig, in_features: int, n_envs: int):
+        if config.dropout > 0:
+            raise ValueError(f"dropout is not supported with {self.rule} (per-environment gradients run under vmap)")
+        self.rule_options = rule_arguments(self.rule, config)
+        super().__init__(config, in_features, n_envs)
+
+    def backward(self, X, y, envs):
+        risk, _ = and_mask_backward(self.model, X, y, _bce, rule=self.rule, rescale=self.config.rescale,
+                                    l1=self.config.l1, **self.rule_options)
+        with torch.no_grad():  # accuracy of this step's inputs (BatchNorm: eval mode, no stats update)
+            self.model.train(not self.config.batch_norm)
+            logits = self.model(X.reshape(-1, X.shape[-1])).squeeze(-1)
+            self.model.train()
+        return risk, logits, {}
+
+
+class GeometricMean(AndMask):
+    """The geometric mean of the per-environment gradients, in the oracle's two flavours (``flavour``,
+    :mod:`hardtovary.reference.rules`): the paper's needs all K signs to agree (tau 1 only), the authors'
+    ``"original"`` takes any tau."""
+
+    rule = "geometric_mean"
+
+
+#: The baselines by name, in the order of the command line's listings.
+ALGORITHMS = {"erm": ERM, "dann": DomainAdversarial, "irm": IRM, "and_mask": AndMask, "geometric_mean": GeometricMean}
+METHODS = tuple(ALGORITHMS)
 
 
 def _arrays(data):
@@ -314,100 +439,59 @@ def _arrays(data):
             torch.as_tensor(np.asarray(data.y_test), dtype=torch.float32))
 
 
+def _batching(config: BaselineConfig, n_envs: int) -> _training.TrainConfig:
+    """The batching of ``config`` as a configuration of the reference loop's batches
+    (:func:`~hardtovary.reference.training.epoch_batches`): ``batch_size`` examples from each of
+    ``n_agreement_envs`` environments (None: all ``n_envs``)."""
+    return dataclasses.replace(_training.TrainConfig(), batch_size=config.batch_size,
+                               n_agreement_envs=config.n_agreement_envs or n_envs)
+
+
 def train_baseline(method: str, data, config: BaselineConfig | None = None, *,
                    on_step: Callable[[], None] | None = None,
                    on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``method`` (one of :data:`METHODS`) on ``data`` (``X_train[E, n, in]``, ``y_train[E, n]`` in {0, 1},
-    ``X_test[N, in]``, ``y_test[N]``; a ``SpiralsTask`` or ``EnvironmentData``) and return the per-epoch history.
+    """Train ``method`` (one of :data:`METHODS`, the :class:`Algorithm` of :data:`ALGORITHMS`) on ``data``
+    (``X_train[E, n, in]``, ``y_train[E, n]`` in {0, 1}, ``X_test[N, in]``, ``y_test[N]``; a ``SpiralsTask`` or
+    ``EnvironmentData``) and return the per-epoch history.
 
     Each record: ``epoch`` (1-based), ``lr``, ``train_loss`` (mean over steps of the method's task risk
-    ``mean_e L_e``), ``train_acc`` (step forward passes before each update), ``test_acc`` (eval mode) and, for
-    IRM, ``irm_penalty`` / DANN, ``domain_loss``. With ``config.early_abort`` the last record has
-    ``aborted=True`` when the run stopped early (train > 0.97 and test < 0.6).
+    ``mean_e L_e``), ``train_acc`` (step forward passes before each update), ``test_acc`` (eval mode) and the
+    method's metrics averaged over the epoch's steps (IRM: ``irm_penalty``; DANN: ``domain_loss``). With
+    ``config.early_abort`` the last record has ``aborted=True`` when the run stopped early
+    (:func:`hardtovary.reference.training.memorising`).
     """
-    if method not in METHODS:
+    if method not in ALGORITHMS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     config = config or BaselineConfig()
     X_train, y_train, X_test, y_test = _arrays(data)
     n_envs, n_examples, n_in = X_train.shape
-    K = config.n_agreement_envs or n_envs
-    if n_envs % K:
-        raise ValueError(f"n_agreement_envs={K} must divide the number of training environments {n_envs}")
-    if config.batch_size > n_examples:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {n_examples} examples per environment")
-    if method in ("and_mask", "geometric_mean") and config.dropout > 0:
-        raise ValueError(f"dropout is not supported with {method} (per-environment gradients run under vmap)")
-    rule_options = rule_arguments(method, config)
-    batching = dataclasses.replace(_training.TrainConfig(), batch_size=config.batch_size, n_agreement_envs=K)
+    batching = _batching(config, n_envs)
+    _training.check_fits(data, batching)
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    if method == "dann":
-        model = DANN(n_in, n_envs, config.dann_hidden or config.hidden[0], config.dann_lambda)
-    else:
-        model = build_mlp(n_in, config)
-    model.train()
-    opt = make_optimizer(model.parameters(), config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-                         weight_decay_order="before", momentum=config.momentum)
-    history, step = [], 0
+    algorithm = ALGORITHMS[method](config, n_in, n_envs)
+    history = []
     for epoch in range(config.epochs):
         lr = multistep_lr(config.lr, epoch, config.lr_milestones, config.lr_gamma)
-        for group in opt.param_groups:
+        for group in algorithm.optimizer.param_groups:
             group["lr"] = lr
-        risks, extras, n_correct, n_seen = [], [], 0, 0
+        risks, metrics, n_correct, n_seen = [], {}, 0, 0
         for envs, rows in _training.epoch_batches(n_envs, n_examples, batching, rng):
             envs_t = torch.as_tensor(envs)
             rows_t = torch.as_tensor(rows)
-            X = X_train[envs_t[:, None], rows_t]          # [K, B, in]
             y = y_train[envs_t[:, None], rows_t]          # [K, B]
-            Kb, B = y.shape
-            opt.zero_grad(set_to_none=True)
-            if method in ("and_mask", "geometric_mean"):
-                risk, _ = and_mask_backward(model, X, y, _bce, rule=method, rescale=config.rescale, l1=config.l1,
-                                            **rule_options)
-                with torch.no_grad():  # accuracy of this step's inputs (BatchNorm: eval mode, no stats update)
-                    was_training = model.training
-                    model.train(not config.batch_norm)
-                    logits = model(X.reshape(Kb * B, n_in)).squeeze(-1)
-                    model.train(was_training)
-            else:
-                flat = X.reshape(Kb * B, n_in)
-                if method == "dann":
-                    logits, domain_logits = model(flat)
-                    domains = envs_t.repeat_interleave(B)
-                    domain_loss = F.cross_entropy(domain_logits, domains)
-                    risk = F.binary_cross_entropy_with_logits(logits, y.reshape(-1))
-                    loss = risk + domain_loss
-                    extras.append(float(domain_loss.detach()))
-                else:
-                    logits = model(flat).squeeze(-1)
-                    env_logits = logits.reshape(Kb, B)
-                    env_risks = F.binary_cross_entropy_with_logits(env_logits, y, reduction="none").mean(dim=1)
-                    risk = env_risks.mean()
-                    loss = risk
-                    if method == "irm":
-                        penalty = torch.stack([irm_penalty(env_logits[e], y[e]) for e in range(Kb)]).mean()
-                        weight = config.irm_penalty_weight if step >= config.irm_anneal_iters else 1.0
-                        loss = risk + weight * penalty
-                        if weight > 1.0:
-                            loss = loss / weight
-                        extras.append(float(penalty.detach()))
-                if config.l1 > 0:
-                    loss = loss + _l1_term(model, config.l1)
-                loss.backward()
-            opt.step()
-            step += 1
-            risks.append(float(risk.detach()))
-            n_correct += int(((logits.detach() > 0).float() == y.reshape(-1)).sum())
-            n_seen += Kb * B
+            step = algorithm.update(X_train[envs_t[:, None], rows_t], y, envs_t)
+            risks.append(step.risk)
+            for name, value in step.metrics.items():
+                metrics.setdefault(name, []).append(value)
+            n_correct += int(((step.logits > 0).float() == y.reshape(-1)).sum())
+            n_seen += y.numel()
             if on_step is not None:
                 on_step()
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(risks)),
-                  "train_acc": n_correct / n_seen, "test_acc": _test_accuracy(method, model, X_test, y_test)}
-        if method == "irm":
-            record["irm_penalty"] = float(np.mean(extras))
-        elif method == "dann":
-            record["domain_loss"] = float(np.mean(extras))
+        test_acc = float(((algorithm.predict(X_test) > 0).float() == y_test).float().mean())
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(risks)), "train_acc": n_correct / n_seen,
+                  "test_acc": test_acc, **{name: float(np.mean(values)) for name, values in metrics.items()}}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -444,15 +528,18 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ValueError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
+        raise UsageError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
     if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
-        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+        raise UsageError(f"seeds must be an integer >= 1, got {seeds!r}")
     configs = {m: method_config(base, m, overrides) for m in methods}
     seed_list = [base.seed + s for s in range(seeds)]
     config = {"experiment": "baselines", "data": dataclasses.asdict(data_config), "seeds": seed_list,
               "methods": {m: c.to_dict() for m, c in configs.items()}}
-    folder = RunFolder(out, config, fresh=fresh)
     task = _data.make_spirals_task(data_config)
+    with usage_errors():  # the batching of the options against the data, before the run folder is written
+        for c in configs.values():
+            _training.check_fits(task, _batching(c, data_config.n_train_envs))
+    folder = RunFolder(out, config, fresh=fresh)
     units = [(m, seed, f"{m}-seed{seed}") for m in methods for seed in seed_list]
     todo = [(m, name) for m, _, name in units if folder.finished(name) is None]
     note_resume(len(units) - len(todo), len(units), "runs", folder.root)

@@ -24,7 +24,8 @@ Spaces (each value drawn uniformly, :func:`sample_trials`):
     iterations {0, 1, 2, 4, 8} (optimizer steps) and learning rate {1e-3, 1e-2, 1e-1, 1}; no L1/L2/dropout.
 
 The architecture values default to a small space (:data:`SMALL_ARCH`) so that a default search finishes in a few
-minutes on two CPU cores; :data:`PAPER_ARCH` is Table 1's (256/512 units, 3/5 layers, batch 64/128/256).
+minutes on two CPU cores; :data:`hardtovary.experiments.sweep.PAPER_ARCHITECTURE` is Table 1's (256/512 units,
+3/5 layers, batch 64/128/256).
 
 Determinism: method m's trials are drawn by ``numpy.random.default_rng([seed, index of m in baselines.METHODS])``
 in a fixed field order, so they do not depend on which other methods are searched. Trial i trains with seed
@@ -40,22 +41,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
-from hardtovary.experiments.sweep import PAPER_ARCHITECTURE, RERUN_SEED_OFFSET, _rank_key
+from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, Architecture, _rank_key
 from hardtovary.reference import data as _data
 from hardtovary.reference import optim
 from hardtovary.reference import rules as _rules
 
-__all__ = ["TABLE1", "TABLE2", "AND_MASK_TAUS", "SMALL_ARCH", "PAPER_ARCH", "Architecture", "sample_trials",
-           "trial_config", "run", "format_table"]
+__all__ = ["TABLE1", "TABLE2", "AND_MASK_TAUS", "SMALL_ARCH", "sample_trials", "trial_config", "run",
+           "format_table"]
 
 #: Table 1 (paper App. B.3) without the architecture values (see :class:`Architecture`).
 TABLE1 = {"optimizer": ("adam", "sgd"), "lr": (1e-3, 1e-2, 1e-1), "batch_norm": (True, False),
@@ -78,25 +79,8 @@ KEYS = {
 KEYS["geometric_mean"] = (*KEYS["and_mask"], "flavour")
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Hidden units, hidden layers and batch sizes (per environment) drawn by every method."""
-
-    hidden_units: tuple[int, ...] = (32, 64)
-    layers: tuple[int, ...] = (2, 3)
-    batch_sizes: tuple[int, ...] = (64, 128)
-
-    def __post_init__(self):
-        for name in ("hidden_units", "layers", "batch_sizes"):
-            values = tuple(getattr(self, name))
-            if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-                                 for v in values):
-                raise ValueError(f"{name} must be a non-empty list of positive integers, got {list(values)}")
-            object.__setattr__(self, name, tuple(int(v) for v in values))
-
-
-SMALL_ARCH = Architecture()
-PAPER_ARCH = Architecture(**PAPER_ARCHITECTURE)
+#: The architecture values of a default search: small, so that it finishes in a few minutes on two CPU cores.
+SMALL_ARCH = Architecture(hidden_units=(32, 64), layers=(2, 3), batch_sizes=(64, 128))
 
 
 def sample_trials(method: str, budget: int, *, arch: Architecture = SMALL_ARCH, seed: int = 0,
@@ -160,7 +144,7 @@ def trial_config(method: str, hyper: dict, *, epochs: int, seed: int, early_abor
 
 def _check_int(name, value, low):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def run(out: Path, **options) -> dict:
@@ -192,15 +176,15 @@ def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: i
     methods = tuple(methods)
     bad = [m for m in methods if m not in KEYS]
     if bad or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct names from {list(KEYS)}, got {list(methods)}")
+        raise UsageError(f"methods must be distinct names from {list(KEYS)}, got {list(methods)}")
     for name, value, low in (("budget", budget, 1), ("seeds", seeds, 1), ("epochs", epochs, 1), ("seed", seed, 0)):
         _check_int(name, value, low)
     too_big = [b for b in arch.batch_sizes if b > data_config.examples_per_env]
     if too_big:
-        raise ValueError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
+        raise UsageError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
     K = n_agreement_envs or data_config.n_train_envs
     if data_config.n_train_envs % K:
-        raise ValueError(f"n_agreement_envs={K} must divide the number of training environments "
+        raise UsageError(f"n_agreement_envs={K} must divide the number of training environments "
                          f"{data_config.n_train_envs}")
     config = {"experiment": "baselines-search", "data": dataclasses.asdict(data_config), "methods": list(methods),
               "budget": budget, "seeds": seeds, "epochs": epochs, "seed": seed, "arch": dataclasses.asdict(arch),

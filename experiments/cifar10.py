@@ -55,6 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
 from hardtovary.reference.optim import multistep_lr
@@ -101,9 +102,9 @@ def _unpickle(path: Path) -> dict:
             obj = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
             ValueError) as exc:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (cannot unpickle it: {exc})") from None
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (cannot unpickle it: {exc})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict), got {type(obj).__name__}")
+        raise UsageError(f"{path} is not a CIFAR-10 python batch (a pickled dict), got {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -111,21 +112,21 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path)
     for key in ("data", "labels"):
         if key not in batch:
-            raise ValueError(f"{path} is not a CIFAR-10 python batch: it has no {key!r} entry")
+            raise UsageError(f"{path} is not a CIFAR-10 python batch: it has no {key!r} entry")
     data = np.asarray(batch["data"])
     try:
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: 'labels' must be a list of integers") from None
+        raise UsageError(f"{path}: 'labels' must be a list of integers") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' must have shape [N, 3072], got {data.shape}")
+        raise UsageError(f"{path}: 'data' must have shape [N, 3072], got {data.shape}")
     if data.dtype != np.uint8:
-        raise ValueError(f"{path}: 'data' must be uint8, got {data.dtype}")
+        raise UsageError(f"{path}: 'data' must be uint8, got {data.dtype}")
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: 'labels' must hold one label per row of 'data' ({data.shape[0]}), "
+        raise UsageError(f"{path}: 'labels' must hold one label per row of 'data' ({data.shape[0]}), "
                          f"got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
+        raise UsageError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
     return data, labels
 
 
@@ -143,7 +144,8 @@ def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = 
     ``test_batch``, ``batches.meta``: the official archive ``cifar-10-python.tar.gz`` unpacked, i.e. its
     ``cifar-10-batches-py/`` folder). ``n_train`` / ``n_test`` keep the first examples only (quick runs).
 
-    Raises FileNotFoundError naming the directory and every missing file, ValueError for malformed files.
+    Raises FileNotFoundError naming the directory and every missing file, UsageError (a ValueError) for malformed
+    files.
     """
     directory = Path(directory)
     expected = (*TRAIN_FILES, TEST_FILE, META_FILE)
@@ -156,11 +158,11 @@ def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = 
             "the resulting cifar-10-batches-py/ folder as --data.")
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            raise UsageError(f"{name} must be a positive integer or None, got {value!r}")
     meta = _unpickle(directory / META_FILE)
     names = meta.get("label_names")
     if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES:
-        raise ValueError(f"{directory / META_FILE}: 'label_names' must list {NUM_CLASSES} class names")
+        raise UsageError(f"{directory / META_FILE}: 'label_names' must list {NUM_CLASSES} class names")
     classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
 
     parts, labels, have = [], [], 0
@@ -175,11 +177,11 @@ def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = 
     test_data, y_test = _read_batch(directory / TEST_FILE)
     if n_train is not None:
         if n_train > len(y_train):
-            raise ValueError(f"n_train = {n_train} exceeds the {len(y_train)} training examples in {directory}")
+            raise UsageError(f"n_train = {n_train} exceeds the {len(y_train)} training examples in {directory}")
         train_data, y_train = train_data[:n_train], y_train[:n_train]
     if n_test is not None:
         if n_test > len(y_test):
-            raise ValueError(f"n_test = {n_test} exceeds the {len(y_test)} test examples in {directory}")
+            raise UsageError(f"n_test = {n_test} exceeds the {len(y_test)} test examples in {directory}")
         test_data, y_test = test_data[:n_test], y_test[:n_test]
     return CIFAR10(_normalise(train_data), y_train, _normalise(test_data), y_test, classes)
 
@@ -218,6 +220,8 @@ def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 
     taus = tuple(TAUS if experiment == "memorization" else LABEL_NOISE_TAUS) if taus is None else tuple(taus)
     if not taus or any(not 0.0 <= float(t) <= 1.0 for t in taus):
         raise ValueError(f"taus must be a non-empty list of values in [0, 1], got {taus!r}")
+    if seed < 0:
+        raise UsageError(f"seed must be an integer >= 0, got {seed!r}")
     trials = {}
     if experiment == "memorization":
         for labels, fraction in (("original", 0.0), ("random", 1.0)):
@@ -293,7 +297,7 @@ def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width:
     folder = Path(folder)
     n = len(data.y_train)
     if batch_size < 2 or batch_size > n:
-        raise ValueError(f"batch_size must lie in 2..{n} (BatchNorm needs 2 rows; one full batch of the {n} "
+        raise UsageError(f"batch_size must lie in 2..{n} (BatchNorm needs 2 rows; one full batch of the {n} "
                          f"training examples), got {batch_size}")
     seed = trial["seed"]
     labels, changed = randomize_labels(data.y_train, trial["noise_fraction"], np.random.default_rng(seed))

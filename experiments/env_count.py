@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hardtovary.experiments import baselines as _bl
+from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.reference import data as _data
@@ -61,7 +62,7 @@ def examples_per_env(n_envs: int, examples: int, total_examples: int | None) -> 
     """Examples per environment: ``total_examples // n_envs`` when given, else ``examples``; at least 2."""
     value = total_examples // n_envs if total_examples is not None else examples
     if value < 2:
-        raise ValueError(f"{n_envs} environments leave {value} examples each (need >= 2): "
+        raise UsageError(f"{n_envs} environments leave {value} examples each (need >= 2): "
                          f"raise --total-examples or lower --envs")
     return value
 
@@ -73,15 +74,15 @@ def unit_name(n_envs: int, method: str, run: int) -> str:
 def _validate(envs, methods, runs):
     envs = tuple(int(n) for n in envs)
     if not envs or min(envs) < 1:
-        raise ValueError(f"envs must be positive integers, got {list(envs)}")
+        raise UsageError(f"envs must be positive integers, got {list(envs)}")
     if len(set(envs)) != len(envs):
-        raise ValueError(f"envs must not repeat, got {list(envs)}")
+        raise UsageError(f"envs must not repeat, got {list(envs)}")
     methods = tuple(methods)
     bad = [m for m in methods if m not in _bl.METHODS]
     if bad or not methods:
-        raise ValueError(f"methods must be some of {list(_bl.METHODS)}, got {list(methods)}")
+        raise UsageError(f"methods must be some of {list(_bl.METHODS)}, got {list(methods)}")
     if int(runs) < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
+        raise UsageError(f"runs must be >= 1, got {runs}")
     return envs, methods, int(runs)
 
 
@@ -104,7 +105,7 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
 
     envs, methods, runs = _validate(envs, methods, runs)
     if total_examples is not None and total_examples < 1:
-        raise ValueError(f"total_examples must be >= 1, got {total_examples}")
+        raise UsageError(f"total_examples must be >= 1, got {total_examples}")
     plans = {}
     for n in envs:
         epe = examples_per_env(n, data_config.examples_per_env, total_examples)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hardtovary.experiments.errors import UsageError
 from hardtovary.reference import consistency, quadratic
 
 #: ``compare_rules`` counts a gradient-descent run as converged when a step's norm falls to this (the ``tol`` of
@@ -67,7 +68,7 @@ def score_report(problem: quadratic.QuadraticProblem, eps: float) -> dict:
         try:
             theta_star = problem.pooled_minimizer()
         except ValueError as error:
-            raise ValueError(f"the environments' minimizers differ, so the score is taken at the pooled minimizer, "
+            raise UsageError(f"the environments' minimizers differ, so the score is taken at the pooled minimizer, "
                              f"but {error}") from None
     score = quadratic.inconsistency_score(problem, eps, theta_star=theta_star)
     report = {"K": problem.K, "P": problem.P, "eps": eps, "theta_star": [float(t) for t in theta_star],
@@ -256,10 +257,23 @@ def env_hessians_fd(spec, params, X, Y, loss: str, step: float = 1e-5, on_column
     return (H + H.transpose(0, 2, 1)) / 2
 
 
-def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_per_env: int = 64, n_dims: int = 2,
-                              hidden=(16, 16), epochs: int = 300, l2: float = 1e-3, seed: int = 0,
-                              progress: bool = False) -> dict:
-    """I^eps at the solutions that averaging, the AND-mask and the geometric mean reach on a small spirals task.
+def spirals_mlp_setup(*, n_envs: int = 4, examples_per_env: int = 64, n_dims: int = 2, hidden=(16, 16),
+                      epochs: int = 300, l2: float = 1e-3, seed: int = 0):
+    """The spirals task and the training that :func:`spirals_mlp_inconsistency` scores: ``(SpiralsConfig, the
+    shared TrainConfig, {method: TrainConfig})``, validated (a ValueError names what they refuse)."""
+    from hardtovary.experiments import synthetic
+    from hardtovary.reference import data, training
+
+    data_config = data.SpiralsConfig(n_train_envs=n_envs, examples_per_env=examples_per_env, n_test=1000,
+                                     n_dims=n_dims, seed=seed)
+    base = training.TrainConfig(hidden=tuple(hidden), batch_size=examples_per_env, n_agreement_envs=n_envs,
+                                epochs=epochs, lr=1e-2, weight_decay=l2, rescale=True, seed=seed)
+    return data_config, base, {name: synthetic.method_config(base, name) for name in synthetic.DEFAULT_METHODS}
+
+
+def spirals_mlp_inconsistency(eps: float = 0.01, *, progress: bool = False, **setup) -> dict:
+    """I^eps at the solutions that averaging, the AND-mask and the geometric mean reach on a small spirals task
+    (``setup``: the options of :func:`spirals_mlp_setup`).
 
     Each method trains the same small MLP (reference implementation, Adam 1e-2, coupled L2 ``l2``, all
     environments per step, full batches). At the end point theta* the per-environment Hessians come from finite
@@ -272,19 +286,16 @@ def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_pe
     """
     from tqdm import tqdm
 
-    from hardtovary.experiments import synthetic
     from hardtovary.experiments.progress import show_epoch, start_unit
     from hardtovary.reference import data, mlp, training
 
-    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=n_envs, examples_per_env=examples_per_env,
-                                                     n_test=1000, n_dims=n_dims, seed=seed))
+    data_config, base, configs = spirals_mlp_setup(**setup)
+    task = data.make_spirals_task(data_config)
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
-    base = training.TrainConfig(hidden=tuple(hidden), batch_size=examples_per_env, n_agreement_envs=n_envs,
-                                epochs=epochs, lr=1e-2, weight_decay=l2, rescale=True, seed=seed)
-    configs = {name: synthetic.method_config(base, name) for name in synthetic.DEFAULT_METHODS}
+    n_envs, examples_per_env, l2 = data_config.n_train_envs, data_config.examples_per_env, base.weight_decay
     spec = training.model_spec(env_data, base)
     n_params = sum(int(np.prod(shape)) for shape in mlp.param_shapes(spec))
-    steps = epochs * training.steps_per_epoch(n_envs, examples_per_env, base)
+    steps = base.epochs * training.steps_per_epoch(n_envs, examples_per_env, base)
     bar = tqdm(total=len(configs) * (steps + n_params), disable=not progress, unit="step", dynamic_ncols=True)
     results = {}
     for name, config in configs.items():
@@ -304,8 +315,8 @@ def spirals_mlp_inconsistency(eps: float = 0.01, *, n_envs: int = 4, examples_pe
                          "max_env_gradient_norm": float(np.linalg.norm(grads, axis=1).max()),
                          "clipped_negative_curvature": float(negative.max()), "P": int(H.shape[1])}
     bar.close()
-    return {"eps": eps, "l2": l2, "n_envs": n_envs, "examples_per_env": examples_per_env, "hidden": list(hidden),
-            "epochs": epochs, "methods": results}
+    return {"eps": eps, "l2": l2, "n_envs": n_envs, "examples_per_env": examples_per_env, "hidden": list(base.hidden),
+            "epochs": base.epochs, "methods": results}
 
 
 def format_mlp_report(report: dict) -> str:

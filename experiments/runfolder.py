@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from hardtovary.experiments import runtime
+from hardtovary.experiments.errors import UsageError
 
 RESULTS_FILE = "results.json"
 
@@ -85,7 +86,7 @@ class RunFolder:
         if config_path.exists():
             stored = read_json(config_path)
             if stored != json.loads(json.dumps(config)):
-                raise ValueError(
+                raise UsageError(
                     f"run folder {self.root} holds a run with a different configuration; "
                     f"pass another --out folder, or --fresh to delete it and start again"
                 )

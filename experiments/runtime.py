@@ -26,6 +26,7 @@ import sys
 import threadpoolctl
 
 from hardtovary import __version__
+from hardtovary.experiments.errors import UsageError
 
 THREADS_ENV_VAR = "HARDTOVARY_THREADS"
 # bench/bench_threads.py (README, "Benchmarks"): next to other work, one thread ran every command's workload 1.3x to
@@ -56,7 +57,7 @@ def resolve_threads(option: int | None) -> int:
     try:
         return parse_threads(text)
     except argparse.ArgumentTypeError as exc:
-        raise ValueError(f"environment variable {THREADS_ENV_VAR} {exc}") from None
+        raise UsageError(f"environment variable {THREADS_ENV_VAR} {exc}") from None
 
 
 def add_threads_option(parser) -> None:

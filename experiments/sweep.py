@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.progress import note_resume, start_unit
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
@@ -92,14 +93,32 @@ class SearchSpace:
             raise ValueError(f"flavour must be one of {list(rules.FLAVOURS)}, got {self.flavour!r}")
 
 
-#: Table 1's architecture values (paper App. B.3): hidden units, hidden layers, batch size per environment.
-PAPER_ARCHITECTURE = {"hidden_units": (256, 512), "layers": (3, 5), "batch_sizes": (64, 128, 256)}
+@dataclass(frozen=True)
+class Architecture:
+    """The architecture values a search draws from: hidden units, hidden layers and batch sizes (per
+    environment)."""
+
+    hidden_units: tuple[int, ...]
+    layers: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+
+    def __post_init__(self):
+        for name in ("hidden_units", "layers", "batch_sizes"):
+            values = tuple(getattr(self, name))
+            if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {list(values)}")
+            object.__setattr__(self, name, tuple(int(v) for v in values))
+
+
+#: Table 1's architecture values (paper App. B.3), for ``hardtovary sweep`` and ``hardtovary baselines-search``.
+PAPER_ARCHITECTURE = Architecture(hidden_units=(256, 512), layers=(3, 5), batch_sizes=(64, 128, 256))
 
 
 def paper_space(**changes) -> SearchSpace:
     """Table 1 of the paper (App. B.3) for what the sweep trains: :data:`PAPER_ARCHITECTURE` and the default
     optimizer, learning-rate and regulariser values, with ``changes`` applied."""
-    return dataclasses.replace(SearchSpace(**PAPER_ARCHITECTURE), **changes)
+    return dataclasses.replace(SearchSpace(**dataclasses.asdict(PAPER_ARCHITECTURE)), **changes)
 
 
 #: Small data so that the default search runs in a few minutes on two CPU cores (paper: 32 x 1280, d_S = 32).
@@ -225,12 +244,12 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
     for name, value, low in (("budget", budget, 1), ("seeds", seeds, 1), ("top", top, 1), ("epochs", epochs, 1),
                              ("runs_per_batch", runs_per_batch, 1), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if top > budget:
-        raise ValueError(f"top must be at most budget ({budget}), got {top}")
+        raise UsageError(f"top must be at most budget ({budget}), got {top}")
     too_big = [b for b in space.batch_sizes if b > data_config.examples_per_env]
     if too_big:
-        raise ValueError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
+        raise UsageError(f"batch sizes {too_big} exceed the {data_config.examples_per_env} examples per environment")
     n_envs = data_config.n_train_envs
     config = {"experiment": "sweep", "data": dataclasses.asdict(data_config), "space": dataclasses.asdict(space),
               "budget": budget, "seeds": seeds, "top": top, "top_distinct": True, "epochs": epochs, "seed": seed,

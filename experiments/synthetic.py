@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hardtovary.experiments.errors import usage_errors
 from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder
 from hardtovary.reference import data, rules, training
@@ -87,9 +88,12 @@ def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,
     configs = {name: method_config(train_config, name, overrides) for name in methods}
     config = {"experiment": "synthetic", "data": dataclasses.asdict(data_config),
               "methods": {name: c.to_dict() for name, c in configs.items()}}
-    folder = RunFolder(out, config, fresh=fresh)
     task = data.make_spirals_task(data_config)
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+    with usage_errors():  # the batching of the options against the data, before the run folder is written
+        for c in configs.values():
+            training.check_fits(env_data, c)
+    folder = RunFolder(out, config, fresh=fresh)
     n_envs, n_examples = task.X_train.shape[:2]
 
     todo = [name for name in methods if folder.finished(name) is None]

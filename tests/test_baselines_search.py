@@ -8,6 +8,7 @@ pytest.importorskip("torch")
 
 from hardtovary.experiments import baselines_search as bs  # noqa: E402
 from hardtovary.experiments import cli  # noqa: E402
+from hardtovary.experiments.sweep import PAPER_ARCHITECTURE  # noqa: E402
 
 TINY = ["--n-envs", "2", "--examples-per-env", "32", "--n-test", "40", "--n-dims", "3", "--widths", "8",
         "--depths", "1", "--batch-sizes", "8,16", "--epochs", "2", "--budget", "2", "--seeds", "2", "--no-progress"]
@@ -15,7 +16,7 @@ TINY = ["--n-envs", "2", "--examples-per-env", "32", "--n-test", "40", "--n-dims
 
 @pytest.mark.parametrize("method", ["erm", "dann", "and_mask", "geometric_mean"])
 def test_table1_sampling_respects_the_space(method):
-    trials = bs.sample_trials(method, 200, arch=bs.PAPER_ARCH, seed=3)
+    trials = bs.sample_trials(method, 200, arch=PAPER_ARCHITECTURE, seed=3)
     regs = set()
     for t in trials:
         assert tuple(t) == bs.KEYS[method]
