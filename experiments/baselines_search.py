@@ -1,4 +1,4 @@
-"""Random hyperparameter search of the synthetic-task baselines (paper §3.1, App. B.3; spec ``notes/paper.md`` §6.3).
+"""Random hyperparameter search of the synthetic-task baselines (paper §3.1, App. B.3).
 
 ``hardtovary baselines-search``: for each method, draw ``budget`` configurations from that method's space, train
 them with :func:`hardtovary.experiments.baselines.train_baseline` with the paper's early abort (train acc > 0.97

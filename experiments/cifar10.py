@@ -1,4 +1,4 @@
-"""CIFAR-10 memorization and label noise (paper §3.2, Figs. 8, 9, 16, App. B.5; notes/paper.md §8).
+"""CIFAR-10 memorization and label noise (paper §3.2, Figs. 8, 9, 16, App. B.5).
 
 ``hardtovary cifar10 --data DIR --experiment memorization`` trains FastResNet for every tau of the grid on the
 original labels and on random labels (Fig. 8: train accuracy vs tau; Fig. 16: test accuracy vs tau).

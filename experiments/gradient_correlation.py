@@ -1,5 +1,5 @@
 """Dissecting learning signals: gradient correlations against the agreement threshold (paper §3.1 end, Fig. 7,
-App. B.3.5; spec ``notes/paper.md`` §7).
+App. B.3.5).
 
 For a randomly initialised MLP and K environments of the spirals data, per-environment gradients ``G[K, P]`` are
 computed on three versions of each environment's batch:
@@ -13,13 +13,13 @@ computed on three versions of each environment's batch:
 For each threshold ``tau`` in [-1, 1] the masked average gradient of (i), ``m_tau(G) * mean_e G[e]``, is
 correlated (Pearson, across parameter components) with ``g_mech`` and with ``g_short``.
 
-Choices where the paper is silent or ambiguous (spec §7 [AMBIG] items), all documented here and recorded in the
-results:
+Choices where the paper is silent or ambiguous, all documented here and recorded in the results:
 
-* **Mask for tau >= 0**: the project's canonical AND-mask (:func:`hardtovary.accel.torch.rules.and_mask`), keep iff
-  ``|S_j| >= ceil(tau K - 1e-9)`` with ``S_j = sum_e sign(G[e, j])``.
-* **XOR mask for tau < 0**: keep iff ``|a_j| <= 1 - |tau|`` with ``a_j = S_j / K`` (spec §7's continuous reading),
-  evaluated on the integer ``S_j`` as ``|S_j| <= floor((1 - |tau|) K + 1e-9)`` so float noise cannot flip a tie.
+* **Mask for tau >= 0**: the canonical AND-mask (:func:`hardtovary.accel.torch.rules.and_mask`), keep iff
+  ``|S_j|`` reaches :func:`hardtovary.reference.rules.agreement_threshold_count` with ``S_j = sum_e sign(G[e, j])``.
+* **XOR mask for tau < 0**: keep iff ``|a_j| <= 1 - |tau|`` with ``a_j = S_j / K`` (a continuous reading of
+  App. B.3.5), evaluated on the integer ``S_j`` as ``|S_j| <= floor((1 - |tau|) K + 1e-9)`` so float noise cannot
+  flip a tie (the tolerance of the AND-mask's threshold, :data:`hardtovary.reference.rules.TIE_TOLERANCE`).
   At tau = 0 both masks keep everything (the plain average); tau = -1 keeps only ``S_j = 0`` (exact disagreement).
   The two masks are complements up to their shared boundary: ``xor_mask(tau - 1)`` and ``and_mask(tau)`` together
   keep every component, and both keep exactly the components with ``|S_j| = tau K`` (when ``tau K`` is an
@@ -54,6 +54,7 @@ from hardtovary.accel.torch.models import mlp_from_spec
 from hardtovary.experiments.runfolder import write_results
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
+from hardtovary.reference.rules import TIE_TOLERANCE
 
 __all__ = ["DEFAULT_TAUS", "DEFAULT_DATA", "GradientCorrelationConfig", "threshold_mask", "xor_mask",
            "pearson", "gradient_sets", "correlation_curves", "run", "format_table", "plot_curves"]
@@ -93,7 +94,7 @@ def xor_mask(G: torch.Tensor, tau: float) -> torch.Tensor:
         raise ValueError(f"tau must lie in [-1, 0] for the XOR mask, got {tau}")
     K = G.shape[0]
     S = _rules.sign_agreement(G)
-    return S.abs() <= math.floor((1.0 - abs(tau)) * K + 1e-9)
+    return S.abs() <= math.floor((1.0 - abs(tau)) * K + TIE_TOLERANCE)
 
 
 def threshold_mask(G: torch.Tensor, tau: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hardtovary.experiments.runfolder import write_atomic
+
 
 def matplotlib_pyplot():
     """``matplotlib.pyplot`` with the non-interactive Agg backend, or None when matplotlib is not installed."""
@@ -20,16 +22,15 @@ def matplotlib_pyplot():
 
 
 def save_figure(fig, path) -> Path:
-    """Write ``fig`` to ``path`` (PNG) atomically -- a temporary file in the same folder, then a rename -- and close
-    it; returns the path."""
+    """Write ``fig`` to ``path`` as a PNG atomically (:func:`~hardtovary.experiments.runfolder.write_atomic`) and
+    close it; returns the path."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -116,6 +116,38 @@ def test_and_mask_with_batch_norm_and_sgd_runs(tiny_task):
     assert len(bl.train_baseline("and_mask", tiny_task, config)) == 2
 
 
+def test_train_baseline_is_the_loop_around_an_algorithms_update(monkeypatch, tiny_task):
+    """An algorithm that predicts 1 everywhere and reports its step number as the risk: the loop hands it every
+    environment's batches once per epoch, and the history averages what it reports."""
+    calls = []
+
+    class Constant(bl.Algorithm):
+        def backward(self, X, y, envs):
+            calls.append((tuple(X.shape), envs.tolist()))
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
+            return torch.tensor(float(self.steps)), torch.ones(y.numel()), {"groups": float(len(envs)) + self.steps}
+
+        def predict(self, X):
+            return torch.ones(len(X))
+
+    monkeypatch.setitem(bl.ALGORITHMS, "erm", Constant)
+    history = bl.train_baseline("erm", tiny_task, dataclasses.replace(TINY, n_agreement_envs=2))
+    steps = (TINY_DATA.examples_per_env // TINY.batch_size) * (TINY_DATA.n_train_envs // 2)  # 4 batches x 2 groups
+    assert len(calls) == TINY.epochs * steps
+    assert {shape for shape, _ in calls} == {(2, TINY.batch_size, tiny_task.X_train.shape[2])}
+    for epoch in range(TINY.epochs):
+        envs = [e for _, group in calls[epoch * steps:(epoch + 1) * steps] for e in group]
+        assert sorted(envs) == sorted(list(range(TINY_DATA.n_train_envs)) * 4)
+    for epoch, record in enumerate(history):
+        numbers = range(epoch * steps, (epoch + 1) * steps)
+        assert record["train_loss"] == pytest.approx(np.mean(numbers))
+        assert record["groups"] == pytest.approx(2 + np.mean(numbers))
+        # every training example is seen once per epoch, and "1" is right where the label is 1
+        assert record["train_acc"] == pytest.approx(tiny_task.y_train.mean())
+        assert record["test_acc"] == pytest.approx(tiny_task.y_test.mean())
+
+
 # ---- the exact step of each method --------------------------------------------------------------------------
 # The optimizer of train_baseline is wrapped to record, at every step, the parameters and the gradients it is
 # handed and the parameters it leaves; the model is wrapped to record its training-mode inputs and dropout masks.

@@ -241,54 +241,18 @@ def test_a_new_unit_clears_what_the_previous_one_showed():
         assert bar.desc.startswith("next") and bar.postfix in (None, "")
 
 
-BARS = []
-
-
-class RecordingBar:
-    """A stand-in for tqdm that records its count, its total and what it showed when each unit began."""
-
-    def __init__(self, iterable=None, total=None, **kwargs):
-        self.total, self.n, self.postfix, self.started = total, 0, "", []
-        BARS.append(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        self.n += n
-
-    def set_description(self, desc):
-        self.started.append((desc, self.postfix))
-
-    def set_postfix(self, refresh=True, **values):
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-
-    def refresh(self):
-        pass
-
-    def close(self):
-        pass
-
-    @staticmethod
-    def write(text, file=None):
-        print(text, file=file or sys.stdout)
-
-
-def test_cifar10_bar_shows_no_accuracies_of_the_previous_trial_under_the_next_name(tmp_path, monkeypatch):
+def test_cifar10_bar_shows_no_accuracies_of_the_previous_trial_under_the_next_name(tmp_path, monkeypatch,
+                                                                                 recording_bar):
     pytest.importorskip("torch")
     import tqdm
 
     from hardtovary.experiments import cifar10
 
     data = cifar10.write_random_cifar10(tmp_path / "data", n_train=10, n_test=5)
-    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
-    BARS.clear()
+    monkeypatch.setattr(tqdm, "tqdm", recording_bar)
     cifar10.run(tmp_path / "run", data, experiment="label-noise", epochs=1, width=0.125, batch_size=5,
                 device="cpu", progress=True)
-    (bar,) = BARS
+    (bar,) = recording_bar.made
     assert [name for name, _ in bar.started] == ["noisy-tau0-seed0", "noisy-tau0.2-seed0"]
     assert all(shown == "" for _, shown in bar.started), bar.started
     assert bar.n == bar.total

@@ -15,7 +15,7 @@ def run_json(capsys, *args):
 
 def test_paper_examples_match_the_printed_numbers(capsys):
     examples = run_json(capsys)["examples"]  # at eps = 1: I^eps is in units of eps
-    # Fig. 3 and Fig. 12 (paper.md §3.2, Q5-Q6): I = eps * max curvature ratio, det ratios 5.5125 and 25.5025
+    # the paper's Fig. 3 and Fig. 12: I = eps * max curvature ratio, det ratios 5.5125 and 25.5025
     assert examples["fig3"]["inconsistency"] == pytest.approx(20)
     assert examples["fig3"]["determinant_ratio"] == pytest.approx(5.5125)
     assert examples["fig12"]["inconsistency"] == pytest.approx(100)

@@ -301,49 +301,20 @@ def test_mean_std_is_the_sample_deviation():
         mean_std([])
 
 
-BARS = []
-
-
-class RecordingBar:
-    """A stand-in for tqdm that records its total and how far it got."""
-
-    def __init__(self, iterable=None, total=None, **kwargs):
-        self.total, self.n = total, 0
-        BARS.append(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        self.n += n
-
-    def set_description(self, desc):
-        pass
-
-    def set_postfix(self, refresh=True, **values):
-        pass
-
-    def refresh(self):
-        pass
-
-
-def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, capsys):
+def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, capsys, recording_bar):
     """A search that draws one configuration over and over re-runs it once (fewer than --top), and a resumed run
     reads every batch back: the bar ends at 100% in both (it stopped at 91% after a resume)."""
     from hardtovary.experiments import sweep
 
-    monkeypatch.setattr(sweep, "tqdm", RecordingBar)
+    monkeypatch.setattr(sweep, "tqdm", recording_bar)
     small = data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=40, n_dims=3)
     space = sweep.SearchSpace(hidden_units=(8,), layers=(1,), batch_sizes=(8,), optimizers=("adam",), lrs=(1e-2,),
                               l2=(0.0,), l1=(0.0,), taus=(1.0,), rescale=(True,), methods=("and_mask",))
     options = {"space": space, "data_config": small, "budget": 3, "seeds": 2, "top": 2, "epochs": 2,
                "runs_per_batch": 2, "progress": True, "backend": "numpy"}
     for attempt in ("fresh", "resumed"):
-        BARS.clear()
+        recording_bar.made.clear()
         sweep.run(tmp_path / "s", **options)
-        (bar,) = BARS
+        (bar,) = recording_bar.made
         assert bar.n == bar.total, (attempt, bar.n, bar.total)
     assert "resuming: 2 of 2 search batches reused" in capsys.readouterr().err
