@@ -56,18 +56,17 @@ def add_arguments(parser) -> None:
 
 
 def configurations(args):
-    """The data configuration, the base configuration and the overrides of the options, validated: every method's
-    configuration is built (:func:`hardtovary.experiments.baselines.method_config`)."""
+    """The data, the base configuration and the per-method overrides of the options; every method's configuration
+    is built from them once here, so that what it refuses is refused before the run."""
     options.check_rule_options(args.methods, args.tau, args.flavour)
     data_config = options.spirals_config(args)
     base = dataclasses.replace(baselines.DEFAULT_CONFIG, hidden=args.hidden, batch_size=args.batch_size,
                                n_agreement_envs=args.n_agreement_envs, optimizer=args.optimizer, lr=args.lr,
                                seed=args.seed, epochs=args.epochs, lr_milestones=optim.paper_milestones(args.epochs),
                                batch_norm=args.batch_norm, early_abort=args.early_abort)
-    named = {"dropout": args.dropout, "l1": args.l1, "weight_decay": args.weight_decay, "tau": args.tau,
-             "flavour": args.flavour, "dann_lambda": args.dann_lambda, "irm_penalty_weight": args.penalty_weight,
-             "irm_anneal_iters": args.anneal_iters}
-    overrides = {k: v for k, v in named.items() if v is not None}
+    overrides = options.given(dropout=args.dropout, l1=args.l1, weight_decay=args.weight_decay, tau=args.tau,
+                              flavour=args.flavour, dann_lambda=args.dann_lambda,
+                              irm_penalty_weight=args.penalty_weight, irm_anneal_iters=args.anneal_iters)
     for method in args.methods:
         baselines.method_config(base, method, overrides)
     return data_config, base, overrides

@@ -28,10 +28,7 @@ def add_arguments(parser) -> None:
     options.add_flavour_option(parser, "the drawn tau")
     parser.add_argument("--budget", type=options.positive_int, default=4, help="random-search trials per method")
     parser.add_argument("--seeds", type=options.positive_int, default=3, help="seeds of the best configuration's re-run")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the search: draws the trials; trial i trains with seed SEED + i")
-    parser.add_argument("--epochs", type=options.positive_int, default=40,
-                        help="epochs per run; the learning rate drops x0.1 at 1/2 and 3/4 of them (paper App. B.3)")
+    options.add_search_seed_and_epochs(parser)
     g = parser.add_argument_group("architecture values of the search (comma-separated, each drawn uniformly)")
     g.add_argument("--paper-space", action="store_true",
                    help=f"Table 1's values: {options.paper_architecture_options(sweep.PAPER_ARCHITECTURE)} "

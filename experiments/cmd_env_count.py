@@ -59,15 +59,15 @@ def add_arguments(parser) -> None:
 
 
 def configurations(args):
-    """The data configuration, the base configuration and the overrides of the options, validated: every method's
-    configuration is built (:func:`hardtovary.experiments.baselines.method_config`)."""
+    """The data (all but the number of environments), the training before each method's preset, and the rule
+    overrides of the options; each method's configuration is built once here to refuse bad options early."""
     options.check_rule_options(args.methods, args.tau, args.flavour)
     data_config = dataclasses.replace(ec.DEFAULT_DATA, examples_per_env=args.examples_per_env, n_test=args.n_test,
                                       n_dims=args.n_dims, shortcut_scale=args.shortcut_scale, seed=args.data_seed)
     base = dataclasses.replace(ec.DEFAULT_CONFIG, hidden=args.hidden, batch_size=args.batch_size,
                                epochs=args.epochs, lr=args.lr, lr_milestones=optim.paper_milestones(args.epochs),
                                seed=args.seed)
-    overrides = {k: v for k, v in (("tau", args.tau), ("flavour", args.flavour)) if v is not None}
+    overrides = options.given(tau=args.tau, flavour=args.flavour)
     for method in args.methods:
         baselines.method_config(base, method, overrides)
     return data_config, base, overrides

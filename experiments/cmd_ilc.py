@@ -107,12 +107,11 @@ def run(args) -> int:
     eps = ILC_EPS if args.eps is None else args.eps
     progress = not args.no_progress
     if args.spirals_mlp:
-        given = {"n_envs": args.n_envs, "examples_per_env": args.examples_per_env, "hidden": args.hidden,
-                 "epochs": args.epochs, "l2": args.weight_decay, "seed": args.seed}
-        given = {k: v for k, v in given.items() if v is not None}
+        setup = options.given(n_envs=args.n_envs, examples_per_env=args.examples_per_env, hidden=args.hidden,
+                              epochs=args.epochs, l2=args.weight_decay, seed=args.seed)
         with usage_errors():
-            ilc.spirals_mlp_setup(**given)
-        report = ilc.spirals_mlp_inconsistency(eps, progress=progress, **given)
+            ilc.spirals_mlp_setup(**setup)
+        report = ilc.spirals_mlp_inconsistency(eps, progress=progress, **setup)
         print(json.dumps(report, indent=2) if args.json else ilc.format_mlp_report(report))
         return 0
     if args.hessians is None and not args.patchwork:
@@ -133,13 +132,11 @@ def run(args) -> int:
         except ValueError as exc:
             raise UsageError(f"--hessians: {exc}") from None
     else:
-        problem = ilc.patchwork_problem(**({} if args.weight_decay is None else {"l2": args.weight_decay}))
+        problem = ilc.patchwork_problem(**options.given(l2=args.weight_decay))
     report = ilc.score_report(problem, eps)
     if args.compare:
-        given = {"n_init": args.n_init, "eta": args.eta, "n_steps": args.steps, "init_scale": args.init_scale,
-                 "seed": args.seed}
-        report["compare"] = ilc.compare_rules(problem, eps, progress=progress,
-                                              **{k: v for k, v in given.items() if v is not None})
+        report["compare"] = ilc.compare_rules(problem, eps, progress=progress, **options.given(
+            n_init=args.n_init, eta=args.eta, n_steps=args.steps, init_scale=args.init_scale, seed=args.seed))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -29,10 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top", type=options.positive_int, default=3,
                         help="best configurations re-run over seeds (<= budget)")
     parser.add_argument("--seeds", type=options.positive_int, default=3, help="seeds per re-run configuration")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the search: draws the trials; trial i trains with seed SEED + i")
-    parser.add_argument("--epochs", type=options.positive_int, default=40,
-                        help="epochs per run; the learning rate drops x0.1 at 1/2 and 3/4 of them (paper App. B.3)")
+    options.add_search_seed_and_epochs(parser)
     g = parser.add_argument_group("search space (paper Table 1; comma-separated values, each drawn uniformly)")
     g.add_argument("--paper-space", action="store_true",
                    help=f"Table 1's architecture values: "

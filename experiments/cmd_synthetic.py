@@ -90,7 +90,7 @@ def configurations(args):
         weight_decay=args.weight_decay, weight_decay_order=args.weight_decay_order, l1=args.l1,
         rescale=args.rescale, batch_size=args.batch_size, n_agreement_envs=args.n_agreement_envs or args.n_envs,
         epochs=args.epochs, lr_milestones=milestones, seed=args.seed)
-    overrides = {k: v for k, v in (("tau", args.tau), ("flavour", args.flavour)) if v is not None}
+    overrides = options.given(tau=args.tau, flavour=args.flavour)
     for method in methods:
         synthetic.method_config(train_config, method, overrides)
     return methods, data_config, train_config, overrides

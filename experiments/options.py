@@ -175,6 +175,14 @@ def add_spirals_options(parser, d) -> None:
     g.add_argument("--data-seed", type=int, default=d.seed, help="environment e uses seed data_seed + e")
 
 
+def add_search_seed_and_epochs(parser) -> None:
+    """``--seed`` and ``--epochs`` of the random searches."""
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the search: draws the trials; trial i trains with seed SEED + i")
+    parser.add_argument("--epochs", type=positive_int, default=40,
+                        help="epochs per run; the learning rate drops x0.1 at 1/2 and 3/4 of them (paper App. B.3)")
+
+
 def spirals_config(args):
     """The SpiralsConfig of the options added by :func:`add_spirals_options` (validated by SpiralsConfig)."""
     from hardtovary.reference import data
@@ -217,6 +225,11 @@ def paper_architecture_options(arch) -> str:
     commands' options, e.g. ``--widths 256,512 ...``."""
     return (f"--widths {shown(arch.hidden_units)} --depths {shown(arch.layers)} "
             f"--batch-sizes {shown(arch.batch_sizes)}")
+
+
+def given(**values) -> dict:
+    """The options given: those of ``values`` that are not None (None means left out, the default applies)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 # ---- checks of options against each other ------------------------------------------------------------------------
