@@ -191,7 +191,8 @@ def _block_spec_sand(g, p: Plan, cdt: np.dtype, xp):
 REGISTRY: dict[str, AccelRule] = {
     "mean": AccelRule(_block_spec_hard, lambda spec: _MEAN),
     "and_mask": AccelRule(_block_spec_hard, lambda spec: _AND),
-    "geometric_mean": AccelRule(_block_spec_hard, lambda spec: _GM_PAPER if spec.flavour == "paper" else _GM_ORIGINAL),
+    "geometric_mean": AccelRule(_block_spec_hard,
+                                lambda spec: _GM_PAPER if spec.flavour == "paper" else _GM_ORIGINAL),
     "sand_mask": AccelRule(_block_spec_sand, lambda spec: _SAND, soft_mask=True),
 }
 

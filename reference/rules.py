@@ -516,7 +516,8 @@ class RuleSpec:
         elif tau is None or _validate_tau(tau) == 0.0:
             tau = 0.0
         else:
-            raise ValueError(f"tau must be None or 0 for rule={rule!r} (use rule='and_mask' for tau > 0), got tau={tau}")
+            raise ValueError(
+                f"tau must be None or 0 for rule={rule!r} (use rule='and_mask' for tau > 0), got tau={tau}")
         object.__setattr__(self, "tau", tau)
         object.__setattr__(self, "flavour", flavour)
         if entry.check is not None:

@@ -67,7 +67,8 @@ REFUSED = [
      (ValueError, ("tau must be None or 1 for flavour='paper': the paper defines the geometric mean of gradients "
                    "only when all K signs agree (paper §2.3 (i)); got tau=0.5. Use flavour='original'"))),
     (("geometric_mean", 0, "paper", None), (ValueError, "tau must be None or 1 for flavour='paper'")),
-    (("geometric_mean", None, "bogus", None), (ValueError, "flavour must be one of ['original', 'paper'], got 'bogus'")),
+    (("geometric_mean", None, "bogus", None),
+     (ValueError, "flavour must be one of ['original', 'paper'], got 'bogus'")),
     (("geometric_mean", 2.0, "bogus", None), (ValueError, "flavour must be one of")),  # flavour value before tau
     (("geometric_mean", 2.0, "original", None), (ValueError, "tau must lie in [0.0, 1.0]")),
     (("geometric_mean", None, None, 10), (ValueError, "k applies only to rule='sand_mask'")),

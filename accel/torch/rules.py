@@ -9,8 +9,9 @@ docstring for the formulas and the table of edge cases. What differs is precisio
   their own dtype. Masks never promote: AND-masks are ``bool``, the SAND soft mask is in the gradients' dtype,
   so ``mask * grad`` keeps the parameter's dtype (the authors' float32 mask raises on half-precision params).
 - **Masks and sign counts are exact** in every dtype: ``S`` is an int64 sum of signs and the canonical rule
-  compares it with the oracle's integer keep threshold (``RuleSpec.threshold``). The SAND-mask's ``A > tau`` test is evaluated in float64 on
-  the K + 1 possible values of ``|S|`` (a lookup table), so it agrees with the oracle bit for bit.
+  compares it with the oracle's integer keep threshold (``RuleSpec.threshold``). The SAND-mask's ``A > tau`` test
+  is evaluated in float64 on the K + 1 possible values of ``|S|`` (a lookup table), so it agrees with the oracle
+  bit for bit.
 - Bad input raises ``TypeError`` / ``ValueError`` naming the argument, as the oracle does. Gradients must be
   ``torch.Tensor`` of a floating dtype (float16, bfloat16, float32, float64) and finite (one host sync per call).
 
