@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hardtovary.reference import rules as _rules
-from hardtovary.reference.edge_cases import RULE_STEMS
+from hardtovary.reference.rules import RuleSpec, variant_names
 
 from . import strategies as S
 from . import tolerances as T
@@ -35,25 +35,25 @@ def variant(stem: str) -> tuple[str, str | None]:
     return rule, flavour or None
 
 
-def rule_variants(stems=RULE_STEMS):
-    """(rule, flavour, stem) of each rule variant, in the order of the checks."""
-    return [(*variant(stem), stem) for stem in stems]
+def rule_variants(stems=None):
+    """(rule, flavour, stem) of each rule variant (every registered one by default), in the order of the checks."""
+    return [(*variant(stem), stem) for stem in (variant_names() if stems is None else stems)]
 
 
 def valid_tau(rule, flavour, tau):
-    if rule == "mean":
-        return 0.0
-    if rule == "geometric_mean" and flavour == "paper":
-        return 1.0
-    return tau
-
-
-#: SAND-mask sharpness values the suite uses; other rules take no k.
-SAND_KS = (10.0, 1.0, 100.0)
+    """``tau`` if the rule accepts it (:class:`~hardtovary.reference.rules.RuleSpec`), else the rule's default: 0
+    for a rule without a threshold (the mean), 1 for the paper geometric mean."""
+    try:
+        return RuleSpec(rule, tau, flavour).tau
+    except ValueError:
+        return RuleSpec(rule, None, flavour).tau
 
 
 def ks_for(rule) -> tuple:
-    return SAND_KS if rule == "sand_mask" else (None,)
+    """The sharpness values drawn for a rule: its default, a tenth and ten times it (SAND-mask: 10, 1, 100); (None,)
+    for a rule without one."""
+    k = _rules.REGISTRY[rule].k
+    return (None,) if k is None else (k, k / 10, k * 10)
 
 
 @dataclass(eq=False)
@@ -210,13 +210,14 @@ def run_cases(adapter, cases) -> list:
     return judge_each(cases, lambda case: judge_aggregate(adapter, case))
 
 
-def all_rules(grads, taus=(0.0, 0.5, 1.0), rescales=(False, True), name="case", sand_ks=(10.0,), stems=RULE_STEMS):
-    """The cases of one input for each rule variant (``stems``, in order), tau (made valid for the rule: 0 for the
-    mean, 1 for the paper geometric mean), rescaling choice and SAND sharpness."""
+def all_rules(grads, taus=(0.0, 0.5, 1.0), rescales=(False, True), name="case", stems=None):
+    """The cases of one input for each rule variant (``stems``, in order; every registered one by default), tau
+    (made valid for the rule: 0 for the mean, 1 for the paper geometric mean) and rescaling choice, with the rule's
+    default sharpness."""
     for rule, flavour, _ in rule_variants(stems):
         for tau in sorted({valid_tau(rule, flavour, t) for t in taus}):
             for rescale in rescales:
-                for k in (sand_ks if rule == "sand_mask" else (None,)):
+                for k in ks_for(rule)[:1]:
                     yield AggCase(name, grads, rule, tau, rescale, flavour, k)
 
 
@@ -224,7 +225,7 @@ def edge_case_cases(case) -> list:
     """The :class:`AggCase` list of one :class:`hardtovary.reference.edge_cases.EdgeCase`, inputs outermost (copies
     of the table's arrays: a target that writes into its input cannot change the table)."""
     return [c for label, grads in case.inputs
-            for c in all_rules([G.copy() for G in grads], case.taus, case.rescales, label, stems=case.rules)]
+            for c in all_rules([G.copy() for G in grads], case.taus, case.rescales, label, stems=case.rule_variants())]
 
 
 def probe(adapter, rule, flavour, dtype, options: list[dict]) -> list[dict]:

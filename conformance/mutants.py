@@ -164,7 +164,8 @@ class SandDomainBed(_RuleMutant):
 class CountForm(_RuleMutant):
     def keep(self, G, tau):
         K = G.shape[0]
-        t = math.ceil(K * (tau + 1) / 2 - 1e-9)
+        # the count form's "t agreeing signs" for the canonical |S| threshold: t = ceil((K + |S|_min) / 2)
+        t = math.ceil((K + _rules.agreement_threshold_count(tau, K)) / 2)
         return np.maximum((G > 0).sum(0), (G < 0).sum(0)) >= t
 
 

@@ -16,11 +16,12 @@ All strategies shrink towards small K, small shapes, magnitude 1 and unanimous p
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from hardtovary.reference.rules import agreement_threshold_count
 
 DTYPES = ("float64", "float32", "float16")
 
@@ -49,7 +50,8 @@ def taus(K: int) -> st.SearchStrategy[float]:
 
 
 def threshold(tau: float, K: int) -> int:
-    return math.ceil(tau * K - 1e-9)
+    """The canonical keep threshold (:func:`hardtovary.reference.rules.agreement_threshold_count`)."""
+    return agreement_threshold_count(tau, K)
 
 
 @st.composite

@@ -34,7 +34,9 @@ How to add a rule
    expressions over a ``[K, C]`` block, NumPy or CuPy; a fused CUDA kernel is optional) and
    ``hardtovary.accel.torch.rules.REGISTRY[name] = compute`` (torch tensors). A backend without an entry
    refuses the rule with ``NotImplementedError``.
-3. One conformance entry, so that every target is checked on the new rule.
+3. One conformance entry: ``hardtovary.conformance.checks.register_rule(name)`` adds the rule's own checks
+   (``agg.oracle.<name>.*`` and the properties ``agg.prop.*.<name>.*``); the named edge cases (``agg.special.*``)
+   run every registered rule already.
 
 ``tests/test_rule_registry.py`` adds "sign of the mean" through exactly these entry points.
 
@@ -568,6 +570,13 @@ REGISTRY: dict[str, Rule] = {
 
 #: The built-in rules (``REGISTRY`` holds these and any registered later).
 RULES = tuple(REGISTRY)
+
+
+def variant_names() -> tuple[str, ...]:
+    """Every registered rule with each of its flavours, as ``rule`` or ``rule.flavour`` (``"geometric_mean.paper"``),
+    in registry order: the variants a conformance check covers one by one."""
+    return tuple(f"{name}.{flavour}" if flavour else name
+                 for name, entry in REGISTRY.items() for flavour in (entry.flavours or (None,)))
 
 
 def aggregate_arguments(rule=None, tau=None, rescale=False, flavour=None, k=None, *, spec=None):

@@ -11,6 +11,10 @@ torch = pytest.importorskip("torch")
 from hardtovary.accel import rules as A  # noqa: E402
 from hardtovary.accel.sweep import train_sweep  # noqa: E402
 from hardtovary.accel.torch import rules as T  # noqa: E402
+from hardtovary.conformance import checks, registry, runner  # noqa: E402 - registered before any rule is added
+from hardtovary.conformance.accel_target import AccelTarget  # noqa: E402
+from hardtovary.conformance.targets import ReferenceTarget, reference  # noqa: E402
+from hardtovary.conformance.torch_target import TorchTarget  # noqa: E402
 from hardtovary.reference import data, training  # noqa: E402
 from hardtovary.reference import rules as R  # noqa: E402
 
@@ -120,3 +124,35 @@ def test_a_backend_without_an_entry_refuses_the_rule(oracle_only):
         A.aggregate([G], oracle_only)
     with pytest.raises(NotImplementedError, match=r"'sign_mean' has no entry in hardtovary.accel.torch.rules"):
         T.aggregate([torch.from_numpy(G)], rule="sign_mean")
+
+
+# -- the conformance entry -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sign_mean_checks(sign_mean):
+    saved = dict(registry.CHECKS)
+    yield checks.register_rule("sign_mean")
+    registry.CHECKS.clear()
+    registry.CHECKS.update(saved)
+
+
+def test_one_conformance_entry_checks_the_new_rule_on_every_target(sign_mean_checks):
+    dtypes = ("float64", "float32", "float16")
+    assert sign_mean_checks == ([f"agg.oracle.sign_mean.{r}.{d}" for r in ("plain", "rescaled") for d in dtypes]
+                                + [f"agg.prop.{p}.sign_mean.{d}" for p in ("permutation", "sign_flip") for d in dtypes])
+    selected = ["agg.oracle.sign_mean", "agg.prop.permutation.sign_mean", "agg.prop.sign_flip.sign_mean",
+                "agg.special.k1"]
+    for target in (reference, AccelTarget("numpy"), TorchTarget()):
+        results = runner.run_suite(target, checks=selected, max_examples=5)
+        assert [r.verdict for r in results] == ["pass"] * 13, [(r.check_id, r.message) for r in results]
+        # the edge case runs the new rule too: 22 cases of the built-in rules, and sign_mean plain and rescaled
+        (k1,) = [r for r in results if r.check_id == "agg.special.k1"]
+        assert k1.compared == 24
+
+    class Flipped(ReferenceTarget):
+        def aggregate(self, grads, *, rule, **options):
+            values = super().aggregate(grads, rule=rule, **options)
+            return [-v for v in values] if rule == "sign_mean" else values
+
+    (result,) = runner.run_suite(Flipped(), checks=["agg.oracle.sign_mean.plain.float64"], max_examples=5)
+    assert result.verdict == "FAIL"

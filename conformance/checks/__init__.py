@@ -13,9 +13,28 @@ The order of the areas, and of every report:
 - :mod:`.spirals`      ``spirals.bit_identical``
 """
 
+from hardtovary.reference.rules import variant_names
+
 from ..registry import CHECKS, Check, UnknownCheck, describe_unknown, matches, order_by_module, select, unknown_patterns
 from . import envgrad, oracle, properties, special, spirals, step, temporal, ties
 
-order_by_module((oracle, special, ties, properties, envgrad, step, temporal, spirals))
+AREAS = (oracle, special, ties, properties, envgrad, step, temporal, spirals)
+order_by_module(AREAS)
 
-__all__ = ["CHECKS", "Check", "UnknownCheck", "describe_unknown", "matches", "select", "unknown_patterns"]
+
+def register_rule(name: str) -> list[str]:
+    """The conformance entry of a rule added to the oracle's ``REGISTRY`` after import (see "How to add a rule" in
+    :mod:`hardtovary.reference.rules`): registers ``agg.oracle.<variant>.*`` and the property checks of each of its
+    variants (once), and returns their ids. The named edge cases run every registered rule already."""
+    stems = [v for v in variant_names() if v == name or v.startswith(name + ".")]
+    if not stems:
+        raise ValueError(f"rule {name!r} is not in hardtovary.reference.rules.REGISTRY; register its oracle first")
+    for stem in stems:
+        if f"agg.oracle.{stem}.plain.float64" not in CHECKS:  # registered at import when the rule came first
+            oracle.register_checks(stem)
+            properties.register_checks(stem)
+    order_by_module(AREAS)
+    return [c for c in CHECKS if any(f".{stem}." in c for stem in stems)]
+
+__all__ = ["AREAS", "CHECKS", "Check", "UnknownCheck", "describe_unknown", "matches", "register_rule", "select",
+           "unknown_patterns"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from hardtovary.reference.rules import variant_names
+
 from .. import strategies as S
 from ..compare import (PARTIALLY_MASKED, AggCase, call_aggregate, compare_aggregate, ks_for, probe, rule_variants,
                        run_cases, valid_tau)
@@ -37,10 +39,16 @@ def _oracle_check(rule, flavour, rescale, dtype):
     return run
 
 
-for _rule, _flavour, _stem in rule_variants():
-    for _rescale in (False, True):
-        for _dtype in S.DTYPES:
-            register(Check(f"agg.oracle.{_stem}.{'rescaled' if _rescale else 'plain'}.{_dtype}",
-                           f"aggregate(rule={_rule}{', flavour=' + _flavour if _flavour else ''}, rescale={_rescale}) "
-                           f"vs the oracle on drawn {_dtype} gradient lists", "aggregate",
-                           _oracle_check(_rule, _flavour, _rescale, _dtype)))
+def register_checks(stem: str) -> None:
+    """The ``agg.oracle.<stem>.*`` checks of one rule variant (``rule`` or ``rule.flavour``)."""
+    ((rule, flavour, _),) = rule_variants((stem,))
+    for rescale in (False, True):
+        for dtype in S.DTYPES:
+            register(Check(f"agg.oracle.{stem}.{'rescaled' if rescale else 'plain'}.{dtype}",
+                           f"aggregate(rule={rule}{', flavour=' + flavour if flavour else ''}, rescale={rescale}) "
+                           f"vs the oracle on drawn {dtype} gradient lists", "aggregate",
+                           _oracle_check(rule, flavour, rescale, dtype)))
+
+
+for _stem in variant_names():
+    register_checks(_stem)

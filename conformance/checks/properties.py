@@ -12,6 +12,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from hardtovary.reference import consistency as _consistency
+from hardtovary.reference.rules import variant_names
 
 from .. import strategies as S
 from .. import tolerances as T
@@ -108,12 +109,23 @@ def _property_check(kind, rule, flavour, dtype):
     return run
 
 
-for _kind, _what in (("permutation", "environment permutation invariance"),
-                     ("sign_flip", "sign-flip equivariance f(-G) = -f(G)")):
-    for _rule, _flavour, _stem in rule_variants():
-        for _dtype in S.DTYPES:
-            register(Check(f"agg.prop.{_kind}.{_stem}.{_dtype}", f"{_what}, {_stem}, {_dtype}", "aggregate",
-                           _property_check(_kind, _rule, _flavour, _dtype)))
+#: The properties every rule variant has, each with its description.
+RULE_PROPERTIES = (("permutation", "environment permutation invariance"),
+                   ("sign_flip", "sign-flip equivariance f(-G) = -f(G)"))
+
+
+def register_checks(stem: str, kinds=RULE_PROPERTIES) -> None:
+    """The ``agg.prop.<kind>.<stem>.<dtype>`` checks of one rule variant (``rule`` or ``rule.flavour``)."""
+    ((rule, flavour, _),) = rule_variants((stem,))
+    for kind, what in kinds:
+        for dtype in S.DTYPES:
+            register(Check(f"agg.prop.{kind}.{stem}.{dtype}", f"{what}, {stem}, {dtype}", "aggregate",
+                           _property_check(kind, rule, flavour, dtype)))
+
+
+for _kind in RULE_PROPERTIES:  # property outermost: the order of the reports
+    for _stem in variant_names():
+        register_checks(_stem, (_kind,))
 for _dtype in S.DTYPES:
     register(Check(f"agg.prop.tau0_mean.{_dtype}", f"and_mask at tau = 0 equals the mean ({_dtype}; balanced signs "
                    "included)", "aggregate", _property_check("tau0_mean", "and_mask", None, _dtype)))
