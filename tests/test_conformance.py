@@ -606,3 +606,25 @@ def test_the_sign_of_a_cancelling_mean_is_reported_not_failed():
         compare.compare_aggregate([clear], [-value], **options)
     with pytest.raises(judging.Mismatch):
         compare.compare_aggregate([G], [2 * oracle], **options)
+
+
+def _always_rescaled(base):
+    """``base`` as an implementation that always rescales (as DomainBed's): plain calls are unsupported."""
+
+    class AlwaysRescaled(type(base)):
+        def aggregate(self, grads, *, rescale, **options):
+            if not rescale:
+                raise NotImplementedError("always rescales")
+            return super().aggregate(grads, rescale=rescale, **options)
+
+    return AlwaysRescaled()
+
+
+def test_an_implementation_that_always_rescales_is_judged_on_float_noise_ties_and_the_keep_rate():
+    checks_ = ["agg.ties.float_noise.float64", "agg.prop.keep_rate"]
+    res = runner.run_suite(_always_rescaled(targets.reference), checks=checks_)
+    assert [(r.verdict, r.compared > 0) for r in res] == [("pass", True)] * 2
+    (noise, _) = runner.run_suite(_always_rescaled(mutants.float32_agreement), checks=checks_)
+    assert noise.verdict == "pass" and any("tie divergence" in d for d in noise.divergences)
+    (noise, _) = runner.run_suite(_always_rescaled(mutants.rescale_never), checks=checks_)
+    assert noise.verdict == "FAIL"  # rescaled output judged with the factor of the tie as the target decides it

@@ -9,7 +9,8 @@ import numpy as np
 from hardtovary.reference.edge_cases import BY_NAME
 
 from .. import strategies as S
-from ..compare import AggCase, call_aggregate, compare_aggregate, edge_case_cases, oracle_aggregate, run_cases
+from ..compare import (AggCase, call_aggregate, compare_aggregate, edge_case_cases, oracle_aggregate, probe,
+                       run_cases)
 from ..judging import current_tally, judge_each
 from ..registry import Check, check, register
 
@@ -53,6 +54,11 @@ FLOAT_NOISE_TIES = (("2*0.8-1", 2 * 0.8 - 1, 10, 6), ("0.1*3", 0.1 * 3, 20, 6), 
 
 def _ties_float_noise(dtype):
     def run(adapter, settings):
+        # plain if the target can, else rescaled (an implementation that always rescales, as DomainBed's)
+        options = probe(adapter, "and_mask", None, dtype, [{"rescale": False, "k": None}, {"rescale": True, "k": None}])
+        if not options:
+            return []
+        rescale = options[0]["rescale"]
         cases = []
         for expr, tau, K, s in FLOAT_NOISE_TIES:
             z = (K - s) % 2
@@ -60,15 +66,21 @@ def _ties_float_noise(dtype):
             tie = np.array([1.0] * p + [-1.0] * (K - z - p) + [0.0] * z)
             far_keep, far_drop = np.ones(K), np.array([1.0, -1.0] * (K // 2) + [0.0] * (K % 2))
             G = np.stack([tie, far_keep, far_drop], axis=1).astype(dtype)
-            cases.append(AggCase(f"float-noise tau={expr}, K={K}, |S|={s}", [G], "and_mask", tau, False))
+            cases.append(AggCase(f"float-noise tau={expr}, K={K}, |S|={s}", [G], "and_mask", tau, rescale))
 
         def judge(case):
             G = case.grads[0]
-            out = np.asarray(call_aggregate(adapter, [G], "and_mask", case.tau, False)[0], dtype=np.float64)
+            K, s = G.shape[0], int(abs(np.sign(G[:, 0].astype(np.float64)).sum()))
+            out = np.asarray(call_aggregate(adapter, [G], "and_mask", case.tau, rescale)[0], dtype=np.float64)
             o = oracle_aggregate([G], "and_mask", case.tau, False)[0][0]
             # the components far from the tie are decided exactly; the tie itself is reported, not failed
-            compare_aggregate([G[:, 1:]], [out[1:]], rule="and_mask", tau=case.tau, rescale=False,
-                              case=case.name + ": non-tie components")
+            if not rescale:
+                compare_aggregate([G[:, 1:]], [out[1:]], rule="and_mask", tau=case.tau, rescale=False,
+                                  case=case.name + ": non-tie components")
+            else:  # the factor depends on the tie: judge everything against the tie decided the target's way
+                tau_as_decided = s / K if out[0] != 0 else (s + 1) / K
+                compare_aggregate([G], [out], rule="and_mask", tau=tau_as_decided, rescale=True,
+                                  case=case.name + ": the tie taken as the target decides it")
             if (out[0] == 0) != (o[0] == 0):
                 current_tally().divergences.append(
                     f"tie divergence (reported, not failed): {case.name}, tau={case.tau!r}, {dtype}: oracle "
