@@ -43,7 +43,7 @@ from hardtovary.reference.optim import multistep_lr
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
            "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "Algorithm", "Update", "ERM",
            "IRM", "DomainAdversarial", "AndMask", "GeometricMean", "ALGORITHMS", "train_baseline", "method_config",
-           "rule_arguments", "run", "format_table", "plot_bars"]
+           "rule_spec", "run", "format_table", "plot_bars"]
 
 DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
 
@@ -139,7 +139,7 @@ def method_config(base: BaselineConfig, method: str, overrides: dict | None = No
 
     Only ``geometric_mean`` keeps a ``flavour``, recorded as the one it trains with (``"paper"`` unless
     overridden). The masking methods' options are checked by the oracle's own validation
-    (:func:`rule_arguments`): the paper's geometric mean with tau != 1 raises ValueError."""
+    (:func:`rule_spec`): the paper's geometric mean with tau != 1 raises ValueError."""
     if method not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     changes = {**METHOD_PRESETS[method], **(overrides or {})}
@@ -147,19 +147,18 @@ def method_config(base: BaselineConfig, method: str, overrides: dict | None = No
     if method in ("and_mask", "geometric_mean"):
         changes["dropout"] = 0.0  # per-environment gradients run under vmap: no dropout (documented in --help)
     config = dataclasses.replace(base, **changes)
-    rule_arguments(method, config)
+    rule_spec(method, config)
     return config
 
 
-def rule_arguments(method: str, config: BaselineConfig) -> dict:
-    """The rule options (``tau``, and ``flavour`` for the geometric mean) with which ``method``, a masking method,
-    trains under ``config``, validated by :func:`hardtovary.reference.rules.aggregate_arguments`; ``{}`` for the
-    methods that aggregate no per-environment gradients."""
+def rule_spec(method: str, config: BaselineConfig) -> _rules.RuleSpec | None:
+    """The rule (a validated :class:`hardtovary.reference.rules.RuleSpec`: ``tau``, and ``flavour`` for the
+    geometric mean) with which ``method``, a masking method, trains under ``config``; None for the methods that
+    aggregate no per-environment gradients."""
     if method not in ("and_mask", "geometric_mean"):
-        return {}
-    options = _rules.rule_options(method, config.tau, config.flavour if method == "geometric_mean" else None)
-    _rules.aggregate_arguments(method, rescale=config.rescale, **options)
-    return options
+        return None
+    return _rules.RuleSpec(method, **_rules.rule_options(method, config.tau,
+                                                         config.flavour if method == "geometric_mean" else None))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,12 +398,12 @@ class AndMask(Algorithm):
     def __init__(self, config: BaselineConfig, in_features: int, n_envs: int):
         if config.dropout > 0:
             raise ValueError(f"dropout is not supported with {self.rule} (per-environment gradients run under vmap)")
-        self.rule_options = rule_arguments(self.rule, config)
+        self.spec = rule_spec(self.rule, config)
         super().__init__(config, in_features, n_envs)
 
     def backward(self, X, y, envs):
-        risk, _ = and_mask_backward(self.model, X, y, _bce, rule=self.rule, rescale=self.config.rescale,
-                                    l1=self.config.l1, **self.rule_options)
+        risk, _ = and_mask_backward(self.model, X, y, _bce, spec=self.spec, rescale=self.config.rescale,
+                                    l1=self.config.l1)
         with torch.no_grad():  # accuracy of this step's inputs (BatchNorm: eval mode, no stats update)
             self.model.train(not self.config.batch_norm)
             logits = self.model(X.reshape(-1, X.shape[-1])).squeeze(-1)

@@ -254,8 +254,8 @@ def check_flavour(methods, flavour) -> None:
 
 def check_rule_options(methods, tau, flavour) -> None:
     """Refuse, before anything runs, a ``--tau`` / ``--flavour`` that a method in ``methods`` would not train with.
-    What is valid is the oracle's decision (:func:`hardtovary.reference.rules.aggregate_arguments`); the wording
-    is the command line's."""
+    What is valid is the oracle's decision (:class:`hardtovary.reference.rules.RuleSpec`); the wording is the
+    command line's."""
     from hardtovary.reference import rules
 
     check_flavour(methods, flavour)
@@ -263,8 +263,7 @@ def check_rule_options(methods, tau, flavour) -> None:
         if method not in rules.RULES:  # erm, dann and irm aggregate no per-environment gradients
             continue
         try:
-            rules.aggregate_arguments(
-                method, **rules.rule_options(method, tau, flavour if method == "geometric_mean" else None))
+            rules.RuleSpec(method, **rules.rule_options(method, tau, flavour if method == "geometric_mean" else None))
         except ValueError as exc:
             hint = ("; pass --flavour original, or leave geometric_mean out of --methods"
                     if method == "geometric_mean" and flavour in (None, "paper") else "")

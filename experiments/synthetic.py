@@ -17,7 +17,7 @@ from tqdm import tqdm
 from hardtovary.experiments.errors import usage_errors
 from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
 from hardtovary.experiments.runfolder import RunFolder
-from hardtovary.reference import data, rules, training
+from hardtovary.reference import data, training
 
 #: The methods of the default comparison and how each one changes the base configuration.
 METHOD_PRESETS = {
@@ -46,8 +46,8 @@ def method_config(base: training.TrainConfig, name: str, overrides: dict | None 
 
     ``mean`` takes no tau, rescaling or flavour; only ``geometric_mean`` takes a flavour, recorded as the one it
     trains with (``"paper"`` unless overridden). The rule's options are checked by the oracle's own validation
-    (:func:`hardtovary.reference.rules.aggregate_arguments`): the paper's geometric mean with tau != 1 raises
-    ValueError instead of training with tau 1.
+    when the configuration is made (``TrainConfig.rule_spec``, a :class:`hardtovary.reference.rules.RuleSpec`): the
+    paper's geometric mean with tau != 1 raises ValueError instead of training with tau 1.
     """
     if name not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {sorted(METHOD_PRESETS)}, got {name!r}")
@@ -56,10 +56,7 @@ def method_config(base: training.TrainConfig, name: str, overrides: dict | None 
     changes.update({k: val for k, val in (overrides or {}).items() if k not in ignored})
     if name == "geometric_mean":
         changes["flavour"] = changes.get("flavour") or "paper"
-    config = dataclasses.replace(base, **changes)
-    rules.aggregate_arguments(config.method, rescale=config.rescale,
-                              **rules.rule_options(config.method, config.tau, config.flavour, config.sand_k))
-    return config
+    return dataclasses.replace(base, **changes)
 
 
 def run(out: Path, *, data_config: data.SpiralsConfig = DEFAULT_DATA,

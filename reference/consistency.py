@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.stats import binom
 
 from . import rules
-from .validate import choice, finite, float_array, in_range, integer, positive, real_number
+from .validate import choice, finite, float_array, integer, positive, real_number
 from .data import (
     two_sigmoid_env_grid,
     two_sigmoid_env_losses,
@@ -499,7 +499,7 @@ def gradient_descent(
 ):
     """Full-batch gradient descent with an aggregation rule on a per-environment gradient oracle (paper §2.3)::
 
-        (d^i,), (m^i,) = rules.aggregate([env_gradients(theta^i)], rule=rule, tau=tau, flavour=flavour)
+        (d^i,), (m^i,) = rules.aggregate([env_gradients(theta^i)], rules.RuleSpec(rule, tau, flavour))
         theta^{i+1}     = theta^i - eta * d^i
 
     - ``rule="mean"``: plain GD on the pooled loss L = mean_e L_e (d = grad L);
@@ -518,7 +518,7 @@ def gradient_descent(
         theta0: float ``[P]``, finite, P >= 1.
         eta: learning rate, real > 0.
         n_steps: maximum number of steps, integer >= 0.
-        rule, tau, flavour: as in ``rules.aggregate``.
+        rule, tau, flavour: a ``rules.RuleSpec`` (validated before the first step).
         tol: real >= 0.
         return_trajectory: False (default) returns the final theta; True returns a ``GDTrajectory``.
 
@@ -538,9 +538,7 @@ def gradient_descent(
     theta = theta.astype(np.float64)
     eta = positive(eta, "eta")
     n_steps = integer(n_steps, "n_steps", low=0)
-    rule = choice(rule, "rule", rules.RULES)
-    if tau is not None:
-        tau = in_range(tau, "tau", 0.0, 1.0)
+    spec = rules.RuleSpec(rule, tau, flavour)
     tol = positive(tol, "tol", allow_zero=True)
     if not isinstance(return_trajectory, (bool, np.bool_)):
         raise TypeError(f"return_trajectory must be a bool, got {type(return_trajectory).__name__}")
@@ -549,7 +547,7 @@ def gradient_descent(
     converged = False
     for i in range(n_steps):
         G = _gradient_stack_at(env_gradients, theta, i)
-        (d,), (m,) = rules.aggregate([G], rule=rule, tau=tau, flavour=flavour)
+        (d,), (m,) = rules.aggregate([G], spec)
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below, not as a warning
             step = eta * d
             theta = theta - step

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hardtovary.reference.validate import choice, in_range, positive
-from hardtovary.reference.rules import rule_options
+from hardtovary.reference.rules import RuleSpec, rule_options
 
 from . import rules as _rules
 from .env_gradients import env_gradients
@@ -24,17 +24,19 @@ __all__ = ["and_mask_backward", "make_optimizer", "DecoupledSGD", "TemporalAndMa
 
 
 def and_mask_backward(model: nn.Module, X, Y, loss_fn, *, rule: str = "and_mask", tau=1.0, rescale=False,
-                      flavour=None, k=None, semantics: str = "pooled", l1=0.0, **engine_options):
+                      flavour=None, k=None, spec: RuleSpec | None = None, semantics: str = "pooled", l1=0.0,
+                      **engine_options):
     """Compute the aggregated gradient of environment batches ``X[K, B, ...]``, ``Y[K, B, ...]`` and write it
     into each parameter's ``.grad`` (overwriting, as the authors' ``get_grads``). Returns ``(mean_loss, masks)``:
     the mean of the K environment losses (a detached 0-d tensor) and one mask per parameter (bool, or the soft
-    SAND-mask). ``rule``/``tau``/``rescale``/``flavour``/``k`` as :func:`.rules.aggregate` (``rule='mean'``
-    ignores ``tau``, as ``reference.training``); ``l1 >= 0`` adds ``l1 * sign(theta)`` after masking.
+    SAND-mask). The rule is ``spec`` (a ``RuleSpec``) or, without one, ``rule``/``tau``/``flavour``/``k`` as
+    :func:`.rules.aggregate` (``rule='mean'`` ignores ``tau``, as ``reference.training``); ``rescale`` as there;
+    ``l1 >= 0`` adds ``l1 * sign(theta)`` after masking.
     ``engine_options`` go to :func:`.env_gradients.env_gradients` (e.g. ``chunk_size``, ``pooled_method``)."""
     l1 = positive(l1, "l1", allow_zero=True)
     out = env_gradients(model, X, Y, loss_fn, semantics=semantics, **engine_options)
-    aggregated, masks = _rules.aggregate(out.grads, rule=rule, rescale=rescale,
-                                         **rule_options(rule, tau, flavour, k))
+    spec = spec if spec is not None else RuleSpec(rule, **rule_options(rule, tau, flavour, k))
+    aggregated, masks = _rules.aggregate(out.grads, spec, rescale=rescale)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p, g in zip(params, aggregated):
