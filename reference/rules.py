@@ -64,36 +64,12 @@ values may differ between orders by rounding only. The check costs a max and a m
 NumPy's mean; lost in the noise of a training step, ``bench/bench_oracle_mean.py``); an exactly rounded mean of
 every component (two levels of error-free sums) would cost about 35 times.
 
-Edge cases (implementations.md Table B) and the outcome this oracle defines for each
--------------------------------------------------------------------------------------
-
-======================================  ===================================================================
-case                                    outcome
-======================================  ===================================================================
-all gradients 0, tau = 0                and_mask keeps everything (|S| = 0 >= 0), output 0 (rescaled: 0);
-                                        geometric mean 0 (both flavours); SAND-mask 0 (var = 0, A = 0 is not
-                                        > tau = 0), output 0.
-K = 1, tau = 0                          and_mask keeps everything: the output is the gradient (identity).
-K = 1, tau = 0.5 or 1                   exact zeros are masked (|S| = 0), every nonzero entry is kept; with
-                                        rescaling, 1 zero among 4 entries multiplies the rest by 4/3.
-K = 1, geometric mean                   paper: identity (exact zeros stay 0). original: |g| + 1e-10 with the
-                                        sign of g, masked by and_mask(tau).
-K = 1, SAND-mask                        the spread of a single sample is taken as 0 (the unbiased variance is
-                                        0/0); the var = 0 limit rule then gives 1 where A > tau (nonzero
-                                        entries when tau < 1), 0 elsewhere (all of it when tau = 1).
-tie (+,+,+,-), tau = 0.5                and_mask keeps (|S| = 2 >= ceil(0.5 * 4) = 2); SAND drops: tanh(0) = 0.
-identical gradients, tau = 1            and_mask keeps; SAND: var = 0 and A = 1 = tau, so 0.
-one env has 0, gradients (1, 2, 0)      and_mask keeps iff tau <= 2/3; paper geometric mean 0; original
-                                        geometric mean (1 * 2 * 1e-10)^(1/3) ~ 5.848e-4 (up to the 1e-10 on the
-                                        nonzero entries) for tau <= 2/3, 0 for tau > 2/3.
-NaN or inf in one environment           ValueError naming the argument and the index of the first bad entry;
-                                        the oracle refuses non-finite gradients.
-float16 input                           accepted, converted exactly to float64; masks and values identical to
-                                        float64 input holding the same values.
-K = 16, |g| = 1e-3 (float32), paper GM  1e-3: the log domain mean cannot underflow (the notebook's
-                                        exp(sum log)**(1/K) gives 0 in float32).
-fully masked tensor, rescaled           exactly 0 (never inf or NaN), paper footnote 14.
-======================================  ===================================================================
+Edge cases
+----------
+Where public implementations disagree (all gradients zero, one environment, ties, exact zeros, one environment at
+zero, a fully masked tensor, underflow, float16, NaN/inf), the outcome this oracle defines for each is written
+once, as data, in :mod:`hardtovary.reference.edge_cases` (shown in ``docs/conventions.md``); ``tests/test_rules.py``
+checks each outcome by hand-derived values, and every backend is held to it.
 
 Bad input raises ``TypeError`` (wrong kind of object or dtype: integer/bool/complex gradients, bool or string
 tau, mixed dtypes between stacks) or ``ValueError`` (shape, range, non-finite entries, unknown names), with a
