@@ -1,8 +1,8 @@
 """Reports: a terminal table and a JSON file.
 
 The table has one row per check (id, verdict, seconds, a short message). Below it come the divergences reported
-without failing, in full, and for every FAIL (and xfail) the smallest counterexample hypothesis found: K, tau, rule
-options, then the components where a decision differs (the oracle masks and the target keeps, or the reverse),
+without failing, in full, and for every FAIL (and xfail) the smallest counterexample hypothesis found: its drawn
+inputs (hypothesis's labelled draws), K, tau, rule options, then the components where a decision differs (the oracle masks and the target keeps, or the reverse),
 then those whose values differ, each with its sign counts (p, q, z, S) and both outputs; for a rescaled rule also
 the components the oracle masks. The summary says how many checks compared values. ``verbose`` lists every
 offending component and every note in full. The JSON report holds the same, machine-readable::
@@ -52,6 +52,8 @@ def format_counterexample(cx: dict, verbose: bool = False) -> list[str]:
     if head:
         lines.append("    inputs: " + ", ".join(f"{k}={v}" for k, v in head.items()))
     shown = None if verbose else SHOWN
+    if cx.get("draws"):
+        lines.append("    drawn: " + _short(", ".join(f"{k}={v}" for k, v in cx["draws"].items()), 300, verbose))
     if "oracle_kept" in cx:
         kept, n = cx["oracle_kept"]
         lines.append(f"    oracle keeps {kept:g} of {n} components (rescaling factor {n / kept:.4g})" if kept

@@ -55,6 +55,17 @@ def _verdict(failed: bool, compared: int, unsupported: list, xfail_reason: str |
     return ("xfail" if xfail_reason else "FAIL"), "compared nothing: no target output reached the oracle"
 
 
+def _draws(exc: BaseException) -> dict:
+    """The drawn inputs of the (shrunk) counterexample, from hypothesis's notes on the exception: ``{"draws":
+    {label: value, ...}}``, or nothing for a failure on a fixed case."""
+    draws = {}
+    for note in getattr(exc, "__notes__", []):
+        head, sep, value = note.partition("): ")
+        if note.startswith("Draw ") and sep and " (" in head:
+            draws[head.split(" (", 1)[1]] = value
+    return {"draws": draws} if draws else {}
+
+
 def run_check(check: Check, adapter: Adapter, settings: Settings, xfail_reason: str | None = None) -> Result:
     start = time.perf_counter()
     res = Result(check.id, check.description, "pass", xfail_reason=xfail_reason)
@@ -68,11 +79,12 @@ def run_check(check: Check, adapter: Adapter, settings: Settings, xfail_reason: 
         except Unsupported as exc:
             tally.unsupported.append(str(exc))
         except Mismatch as exc:
-            failed, res.message, res.counterexample = True, exc.message, exc.counterexample
+            failed, res.message, res.counterexample = True, exc.message, dict(exc.counterexample)
+            res.counterexample.update(_draws(exc))
         except Exception as exc:  # a target crashing is a failure of that check
             failed = True
             res.message = f"{type(exc).__name__}: {exc}"
-            res.counterexample = {"traceback": traceback.format_exc(limit=6)[-2000:]}
+            res.counterexample = {"traceback": traceback.format_exc(limit=6)[-2000:], **_draws(exc)}
     res.compared, res.divergences = tally.compared, tally.divergences
     res.unsupported, res.shrink_seconds = tally.unsupported, tally.shrink_seconds
     res.verdict, why = _verdict(failed, res.compared, res.unsupported, xfail_reason)

@@ -479,6 +479,9 @@ def test_cli_mutant_fails_with_shrunk_counterexample(tmp_path, capsys):
     res = json.loads(out.read_text())["results"][0]
     off = res["counterexample"]["offending"][0]
     assert off["z"] >= 1 and "K" in res["counterexample"] and "tau" in res["counterexample"]
+    # the shrunk example's labelled draws, in the JSON and the terminal
+    assert {"K", "tau", "n_tensors", "grads[0]"} <= set(res["counterexample"]["draws"])
+    assert f"drawn: K={res['counterexample']['draws']['K']}, tau=" in text
 
 
 class _Partial:
