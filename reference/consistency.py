@@ -1,19 +1,20 @@
 """The inconsistency score I^eps and the Invariant Learning Consistency (ILC) beyond the closed forms.
 
 "Learning Explanations That Are Hard To Vary" (Parascandolo et al., ICLR 2021) defines, for a point theta*
-reached by an algorithm A (paper §2.1, eqs. (1)-(2); spec ``notes/paper.md`` §2)::
+reached by an algorithm A (paper §2.1, eqs. (1)-(2))::
 
     N^eps_{e,theta*}  = the path-connected component of { theta : |L_e(theta) - L_e(theta*)| <= eps }
-                        that contains theta*                                                     (paper.md §2.1)
+                        that contains theta*
     I^eps(theta*)     = max_{(e, e') in E^2}  sup_{theta in N^eps_{e,theta*}}  |L_e'(theta) - L_e(theta*)|  (1)
     ILC(A, p(theta0)) = - E_{theta0 ~ p} [ I^eps( A^inf(theta0, E) ) ]                            (2)
 
-Equation (1) is used as printed (design.md): ordered pairs, e = e' included, the loss of e at the *fixed*
-theta*. The closed forms for quadratics live in ``quadratic.py``; this module covers the rest:
+Equation (1) is used as printed, not as the prose just before it (which compares with L_e at the moving theta):
+ordered pairs, e = e' included, the loss of e at the *fixed* theta*. The closed forms for quadratics live in
+``quadratic.py``; this module covers the rest:
 
 - ``inconsistency_on_grid`` / ``inconsistency_1d_interval``: eq. (1) for any vectorised loss callables in
   P = 1 or 2 dimensions, by thresholding the band on a grid and labelling connected components
-  (``scipy.ndimage.label``), the route paper.md §2.3 describes;
+  (``scipy.ndimage.label``), a route for toy problems (the paper computes I^eps in no experiment);
 - ``ilc_monte_carlo``: eq. (2) by Monte Carlo over initialisations, with a standard error;
 - ``gradient_descent``: the algorithms A of eq. (2) on per-environment gradient oracles, full-batch GD with
   one of ``rules.aggregate``'s rules (mean, AND-mask, geometric mean);
@@ -22,8 +23,9 @@ theta*. The closed forms for quadratics live in ``quadratic.py``; this module co
   (``keep_probability_count``, ``keep_probability_threshold``, and the paper's printed eq. (4)
   ``keep_probability_eq4_printed``), the exact expectations ``expected_sq_norm_mean`` /
   ``expected_sq_norm_masked`` and the printed and corrected bounds ``prop2_bound_printed`` /
-  ``prop2_bound_corrected`` (paper.md §4.6 errata);
-- the two-sigmoid toy of App. A.1: ``two_sigmoid_inconsistency_lower_bound`` (paper.md §2.4 erratum).
+  ``prop2_bound_corrected`` (the printed factor K - t should be K - t + 1);
+- the two-sigmoid toy of App. A.1: ``two_sigmoid_inconsistency_lower_bound`` (the appendix prints its
+  inequalities reversed).
 
 Bad input raises ``TypeError`` / ``ValueError`` naming the argument (see ``validate``).
 """
@@ -83,7 +85,7 @@ class ConvergenceWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# I^eps on a grid  [paper §2.1 eq. (1); paper.md §2.1-2.3]
+# I^eps on a grid  [paper §2.1, eq. (1)]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +145,7 @@ def _grid_axes(grid) -> list[np.ndarray]:
         if len(axes) > 2:
             raise ValueError(
                 f"grid must describe P <= 2 parameters (a 1-D array, or a pair of 1-D axes), got {len(axes)} axes: "
-                "the grid route of paper.md §2.3 is only practical in 1 or 2 dimensions"
+                "the grid route is only practical in 1 or 2 dimensions"
             )
         return [_grid_axis(a, f"grid[{i}]") for i, a in enumerate(axes)]
     if isinstance(grid, (tuple, list)) and len(grid) == 0:
@@ -197,7 +199,7 @@ def _structure(P: int, connectivity) -> np.ndarray:
 def inconsistency_on_grid(env_losses, theta_star, eps, grid, *, connectivity=8, warn=True) -> GridInconsistency:
     """Grid estimate of the inconsistency score I^eps(theta*) of eq. (1) for P = 1 or 2 parameters.
 
-    For each environment e (paper.md §2.1, §2.3):
+    For each environment e (N^eps_{e,theta*} as defined in paper §2.1):
 
     1. threshold the band ``|L_e(theta) - L_e(theta*)| <= eps`` on the grid points;
     2. label its connected components (``scipy.ndimage.label``): in 1-D a component is a maximal run of
@@ -328,7 +330,7 @@ def inconsistency_on_grid(env_losses, theta_star, eps, grid, *, connectivity=8, 
 def inconsistency_1d_interval(env_losses, theta_star, eps, lo, hi, n, *, warn=True) -> GridInconsistency:
     """``inconsistency_on_grid`` for P = 1 on the uniform grid ``numpy.linspace(lo, hi, n)``.
 
-    In 1-D, N^eps_{e,theta*} is the largest interval around theta* inside the band (paper.md §2.3); on the grid it
+    In 1-D, N^eps_{e,theta*} is the largest interval around theta* inside the band; on the grid it
     is the maximal run of consecutive band points through the point nearest theta*. ``lo < hi`` finite reals,
     ``n >= 2`` an integer; ``theta_star`` a scalar or ``[1]`` in [lo, hi]. See ``inconsistency_on_grid``.
     """
@@ -341,7 +343,7 @@ def inconsistency_1d_interval(env_losses, theta_star, eps, lo, hi, n, *, warn=Tr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ILC by Monte Carlo  [paper §2.1 eq. (2); paper.md §2.3]
+# ILC by Monte Carlo  [paper §2.1, eq. (2)]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -391,8 +393,8 @@ def ilc_monte_carlo(algorithm, sample_init, inconsistency, n_samples, rng) -> IL
     For ``i = 1..n_samples``: ``theta0 = sample_init(rng)``, ``limit = algorithm(theta0)``,
     ``score_i = inconsistency(limit)``. Returns ``value = -mean(score)`` and ``stderr = std(score, ddof=1) /
     sqrt(n)``. The mean and standard deviation are computed after subtracting ``score_1`` (a shifted, exact
-    algorithm for identical scores): when A^inf does not depend on theta0 (GD on a strictly convex quadratic,
-    paper.md §2.3), ILC = -I^eps(theta*) exactly and stderr is exactly 0.
+    algorithm for identical scores): when A^inf does not depend on theta0 (GD on a strictly convex quadratic
+    reaches its unique minimizer from every theta0), ILC = -I^eps(theta*) exactly and stderr is exactly 0.
 
     An infinite score (an unbounded component, Remark 2) makes the estimate ``-inf`` and ``stderr`` inf: the
     expectation is then -inf whenever such limits have positive probability; the finite scores stay readable in
@@ -581,7 +583,7 @@ def gradient_descent(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Proposition 1  [paper §2.3, App. A.3; paper.md §4.5]
+# Proposition 1  [paper §2.3, App. A.3]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -595,7 +597,7 @@ class Prop1Check:
 
 
 def prop1_check(masked_grad_sq_norms, L0, L_inf, eta, k) -> Prop1Check:
-    """Proposition 1 (AND-masked GD converges; paper §2.3, App. A.3), checkable form of paper.md §4.5::
+    """Proposition 1 (AND-masked GD converges; paper §2.3, App. A.3) in a checkable form (inf L for the proof's 0)::
 
         min_{i < k} ||m(theta^i) ⊙ grad L(theta^i)||^2  <=  2 (L(theta^0) - inf L) / (eta k)
 
@@ -631,7 +633,7 @@ def prop1_check(masked_grad_sq_norms, L0, L_inf, eta, k) -> Prop1Check:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Proposition 2: the AND-mask on random gradients  [paper §2.3, App. A.4, Fig. 4; paper.md §4.6]
+# Proposition 2: the AND-mask on random gradients  [paper §2.3, App. A.4, eq. (4), Fig. 4]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -676,8 +678,8 @@ def keep_probability_eq4_printed(K, t) -> float:
 
     It adds ``P[p >= t]`` and ``P[p <= K - t]``, which are disjoint only when t > K/2. For t > K/2 it equals
     ``keep_probability_count``; at t = K/2 (even K, the lower end of §2.3's range of t) the two sums both hold
-    u = K/2, so it exceeds the true keep probability by ``C(K, K/2) 2^{-K}`` (and is > 1 for K = 2). [ERRATUM,
-    paper.md §4.6, §12 item 8.]
+    u = K/2, so it exceeds the true keep probability by ``C(K, K/2) 2^{-K}`` (and is > 1 for K = 2). [ERRATUM in
+    App. A.4.]
 
     ``K``: integer >= 1; ``t``: integer with K/2 <= t <= K (the paper's range). Returns a float.
     """
@@ -689,8 +691,8 @@ def keep_probability_eq4_printed(K, t) -> float:
 def keep_probability_threshold(K, tau) -> float:
     """Probability that the canonical threshold AND-mask keeps a component of random gradients.
 
-    The canonical rule (design.md) keeps iff ``|S| >= ceil(tau K - 1e-9)``; without exact zeros ``S = 2p - K``
-    with p ~ Binomial(K, 1/2)::
+    The canonical rule (``rules.agreement_threshold_count``) keeps iff ``|S| >= ceil(tau K - 1e-9)``; without
+    exact zeros ``S = 2p - K`` with p ~ Binomial(K, 1/2)::
 
         P[m_tau = 1] = sum_{p=0}^{K} 1[|2p - K| >= ceil(tau K - 1e-9)] C(K, p) 2^{-K}
 
@@ -707,7 +709,7 @@ def _prop2_args(P, K, sigma) -> tuple[int, int, float]:
 
 
 def expected_sq_norm_mean(P, K, sigma) -> float:
-    """``E ||gbar||^2 = P sigma^2 / K`` for K i.i.d. gradients g_e ~ N(0, sigma^2 I_P) (Prop. 2, paper.md §4.6).
+    """``E ||gbar||^2 = P sigma^2 / K`` for K i.i.d. gradients g_e ~ N(0, sigma^2 I_P) (Prop. 2, App. A.4).
 
     ``P, K``: integers >= 1; ``sigma``: real > 0.
     """
@@ -716,7 +718,7 @@ def expected_sq_norm_mean(P, K, sigma) -> float:
 
 
 def expected_sq_norm_masked(P, K, sigma, tau) -> float:
-    """Exact ``E ||m_tau ⊙ gbar||^2`` for K i.i.d. gradients g_e ~ N(0, sigma^2 I_P) (paper.md §4.6, derived).
+    """Exact ``E ||m_tau ⊙ gbar||^2`` for K i.i.d. gradients g_e ~ N(0, sigma^2 I_P) (derived; the paper bounds it).
 
     Given p positive signs, the magnitudes are i.i.d. half-normal and independent of the signs
     (E|g| = sigma sqrt(2/pi), E g^2 = sigma^2), so with ``gbar = (1/K) sum_e g_e``::
@@ -745,7 +747,7 @@ def _prop2_bound(P, K, sigma, t, n_terms) -> float:
 def prop2_bound_printed(P, K, sigma, t) -> float:
     """Proposition 2's bound as printed (App. A.4): ``E||m_t ⊙ gbar||^2 <= sigma^2 P (K - t) C(K, t) 2^{-(K-1)}``.
 
-    [ERRATUM, paper.md §4.6] The proof sums from p = t to K, which has K - t + 1 terms, not K - t: the printed
+    [ERRATUM] The proof sums from p = t to K, which has K - t + 1 terms, not K - t: the printed
     bound is 0 at t = K while the true value is positive (K = 10, P = 3000, sigma = 1: exact 3.94). It is also
     smaller than the truth elsewhere whenever the lost term matters. Use ``prop2_bound_corrected``.
 
@@ -761,7 +763,8 @@ def prop2_bound_corrected(P, K, sigma, t) -> float:
 
     Valid for the count-form mask m_t with K/2 <= t <= K: ``E[gbar_j^2 | p] <= sigma^2`` and ``C(K, p) <= C(K, t)``
     for p >= t >= K/2 (at t = K/2 the two-sided sum double-counts p = K/2, which only loosens the bound).
-    Decays like ``P (q/2)^K`` up to polynomial factors for fixed t/K > 1/2 (paper.md §4.6, c = 2/q).
+    Decays like ``P (q/2)^K`` up to polynomial factors for fixed t/K > 1/2 (Prop. 2's c = 2/q; App. A.4 prints
+    the rate as O(n/(2-q)^d)).
 
     ``P, K``: integers >= 1; ``sigma`` > 0; ``t``: integer with K/2 <= t <= K.
     """
@@ -771,7 +774,7 @@ def prop2_bound_corrected(P, K, sigma, t) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The two-sigmoid toy  [paper §2.1, App. A.1, Fig. 10; paper.md §2.4]
+# The two-sigmoid toy  [paper §2.1, App. A.1, Fig. 10]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -805,7 +808,7 @@ def two_sigmoid_inconsistency_lower_bound(theta2=-50.0, eps=1e-6, n_grid=10_000)
     theta* = (100, theta2, 100, -75, 1, 1), theta~* = theta* with theta6 = -0.5 (``data.two_sigmoid_theta_*``).
     The segment S = {theta*(theta6) : theta6 in [-0.5, 1]} is connected and contains theta*; if
     ``|L_A(theta) - L_A(theta*)| <= eps`` on all of S, then S lies in N^eps_{A,theta*}, and eq. (1) with the pair
-    (A, B) gives (the corrected inequality of paper.md §2.4; the appendix prints it reversed)::
+    (A, B) gives (corrected: App. A.1 prints it reversed)::
 
         I^eps(theta*) >= |L_B(theta~*) - L_A(theta*)|      (~ 1.0623 - 0.04609 = 1.0162 for theta2 = -50)
 
@@ -814,11 +817,11 @@ def two_sigmoid_inconsistency_lower_bound(theta2=-50.0, eps=1e-6, n_grid=10_000)
     max of q) or at q's minimiser on the segment, the vertex ``theta6_v = -mean(r s) / mean(s^2)`` clipped to
     [-0.5, 1] (on A's grid, ``s = sigmoid(theta3 x + theta4)`` and ``r = f_theta(x)|_{theta6=0} - f*(x)``, both
     from ``data.two_sigmoid_model``). For theta2 = -50 or -45 the vertex lies far outside (|theta6_v| ~ 1e10:
-    s ~ 1e-11 on A), so the maximum is the endpoint's 4.9e-13 (paper.md §2.4). All losses are
+    s ~ 1e-11 on A), so the maximum is the endpoint's 4.9e-13. All losses are
     ``data.two_sigmoid_env_losses`` (midpoint grids of ``n_grid`` points per environment).
 
     Args:
-        theta2: the text's -50 (default) or Fig. 10's -45 (paper.md §12 item 9), a finite real.
+        theta2: the text's -50 (default) or Fig. 10's -45 (the two disagree), a finite real.
         eps: band half-width, real > 0.
         n_grid: grid points per environment, integer >= 1.
 

@@ -2,12 +2,12 @@
 
 Three problems live here:
 
-* the **spirals memorization dataset** of the synthetic experiment (paper §3.1, App. B.2; spec ``notes/paper.md``
-  §6.1-6.2), bit-identical to the authors' generator ``get_spirals_dataset``, plus a task builder that assembles
-  the training environments and the o.o.d. test set the way the authors' ``run_synthetic.py`` does;
-* the **patchwork linear regression** of the authors' notebook ``linear_regression_ilc.ipynb`` (spec §10): four
+* the **spirals memorization dataset** of the synthetic experiment (paper §3.1, App. B.2), bit-identical to the
+  authors' generator ``get_spirals_dataset``, plus a task builder that assembles the training environments and
+  the o.o.d. test set the way the authors' ``run_synthetic.py`` does;
+* the **patchwork linear regression** of the authors' notebook ``linear_regression_ilc.ipynb``: four
   environments of one example each, where averaging gradients reaches a patchwork solution;
-* the **two-sigmoid toy** of App. A.1 (spec §2.4): a two-unit sigmoid network fitting a piecewise-linear target
+* the **two-sigmoid toy** of App. A.1 (Fig. 10): a two-unit sigmoid network fitting a piecewise-linear target
   on two environments A = [0, 0.5) and B = [0.5, 1].
 
 Shapes follow the project's convention: environments are the first axis.
@@ -43,11 +43,11 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Spirals memorization dataset (paper §3.1, App. B.2; spec §6.1-6.2)
+# Spirals memorization dataset (paper §3.1, App. B.2; the authors' get_spirals_dataset)
 # ---------------------------------------------------------------------------------------------------------------
 
 #: ``shortcut_scale`` that gives the paper's shortcut distribution N(0, 0.1), reading 0.1 as a variance
-#: (App. B.2; the authors' code draws N(0, 1), i.e. scale 1). See spec §12 item 10.
+#: (App. B.2; the authors' code draws N(0, 1), i.e. scale 1).
 PAPER_SHORTCUT_SCALE = math.sqrt(0.1)
 
 #: Seed of the o.o.d. test set in the authors' ``run_synthetic.py``.
@@ -64,7 +64,7 @@ def _spirals_env(env, n_envs: int):
 
 
 def spirals(n_examples, n_revolutions, env, n_envs, n_dims, seed, shortcut_scale=1.0):
-    """One environment (or the test set) of the spirals memorization dataset (paper App. B.2, spec §6.2).
+    """One environment (or the test set) of the spirals memorization dataset (paper App. B.2).
 
     Bit-identical to the authors' ``get_spirals_dataset(n_examples, n_rotations=n_revolutions, env, n_envs,
     n_dims_signatures=n_dims, seed)`` when ``shortcut_scale == 1``: the same ``numpy.random.RandomState(seed)``
@@ -87,7 +87,7 @@ def spirals(n_examples, n_revolutions, env, n_envs, n_dims, seed, shortcut_scale
     The same ``seed`` with a different training ``env`` gives the same spirals and labels and only a different
     shortcut row; the authors' task uses seed ``base + env`` for environment ``env`` (see ``make_spirals_task``).
 
-    Paper vs code (spec §12 item 10): the paper draws shortcut components from N(0, 0.1) and does not say
+    Paper vs code: the paper draws shortcut components from N(0, 0.1) and does not say
     whether 0.1 is a variance or a std; the code draws N(0, 1). ``shortcut_scale`` multiplies the shortcut
     columns: 1.0 is the code, ``PAPER_SHORTCUT_SCALE = sqrt(0.1)`` the paper read as a variance, 0.1 the paper
     read as a std, 0.0 removes the shortcut. The scaling is applied in float64 to the finished shortcut block just
@@ -154,8 +154,8 @@ class SpiralsConfig:
     """Settings of the synthetic memorization task; the defaults are the authors' ``run_synthetic.py`` defaults.
 
     The paper's settings (App. B.2) differ: 32 environments of 1280 examples, d_S = 32 and shortcut variance 0.1;
-    ``SpiralsConfig.paper()`` returns them. The test set has 2000 examples in both (spec §6.1, the "training
-    dataset of 2000 examples" erratum).
+    ``SpiralsConfig.paper()`` returns them. The test set has 2000 examples in both (App. B.2's "training
+    dataset of 2000 examples" can only be the test set: the code's n_test is 2000).
 
     Fields are validated on construction (TypeError / ValueError naming the field).
     """
@@ -206,7 +206,7 @@ class SpiralsTask:
 
 
 def make_spirals_task(config: SpiralsConfig | None = None) -> SpiralsTask:
-    """Build the spirals task as the authors' ``run_synthetic.py`` does (spec §6.2).
+    """Build the spirals task as the authors' ``run_synthetic.py`` does.
 
     Training environment ``e`` (0 <= e < n_train_envs) is ``spirals(examples_per_env, n_revolutions, e,
     n_train_envs, n_dims, seed=config.seed + e, shortcut_scale)``: a fresh RandomState per environment, whose
@@ -236,12 +236,12 @@ def make_spirals_task(config: SpiralsConfig | None = None) -> SpiralsTask:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Patchwork linear regression (authors' notebook linear_regression_ilc.ipynb; spec §10)
+# Patchwork linear regression (authors' notebook linear_regression_ilc.ipynb)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def patchwork_regression():
-    """The notebook's linear-regression toy (spec §10): ``X = 3 * [I_4 | 0.1 * 1]``, ``y = 1``.
+    """The notebook's linear-regression toy: ``X = 3 * [I_4 | 0.1 * 1]``, ``y = 1``.
 
     Row k of ``X`` is environment k's single example: feature k (value 3) is seen only by environment k, feature
     4 (value 3 * 0.1, i.e. the float ``0.30000000000000004``) by every environment. Averaging the environments'
@@ -271,7 +271,7 @@ def _linear_problem(theta, X, y):
 
 
 def patchwork_env_losses(theta, X, y):
-    """Per-environment squared losses ``L_k(theta) = 0.5 * (X[k] . theta - y[k])**2`` (spec §10).
+    """Per-environment squared losses ``L_k(theta) = 0.5 * (X[k] . theta - y[k])**2`` (as in the notebook).
 
     Each environment holds one example (a row of ``X``). The pooled loss is the mean of the returned vector.
 
@@ -287,7 +287,7 @@ def patchwork_env_losses(theta, X, y):
 
 
 def patchwork_env_gradients(theta, X, y):
-    """Per-environment gradients ``G[k] = (X[k] . theta - y[k]) * X[k]`` of ``patchwork_env_losses`` (spec §10).
+    """Per-environment gradients ``G[k] = (X[k] . theta - y[k]) * X[k]`` of ``patchwork_env_losses``.
 
     Args:
         theta: float ``[P]``; X: float ``[K, P]``; y: float ``[K]``; all finite.
@@ -301,7 +301,7 @@ def patchwork_env_gradients(theta, X, y):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Two-sigmoid toy (paper §2.1, App. A.1, Fig. 10; spec §2.4)
+# Two-sigmoid toy (paper §2.1, App. A.1, Fig. 10)
 # ---------------------------------------------------------------------------------------------------------------
 
 #: The two environments of App. A.1 as intervals of x: A = [0, 0.5) (half-open) and B = [0.5, 1] (closed).
@@ -311,7 +311,7 @@ TWO_SIGMOID_ENVS = {"A": (0.0, 0.5), "B": (0.5, 1.0)}
 def two_sigmoid_theta_star(theta2=-50.0):
     """The pooled fit theta* = (100, theta2, 100, -75, 1, 1) of App. A.1 (float64 [6]).
 
-    The text uses theta2 = -50, Fig. 10's caption -45 (spec §12 item 9); -45 is the better fit.
+    The text uses theta2 = -50, Fig. 10's caption -45; -45 is the better fit.
     """
     theta2 = real_number(theta2, "theta2")
     return np.array([100.0, theta2, 100.0, -75.0, 1.0, 1.0])
@@ -383,12 +383,13 @@ def two_sigmoid_env_grid(env, n_grid=10_000):
 
 
 def two_sigmoid_env_losses(theta, n_grid=10_000):
-    """Per-environment MSE ``(L_A, L_B)`` of the two-sigmoid model against f* (App. A.1, spec §2.4).
+    """Per-environment MSE ``(L_A, L_B)`` of the two-sigmoid model against f* (App. A.1).
 
     ``L_e(theta) = mean over the grid of env e of (f_theta(x) - f*(x))**2``, on the ``n_grid`` cell midpoints of
-    each interval (``two_sigmoid_env_grid``). With the default 10 000 points this reproduces the spec's reference
-    values: L_A(theta*) = 4.609e-2, L_B(theta*) = 7.06e-3, L_B(theta~*) = 1.0623 for theta2 = -50 and 3.192e-3,
-    3.193e-3, 1.0584 for theta2 = -45; the midpoint rule is converged there to about 5 digits.
+    each interval (``two_sigmoid_env_grid``). With the default 10 000 points this reproduces independently
+    computed reference values (the paper prints none): L_A(theta*) = 4.609e-2, L_B(theta*) = 7.06e-3,
+    L_B(theta~*) = 1.0623 for theta2 = -50 and 3.192e-3, 3.193e-3, 1.0584 for theta2 = -45; the midpoint rule is
+    converged there to about 5 digits.
 
     Args:
         theta: float ``[6]``, finite.

@@ -3,7 +3,7 @@
 Each function works on one example per leading index: ``logits`` has shape ``[..., C]`` (C logits per example)
 and the result has one entry per example (shape ``logits.shape[:-1]``) or, for derivatives, the shape of
 ``logits``. Reductions are the caller's: the MLP takes ``L_e`` as the mean of the per-example losses of
-environment e (design.md, "Losses"), so its upstream gradient is ``loss_gradient(...) / B``.
+environment e (paper §2), so its upstream gradient is ``loss_gradient(...) / B``.
 
 Kinds (named as the PyTorch losses they reproduce):
 
@@ -33,7 +33,7 @@ Kinds (named as the PyTorch losses they reproduce):
         dl/dz   = 2 (z - y) / C
 
 Every function computes in float64 whatever the real floating input dtype and returns float64 (the oracle's
-precision, design.md "Precision"). Inputs are validated: unknown kind, shape mismatches, non-floating logits,
+precision, ``docs/conventions.md``). Inputs are validated: unknown kind, shape mismatches, non-floating logits,
 non-finite values, class indices out of range and invalid probability rows raise ``TypeError``/``ValueError``
 naming the argument.
 """

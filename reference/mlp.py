@@ -1,6 +1,6 @@
 """An analytic MLP with a hand-derived backward that keeps the environment axis.
 
-The model is the authors' synthetic-task network (paper §6.3 / App. B.3 in ``notes/paper.md``): a PyTorch
+The model is the authors' synthetic-task network (paper §3.1, App. B.3): a PyTorch
 ``nn.Sequential`` of, per hidden layer, ``Linear -> [BatchNorm1d] -> activation``, then a final ``Linear``.
 
 Parameters
@@ -15,8 +15,8 @@ Per-environment gradients
 -------------------------
 The data come as environment batches ``X[K, B, in]``, ``Y[K, B]`` or ``Y[K, B, out]``. Environment e's loss is
 ``L_e = (1/B) sum_b l(f(x_eb), y_eb)`` and its gradient is ``G[e] = dL_e/dtheta``; the pooled loss is
-``L = (1/K) sum_e L_e`` (design.md, "Losses"). BatchNorm in training mode couples the rows that share
-statistics, which gives the two semantics of design.md:
+``L = (1/K) sum_e L_e`` (paper §2). BatchNorm in training mode couples the rows that share statistics, which
+gives two semantics, both offered (``docs/conventions.md``):
 
 ``"per_env"``  statistics over each environment's B rows (DomainBed: one forward per environment);
 ``"pooled"``   statistics over all K*B rows (the authors: one forward over the stacked batch). ``G[e]`` is then
@@ -619,7 +619,7 @@ def pooled_gradient(spec: MLPSpec, params, X, Y, *, loss: str, semantics: str = 
 
 
 def example_gradients(spec: MLPSpec, params, X, Y, *, loss: str, semantics: str = "pooled") -> EnvGradients:
-    """Per-example gradients: every example is its own environment (paper §8, CIFAR-10 with K = batch size).
+    """Per-example gradients: every example is its own environment (paper §3.2: CIFAR-10 with K = batch size).
 
     X: ``[N, in_features]``; Y: ``[N]`` or ``[N, out_features]``. Equivalent to :func:`env_gradients` on
     ``X[:, None]`` and ``Y[:, None]`` (K = N, B = 1), and returns exactly that: grads ``[N, *shape]``, losses

@@ -1,9 +1,10 @@
-"""Optimisers of the experiments in plain NumPy, with torch.optim semantics (spec §6.3, §13).
+"""Optimisers of the experiments in plain NumPy, with torch.optim semantics (paper App. B.3).
 
 The synthetic experiment searches over Adam (beta1 = 0.9, beta2 = 0.999) and SGD with momentum 0.9 (App. B.3,
-Table 1), with L2 weight decay or an L1 term, and divides the learning rate by 10 at fixed epochs. The authors add
-weight decay and the L1 term to the gradient *after* the AND-mask, so they are never masked (spec §13); here they
-act on whatever gradient the caller passes in, which is the masked one when this reproduces the authors' loop.
+Table 1), with L2 weight decay or an L1 term, and divides the learning rate by 10 at fixed epochs. The authors'
+``run_synthetic.py`` adds weight decay and the L1 term to the gradient *after* the AND-mask, so they are never
+masked; here they act on whatever gradient the caller passes in, which is the masked one when this reproduces the
+authors' loop.
 
 Conventions:
 
@@ -251,7 +252,7 @@ def l1_gradient(params, l1):
     """Gradient of the L1 penalty ``l1 * sum |theta|``: ``l1 * sign(theta)`` per parameter array (sign(0) = 0).
 
     The authors' ``run_synthetic.py`` adds this term to the gradients *after* the AND-mask (``add_l1_grads``), so
-    the L1 term is never masked (spec §6.2, §13); add it to the masked gradient to reproduce that.
+    the L1 term is never masked; add it to the masked gradient to reproduce that.
 
     Args:
         params: list or tuple of finite real floating arrays.
@@ -280,8 +281,8 @@ def multistep_lr(base_lr, epoch, milestones, gamma=0.1):
     torch). The value is computed as torch's chained form does it, multiplying by ``gamma**count`` at each
     distinct milestone in increasing order, so it matches torch's float bit for bit.
 
-    The paper drops the rate 10x at 1/2 and 3/4 of training, the authors' synthetic code once at 3/4 (spec §12
-    item 11).
+    The paper drops the rate 10x at 1/2 and 3/4 of training (App. B.3), the authors' synthetic code once at
+    3/4.
 
     Args:
         base_lr: real > 0. epoch: integer >= 0. milestones: iterable of integers >= 0, any order (may be empty).

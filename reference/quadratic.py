@@ -1,24 +1,25 @@
 """Quadratic environments, means of Hessians and the exact inconsistency score (paper §2.2, App. A.2).
 
 The quadratic model of "Learning Explanations That Are Hard To Vary" (Parascandolo et al., ICLR 2021), extended
-to K environments as in ``notes/paper.md`` §3::
+to K environments, unequal offsets and different minimizers (the paper treats two environments with a common
+minimizer)::
 
     L_e(theta) = c_e + 1/2 (theta - mu_e)^T H_e (theta - mu_e),      e = 1..K,  theta in R^P,  H_e PSD,
 
-with the pooled loss ``L = (1/K) sum_e L_e`` (design.md, "Losses"). This module offers
+with the pooled loss ``L = (1/K) sum_e L_e``, the unweighted mean over environments (paper §2). This module offers
 
 - :class:`QuadraticProblem`: the K losses, their gradients, the pooled loss and its minimizer;
-- means of Hessians (paper §2.2, App. A.2; paper.md §3.2): the arithmetic mean ``H^+``, the elementwise geometric
+- means of Hessians (paper §2.2, App. A.2): the arithmetic mean ``H^+``, the elementwise geometric
   mean of diagonal or commuting Hessians ``H^∧``, the two-matrix geometric mean ``A # B``, the Karcher mean, and
   the determinant ratio ``det H^+ / det H^∧`` of Prop. 3 and Figs. 3 and 12;
 - the exact inconsistency score ``I^eps(theta*)`` of eq. (1) (:func:`inconsistency_score`): closed forms for a
-  common minimizer (paper.md §3.3, §3.5(1)-(4)) and the trust-region route of ``trust_region.band_extremes`` for
-  different minimizers (§3.5(5));
-- Prop. 3's bound as printed (2 eps, FALSE in general) and corrected (4 eps) (paper.md §3.4);
+  common minimizer (App. A.2's proof, extended to K environments, full Hessians and unequal offsets) and the
+  trust-region route of ``trust_region.band_extremes`` for different minimizers, which have no closed form;
+- Prop. 3's bound as printed (2 eps, FALSE in general) and corrected (4 eps) (paper §2.2, App. A.2);
 - closed-form trajectories of gradient descent on the pooled loss and of geometric-mean gradient descent
-  (paper §2.2 "From Hessians to gradients", footnotes 7-8; paper.md §3.6).
+  (paper §2.2 "From Hessians to gradients", footnotes 7-8).
 
-Eq. (1) is used as printed (design.md, "Inconsistency score")::
+Eq. (1) is used as printed (paper §2.1)::
 
     I^eps(theta*) = max_{(e, e') in E^2}  sup_{theta in N^eps_{e,theta*}}  | L_e'(theta) - L_e(theta*) |
 
@@ -44,8 +45,8 @@ closed forms treat only exact zeros as flat (the trust-region route for differen
 exactly 0 are treated the same way (``QuadraticProblem.diagonal``), with diagonal entries inside the tolerance
 band below 0 set to 0.
 
-Zero-curvature conventions (paper.md §3.3)
-------------------------------------------
+Zero-curvature conventions (the paper only says lam >= 0)
+--------------------------------------------------------
 =============================================  ==============================================================
 case                                           outcome
 =============================================  ==============================================================
@@ -260,7 +261,7 @@ def _require_definite(eigenvalues: np.ndarray, label: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Quadratic environments  [paper §2.2, App. A.2; paper.md §3.1, §3.5]
+# Quadratic environments  [paper §2.2, App. A.2]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -373,7 +374,7 @@ class QuadraticProblem:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Means of Hessians  [paper §2.2, App. A.2; paper.md §3.2]
+# Means of Hessians  [paper §2.2, App. A.2]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -444,7 +445,7 @@ def _joint_eigenbasis(stack: _Hessians, labels) -> tuple[np.ndarray, np.ndarray]
 
 def geometric_mean_commuting(H) -> np.ndarray:
     """Geometric mean of commuting (co-diagonalizable) PSD matrices (paper §2.2: "or, more broadly,
-    co-diagonalizable"; paper.md §3.2): ``V diag((prod_e lam^e_i)^(1/K)) V^T`` in their common eigenbasis V.
+    co-diagonalizable"): ``V diag((prod_e lam^e_i)^(1/K)) V^T`` in their common eigenbasis V.
 
     For commuting SPD matrices this is their Karcher mean (and ``A # B`` for two). ``H``: ``[K, P, P]``
     symmetric PSD, pairwise commuting within ``COMMUTE_RTOL`` (ValueError naming the first non-commuting pair).
@@ -458,7 +459,7 @@ def geometric_mean_commuting(H) -> np.ndarray:
 
 
 def two_matrix_geometric_mean(A, B) -> np.ndarray:
-    """The matrix geometric mean ``A # B = A^(1/2) (A^(-1/2) B A^(-1/2))^(1/2) A^(1/2)`` (paper.md §3.2).
+    """The matrix geometric mean ``A # B = A^(1/2) (A^(-1/2) B A^(-1/2))^(1/2) A^(1/2)``.
 
     The unique SPD solution X of ``X A^-1 X = B``; it equals ``B # A`` and the Karcher mean of {A, B}. The
     square roots are taken through scipy.linalg.eigh (symmetric, real). ``A``, ``B``: ``[P, P]`` symmetric
@@ -484,7 +485,7 @@ class KarcherMean(NamedTuple):
 def karcher_mean(H, tol=1e-12, max_iter=500) -> KarcherMean:
     """Karcher (Riemannian) mean of SPD matrices: the SPD solution X of ``sum_i log(A_i^-1 X) = 0`` (App. A.2).
 
-    Fixed-point iteration (paper.md §3.2), started from the arithmetic mean::
+    The standard fixed-point iteration, started from the arithmetic mean::
 
         S = (1/m) sum_i logm(X^(-1/2) A_i X^(-1/2))        (the mean log-step, symmetric)
         X <- X^(1/2) expm(S) X^(1/2)
@@ -559,7 +560,7 @@ def determinant_ratio(H):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Exact inconsistency score  [paper eq. (1), App. A.2 proof; paper.md §2.2, §3.3, §3.5]
+# Exact inconsistency score  [paper eq. (1), App. A.2 proof]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -576,8 +577,9 @@ class InconsistencyScore:
       covers the whole range ``c_e' + [0, eps kappa]``, so both ends of the sup are attained on it. None when
       ``L_e'`` is constant on ``N^eps_{e,theta*}`` (``H_e' = 0``; for e = e' that is the zero-Hessian case), and,
       on the trust-region route, when the sup is attained at theta* itself.
-    - ``method``: ``"diagonal"`` (ratios of curvatures, paper.md §3.3, §3.5(1)), ``"generalized_eigenvalue"``
-      (pencil eigenvalues, §3.5(2)-(4)) or ``"band_extremes"`` (trust-region subproblems, §3.5(5)).
+    - ``method``: ``"diagonal"`` (ratios of curvatures, as in App. A.2's proof), ``"generalized_eigenvalue"``
+      (pencil eigenvalues: full Hessians, common minimizer) or ``"band_extremes"`` (trust-region subproblems:
+      different minimizers).
     - ``pair_values``: ``[K, K]``, ``pair_values[e, e'] = sup_{theta in N^eps_{e,theta*}} |L_e'(theta) -
       L_e(theta*)|``.
     """
@@ -601,7 +603,8 @@ def _score_from_pairs(pair_values: np.ndarray, direction_of, method: str) -> Inc
 
 
 def _offset_pair_value(delta: np.ndarray, eps: float, kappa: np.ndarray) -> np.ndarray:
-    """``max(|delta|, |delta + eps kappa|)``: the sup of ``|delta + q|`` over ``q in [0, eps kappa]`` (§3.5(4))."""
+    """``max(|delta|, |delta + eps kappa|)``: the sup of ``|delta + q|`` over ``q in [0, eps kappa]``, the value
+    of a pair with unequal offsets."""
     with np.errstate(over="ignore"):
         top = np.where(np.isinf(kappa), np.inf, np.abs(delta + eps * kappa))
     return np.maximum(np.abs(delta), top)
@@ -617,7 +620,7 @@ def _offsets(offsets, K: int) -> np.ndarray:
 
 
 def inconsistency_score_diagonal(lams, eps, offsets=None) -> InconsistencyScore:
-    """Exact ``I^eps`` for diagonal Hessians with a common minimizer at theta* (paper.md §3.3, §3.5(1), (4)).
+    """Exact ``I^eps`` for diagonal Hessians with a common minimizer at theta* (App. A.2's proof, K environments).
 
     With ``lams[K, P]`` the diagonals and ``c`` the offsets, the pair (e, e') has ``N_e = {1/2 sum_i lam^e_i d_i^2
     <= eps}`` (the band of a quadratic around its minimum) and, with ``kappa_{e,e'} = max_i lam^e'_i / lam^e_i``
@@ -698,8 +701,8 @@ def _unwhitened(factor: _Whitening, z: np.ndarray) -> np.ndarray:
 
 
 def _unbounded_direction(factor: _Whitening, H_f: np.ndarray, scale_f: float) -> np.ndarray | None:
-    """A null vector d of H_e with ``d^T H_f d > 0`` (the pair is +inf, §3.5(3)), or None if null(H_e) lies in
-    null(H_f) to the tolerance ``RANK_RTOL * scale_f``."""
+    """A null vector d of H_e with ``d^T H_f d > 0`` (the pair is +inf: N_e is unbounded along d), or None if
+    null(H_e) lies in null(H_f) to the tolerance ``RANK_RTOL * scale_f``."""
     N = factor.null_basis
     if N.shape[1] == 0:
         return None
@@ -723,7 +726,7 @@ def _pencil_pair(factor: _Whitening, H_f: np.ndarray, scale_f: float, same: bool
 
 
 def _pencil_score(problem: QuadraticProblem, eps: float) -> InconsistencyScore:
-    """Closed form with a common minimizer and full Hessians (paper.md §3.5(2)-(4)).
+    """Closed form with a common minimizer and full (possibly singular) Hessians, offsets unequal or not.
 
     For each environment e, the eigendecomposition ``H_e = V diag(w) V^T`` computed once when the problem was
     validated (it is needed for the PSD check anyway) gives a null basis ``N_e`` and a whitening
@@ -752,7 +755,7 @@ def _pencil_score(problem: QuadraticProblem, eps: float) -> InconsistencyScore:
 
 def _band_pair(problem: QuadraticProblem, e: int, f: int, eps: float, theta_star: np.ndarray, level: float,
                factors, scales):
-    """``(value, direction)`` of the pair (e, f) away from a common minimizer (paper.md §3.5(5)); ``level`` is
+    """``(value, direction)`` of the pair (e, f) away from a common minimizer (no closed form); ``level`` is
     ``L_e(theta*)``."""
     from . import trust_region  # imported here: the closed forms do not need it
 
@@ -798,7 +801,7 @@ def _band_score(problem: QuadraticProblem, eps: float, theta_star: np.ndarray) -
 
 
 def inconsistency_score(problem: QuadraticProblem, eps, theta_star=None) -> InconsistencyScore:
-    """Exact inconsistency score ``I^eps(theta*)`` of eq. (1), as printed (paper §2.1; design.md).
+    """Exact inconsistency score ``I^eps(theta*)`` of eq. (1), as printed (paper §2.1).
 
     ``I^eps(theta*) = max_{(e,e')} sup_{theta in N^eps_{e,theta*}} |L_e'(theta) - L_e(theta*)|``, over ordered
     pairs including e = e', with ``N^eps_{e,theta*}`` the connected component containing theta* of the band
@@ -842,7 +845,7 @@ def inconsistency_score(problem: QuadraticProblem, eps, theta_star=None) -> Inco
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Proposition 3  [paper §2.2, App. A.2; paper.md §3.4]
+# Proposition 3  [paper §2.2, App. A.2]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -883,7 +886,7 @@ def _prop3_product(H_A, H_B, eps, drop_flat: bool):
 def prop3_bound_printed(H_A, H_B, eps, *, drop_flat=False):
     """Prop. 3's bound AS PRINTED: ``2 eps (det H_{A+B} / det H_{A∧B})^2`` (paper §2.2, App. A.2).
 
-    **This is NOT a valid upper bound on I^eps in general** (paper.md §3.4, [ERRATUM]): squaring the proof's last
+    **This is NOT a valid upper bound on I^eps in general** ([ERRATUM] in App. A.2): squaring the proof's last
     line gives 4 eps, not 2 eps. Counterexample, P = 1, lamA = 1, lamB = 100: the exact score is 100 eps, the
     printed bound is ``2 eps (50.5 / 10)^2 = 51.005 eps``. In 1-D it fails exactly when the curvature ratio
     exceeds ``1 + sqrt(2)``. Use :func:`prop3_bound_corrected`; this function exists to evaluate the printed
@@ -902,18 +905,19 @@ def prop3_bound_printed(H_A, H_B, eps, *, drop_flat=False):
 
 def prop3_bound_corrected(H_A, H_B, eps, *, drop_flat=False):
     """Prop. 3 with the corrected constant: ``4 eps (det H_{A+B} / det H_{A∧B})^2``, a valid upper bound on
-    I^eps for two diagonal (or commuting) Hessians with a common minimizer and equal offsets (paper.md §3.4).
+    I^eps for two diagonal (or commuting) Hessians with a common minimizer and equal offsets.
 
-    Proof (paper.md §3.4): with ``r_i = AM_i / GM_i >= 1``, ``max(a_i/b_i, b_i/a_i) = (r_i + sqrt(r_i^2 - 1))^2
-    <= 4 r_i^2 - 1``, so ``I^eps <= eps (4 max_i r_i^2 - 1) <= 4 eps prod_i r_i^2``. Same arguments, conventions
-    and return values as :func:`prop3_bound_printed` (``inf``, None for 0/0, ``drop_flat``).
+    Proof (derived; it replaces App. A.2's last step): with ``r_i = AM_i / GM_i >= 1``,
+    ``max(a_i/b_i, b_i/a_i) = (r_i + sqrt(r_i^2 - 1))^2 <= 4 r_i^2 - 1``, so
+    ``I^eps <= eps (4 max_i r_i^2 - 1) <= 4 eps prod_i r_i^2``. Same arguments, conventions and return values
+    as :func:`prop3_bound_printed` (``inf``, None for 0/0, ``drop_flat``).
     """
     eps, product = _prop3_product(H_A, H_B, eps, drop_flat)
     return None if product is None else 4.0 * eps * product
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Trajectories: GD and geometric-mean GD  [paper §2.2 "From Hessians to gradients", footnotes 7-8; paper.md §3.6]
+# Trajectories: GD and geometric-mean GD  [paper §2.2 "From Hessians to gradients", footnotes 7-8]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -947,7 +951,7 @@ def gd_contraction_factors(problem: QuadraticProblem, eta) -> np.ndarray:
 
 
 def geometric_mean_contraction_factors(lams, eta) -> np.ndarray:
-    """Per-coordinate contraction of geometric-mean GD: ``1 - eta * (prod_e lam^e_i)^(1/K)`` ``[P]`` (§3.6).
+    """Per-coordinate contraction of geometric-mean GD: ``1 - eta * (prod_e lam^e_i)^(1/K)`` ``[P]`` (paper §2.2).
 
     ``lams``: ``[K, P]`` diagonal Hessians (>= 0); ``eta`` a real > 0. A coordinate with some lam^e_i = 0 has
     factor exactly 1: it never moves.
@@ -986,7 +990,7 @@ def gd_trajectory(problem: QuadraticProblem, theta0, eta, n_steps) -> np.ndarray
 
 
 def geometric_mean_gd_trajectory(lams, theta_star, theta0, eta, n_steps) -> np.ndarray:
-    """Closed-form geometric-mean GD on diagonal quadratics with a common minimizer (paper §2.2, paper.md §3.6)::
+    """Closed-form geometric-mean GD on diagonal quadratics with a common minimizer (paper §2.2, footnotes 7-8)::
 
         theta^{k+1} = theta^k - eta grad L^∧(theta^k),   grad L^∧(theta) = H^∧ (theta - theta*)
         theta^k - theta* = (I - eta H^∧)^k (theta^0 - theta*),   H^∧ = diag((prod_e lam^e_i)^(1/K))

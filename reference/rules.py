@@ -3,8 +3,8 @@
 The rules of "Learning Explanations That Are Hard To Vary" (Parascandolo et al., ICLR 2021) and one follow-up:
 
 - the arithmetic mean of the environment gradients (plain averaging; the AND-mask at tau = 0);
-- the AND-mask (paper §2.3) in its threshold form (``and_mask``, the canonical rule of design.md) and in its
-  count form (``and_mask_count``), and the AND-masked mean (``and_masked_mean``);
+- the AND-mask (paper §2.3) in its threshold form (``and_mask``, the canonical rule: integer sign sums, ties
+  kept) and in its count form (``and_mask_count``), and the AND-masked mean (``and_masked_mean``);
 - the geometric mean of gradients (paper §2.2, §2.3(i)) in two flavours: ``"paper"`` and ``"original"`` (the
   authors' ``and_mask_utils.get_grads``, method ``'geom_mean'``);
 - the SAND-mask (Shahtalebi et al., arXiv 2106.02266, as DomainBed's ``SANDMask`` computes it), with its
@@ -93,7 +93,7 @@ FLAVOURS = ("paper", "original")
 #: Tolerance of the canonical mask rule, ``ceil(tau*K - TIE_TOLERANCE)`` (``agreement_threshold_count``).
 TIE_TOLERANCE = 1e-9
 
-#: The constant added inside the log by the authors' ``geom_mean`` (paper.md §4.4).
+#: The constant added inside the log by the authors' ``geom_mean`` (``and_mask_utils.get_grads``).
 ORIGINAL_LOG_EPSILON = 1e-10
 
 
@@ -181,7 +181,7 @@ def sign_agreement(G) -> np.ndarray:
 
 
 def agreement_threshold_count(tau, K) -> int:
-    """Smallest ``|S|`` the AND-mask keeps: ``ceil(tau*K - 1e-9)`` (design.md, "Mask rule (canonical)").
+    """Smallest ``|S|`` the AND-mask keeps: ``ceil(tau*K - 1e-9)`` (the canonical mask rule).
 
     The paper's test ``tau*K <= |S|`` on the integer ``|S|`` is ``|S| >= ceil(tau*K)``. The ``- 1e-9`` keeps ties
     when ``tau`` carries float noise: ``tau = 2*0.8 - 1 = 0.6000000000000001`` with ``K = 10`` gives 6, not 7, so an
@@ -197,9 +197,10 @@ def agreement_threshold_count(tau, K) -> int:
 def and_mask(G, tau) -> np.ndarray:
     """AND-mask, threshold form: ``[m_tau]_j = 1[ tau*K <= |sum_e sign(G[e, j])| ]`` (paper §2.3).
 
-    Computed on the integer sign sum as ``|S_j| >= ceil(tau*K - 1e-9)`` (design.md): ties are kept (the paper's
-    ``>=``), and float noise in ``tau*K`` cannot flip a tie. Exact zeros count as sign 0, so they dilute the
-    agreement: with p positive, q negative and z zero signs the component is kept iff ``|p - q| >= tau*K``.
+    Computed on the integer sign sum as ``|S_j| >= ceil(tau*K - 1e-9)`` (``agreement_threshold_count``): ties are
+    kept (the paper's ``>=``), and float noise in ``tau*K`` cannot flip a tie. Exact zeros count as sign 0, so
+    they dilute the agreement: with p positive, q negative and z zero signs the component is kept iff
+    ``|p - q| >= tau*K``.
 
     - ``tau = 0`` keeps every component (plain averaging);
     - ``tau = 1`` keeps only unanimous nonzero signs.
@@ -221,7 +222,7 @@ def and_mask_count(G, t) -> np.ndarray:
     ``t`` in ``[0, K]``.
 
     It differs from the threshold form (``and_mask``) only when some entries are exactly 0: the threshold form
-    compares ``|p - q|``, the count form ``max(p, q)``. Paper.md §4.2 example: K = 4, p = 2, q = 0, z = 2,
+    compares ``|p - q|``, the count form ``max(p, q)``. Example: K = 4, p = 2, q = 0, z = 2,
     tau = 0.5 (t = 3): the threshold form keeps (|S| = 2 >= 2), the count form drops (max(p, q) = 2 < 3). Without
     zeros, q = K - p and ``max(p, q) >= t`` iff ``|p - q| >= 2t - K``.
 
@@ -248,7 +249,7 @@ def and_masked_mean(G, tau) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Geometric mean of gradients  [paper §2.2, §2.3(i), paper.md §4.4]
+# Geometric mean of gradients  [paper §2.2, §2.3(i); the authors' and_mask_utils.get_grads]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -296,7 +297,7 @@ def geometric_mean(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
         g_j = m_tau,j * sign(mean_e G[e, j]) * exp( mean_e log(|G[e, j]| + 1e-10) )
 
     with ``m_tau = and_mask(G, tau)`` (the canonical integer rule; ``tau`` defaults to 1 when None). It differs
-    from the paper (paper.md §4.4):
+    from the paper (§2.2, §2.3 (i)):
 
     (a) with tau < 1, components whose signs only partly agree are kept, with the geometric mean of the
         *magnitudes* and the sign of the *arithmetic* mean; the paper sets them to 0;
@@ -327,7 +328,7 @@ def geometric_mean(G, *, flavour: str = "paper", tau=None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SAND-mask  [arXiv 2106.02266; DomainBed SANDMask, implementations.md §1.2]
+# SAND-mask  [arXiv 2106.02266; DomainBed's SANDMask.mask_grads in domainbed/algorithms.py]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -380,7 +381,7 @@ def sand_masked_mean(G, tau, k=10.0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rescaling  [paper App. B.3.1, footnote 14; design.md "Rescaling"]
+# Rescaling  [paper App. B.3.1, footnote 14; per parameter tensor, as the authors' get_grads]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -626,7 +627,7 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Temporal AND-mask Adam  [paper §3.3, App. B.6, Algorithm 1; paper.md §4.7]
+# Temporal AND-mask Adam  [paper §3.3, App. B.6, Algorithm 1]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -661,7 +662,7 @@ class TemporalAndMaskAdam:
         b <- 1[ |a| >= tau ]
         theta <- theta - lr * (m * b) / (sqrt(v) + eps)      (the mask acts on the first moment only)
 
-    Decisions where the paper is silent (paper.md §4.7, §12 item 15):
+    Decisions where the paper is silent (Algorithm 1 states no initial state and no bias correction):
 
     - The initial state is 0 (the paper does not state it). So the first step can only move a component if
       ``1 - beta3 >= tau``: e.g. beta3 = 0.8, tau = 0.5 gives |a| = 0.2 < tau and nothing moves.

@@ -279,7 +279,7 @@ def train_patchwork_regression(method: str, *, tau: float = 1.0, lr: float = 0.3
                                weight_decay: float = 0.01, n_iters: int = 1000, init_scale: float = 0.1,
                                seed: int = 0, X: np.ndarray | None = None,
                                y: np.ndarray | None = None) -> np.ndarray:
-    """Full-batch gradient descent on the authors' patchwork linear regression (paper §10; their notebook).
+    """Full-batch gradient descent on the authors' patchwork linear regression (``linear_regression_ilc.ipynb``).
 
     Each row of ``X`` is one environment with loss ``0.5 (x . theta - y)^2``. Every iteration first decays the
     learning rate (``lr *= lr_decay``), then steps ``theta -= lr * rule(G)`` and applies decoupled weight decay

@@ -1,13 +1,13 @@
 """Exact extremes of one quadratic over a level band of another: the trust-region subproblem.
 
-The inconsistency score of eq. (1) (paper §2.1-2.2, notes/paper.md §2) asks, for environments e and e', for the
-supremum of ``|L_e'(theta) - L_e(theta*)|`` over ``N^eps_{e,theta*}``, the connected component containing
-``theta*`` of the eps-band ``{theta : |L_e(theta) - L_e(theta*)| <= eps}``. With quadratic losses whose minimizers
-differ (notes/paper.md §3.5(5)) there is no closed form, but the two extremes of ``L_e'`` over the component are
-exactly computable: after a change of variables the component is a ball, a spherical shell or a slab (times a
-free subspace), and minimising or maximising a quadratic over a ball or a sphere is the trust-region subproblem
-(TRS), which has no duality gap (S-lemma) and is solved to solver precision by an eigendecomposition and a
-one-dimensional root search (the secular equation). This module provides:
+The inconsistency score of eq. (1) (paper §2.1-2.2) asks, for environments e and e', for the supremum of
+``|L_e'(theta) - L_e(theta*)|`` over ``N^eps_{e,theta*}``, the connected component containing ``theta*`` of the
+eps-band ``{theta : |L_e(theta) - L_e(theta*)| <= eps}``. With quadratic losses whose minimizers differ (beyond the
+paper's common minimizer) there is no closed form, but the two extremes of ``L_e'`` over the component are exactly
+computable: after a change of variables the component is a ball, a spherical shell or a slab (times a free
+subspace), and minimising or maximising a quadratic over a ball or a sphere is the trust-region subproblem (TRS),
+which has no duality gap (S-lemma) and is solved to solver precision by an eigendecomposition and a one-dimensional
+root search (the secular equation). This module provides:
 
 - ``trs``: the TRS on a ball or a sphere, for a symmetric matrix of any inertia;
 - ``band_extremes``: inf and sup of ``L_f`` over the component containing ``theta_star`` of
@@ -201,7 +201,7 @@ def _quadratic(H: np.ndarray, mu: np.ndarray, c: float, theta: np.ndarray) -> fl
 
 
 def quadratic_value(H, mu, c, theta):
-    """``L(theta) = c + 1/2 (theta - mu)^T H (theta - mu)`` (paper §2.2, notes/paper.md §3.5).
+    """``L(theta) = c + 1/2 (theta - mu)^T H (theta - mu)`` (paper §2.2, with a minimizer mu and an offset c).
 
     ``H``: ``(P, P)`` real symmetric (any inertia; symmetric to ``SYMMETRY_RTOL``). ``mu``: ``(P,)``. ``c``: a real
     number. ``theta``: ``(P,)`` or a batch ``(..., P)``. All finite. Returns a float for ``(P,)`` input, a float64
@@ -364,8 +364,8 @@ def _interval_extremes(a: float, b: float, lo: float, hi: float):
 def band_extremes(H_e, mu_e, c_e, low, high, H_f, mu_f, c_f, theta_star) -> BandExtremes:
     """Infimum and supremum of ``L_f`` over the component containing ``theta_star`` of ``{low <= L_e <= high}``.
 
-    ``L_e(theta) = c_e + 1/2 (theta - mu_e)^T H_e (theta - mu_e)`` and likewise ``L_f`` (paper §2.1-2.2;
-    notes/paper.md §3.5(5), different minimizers). With ``low = L_e(theta*) - eps`` and
+    ``L_e(theta) = c_e + 1/2 (theta - mu_e)^T H_e (theta - mu_e)`` and likewise ``L_f`` (paper §2.1-2.2,
+    extended to different minimizers). With ``low = L_e(theta*) - eps`` and
     ``high = L_e(theta*) + eps`` the component is ``N^eps_{e,theta*}`` of eq. (1), and the inner sup of eq. (1) for
     the pair (e, f) is ``max(max_value - L_e(theta*), L_e(theta*) - min_value)``.
 
