@@ -61,7 +61,8 @@ def format_counterexample(cx: dict, verbose: bool = False) -> list[str]:
         if "uniform_ratio" in cx:
             lines.append(f"    target/oracle = {cx['uniform_ratio']:.6g} on every kept component: the target rescales"
                          f" as if it kept {cx['implied_kept']:.4g} of {n}")
-        masked = cx.get("oracle_masked", [])
+        listed = {tuple(c["index"]) for c in cx.get("offending", [])}
+        masked = [c for c in cx.get("oracle_masked", []) if tuple(c["index"]) not in listed]
         for c in masked[:shown]:
             lines.append(f"    oracle masks index {c['index']}: {_counts(c)}  target={c['target']!r}")
             lines.append(f"      G[:, j] = {_short(c['G'], 160, verbose)}")
