@@ -1,5 +1,5 @@
 """Our own torch implementation passes the whole conformance suite with no expected failures; ``hardtovary
-conformance`` reports, writes JSON, honours expected-failures files and exits as documented; the README's adapter
+conformance`` reports, writes JSON, honours expected-failures files and exits as documented; the conformance guide's adapter
 example works."""
 
 import json
@@ -43,15 +43,16 @@ def test_unknown_target_is_a_usage_error(capsys):
     assert "error" in capsys.readouterr().err
 
 
-def readme_adapter_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Verify your implementation", 1)[1].split("\n## ", 1)[0]
+def guide_adapter_example() -> str:
+    """The adapter example of the conformance guide (docs/conformance.md, "An adapter in twenty lines")."""
+    text = (ROOT / "docs" / "conformance.md").read_text()
+    section = text.split("## An adapter in twenty lines", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_adapter_example_runs_and_passes_the_aggregate_checks(tmp_path, monkeypatch, capsys):
+def test_the_guides_adapter_example_runs_and_passes_the_aggregate_checks(tmp_path, monkeypatch, capsys):
     module = tmp_path / "my_adapter.py"
-    module.write_text(readme_adapter_example())
+    module.write_text(guide_adapter_example())
     monkeypatch.syspath_prepend(str(tmp_path))
     status = cli.main(["conformance", "--target", "my_adapter:target", "--checks", "agg.oracle.and_mask,agg.special",
                        "--max-examples", "10"])
