@@ -1,6 +1,6 @@
 """Our own torch implementation passes the whole conformance suite with no expected failures; ``hardtovary
-conformance`` reports, writes JSON, honours expected-failures files and exits as documented; the conformance guide's adapter
-example works."""
+conformance`` reports, writes JSON, honours expected-failures files and exits as documented; the conformance
+guide's adapter example works."""
 
 import json
 import re
