@@ -2,9 +2,9 @@
 
 The batched counterparts of :func:`hardtovary.reference.quadratic.inconsistency_score_diagonal` and of
 :func:`hardtovary.reference.quadratic.inconsistency_score` for SPD Hessians with a common minimizer (paper eq. (1)
-as printed, ordered pairs including e = e'; paper.md §3.3, §3.5(1)-(4)). Written against an array module ``xp``
-(NumPy or CuPy, :func:`hardtovary.accel.backend.array_module`); everything is computed in float64 and the results
-are ``[N]`` float64 arrays of the input's module.
+as printed, ordered pairs including e = e'; App. A.2's closed form extended to K environments and offsets).
+Written against an array module ``xp`` (NumPy or CuPy, :func:`hardtovary.accel.backend.array_module`); everything
+is computed in float64 and the results are ``[N]`` float64 arrays of the input's module.
 
 - :func:`inconsistency_scores_diagonal`: ``lams[N, K, P]`` (diagonal Hessians), optional offsets ``c[N, K]``::
 
@@ -67,7 +67,7 @@ def _blocks(N: int, per_problem: int):
 
 
 def inconsistency_scores_diagonal(lams, eps, offsets=None):
-    """Exact ``I^eps`` of N problems with diagonal Hessians and a common minimizer (paper.md §3.3, §3.5(1), (4)).
+    """Exact ``I^eps`` of N problems with diagonal Hessians and a common minimizer (as the reference's).
 
     ``lams``: ``[N, K, P]`` real, finite, >= 0 (N, K, P >= 1). ``eps``: a real > 0. ``offsets``: ``[N, K]`` minimum
     values ``c_e`` or None (all 0). Returns ``[N]`` float64 (``inf`` where some level set is unbounded along a
@@ -151,7 +151,8 @@ def inconsistency_scores(H, eps):
         if not bool(xp.isfinite(L).all()):  # CuPy may return NaN instead of raising
             raise ValueError(f"a Cholesky factorisation failed in problems {n0}..{block.stop - 1} although every "
                              f"eigenvalue is positive (ill-conditioned); {_REFER}")
-        Linv = xp.linalg.solve(L, xp.ascontiguousarray(xp.broadcast_to(eye, L.shape)))  # L_e^-1, one triangular solve per environment
+        # L_e^-1, one triangular solve per environment
+        Linv = xp.linalg.solve(L, xp.ascontiguousarray(xp.broadcast_to(eye, L.shape)))
         # M[n, e, f] = L_e^-1 H_f L_e^-T, the pencil (H_f, H_e) whitened by H_e
         M = xp.matmul(xp.matmul(Linv[:, :, None], Hb[:, None, :]), xp.swapaxes(Linv, -1, -2)[:, :, None])
         M = (M + xp.swapaxes(M, -1, -2)) / 2.0

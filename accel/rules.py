@@ -1,9 +1,10 @@
 """The aggregation rules of :mod:`hardtovary.reference.rules`, as single-pass computations over a ``[K, P]`` stack.
 
-Same semantics and argument rules as the oracle (see its module docstring for the formulas and Table B of edge
-cases); written once against an array module ``xp`` (NumPy or CuPy, :func:`hardtovary.accel.backend.array_module`),
-so the code CI runs on NumPy is the code a GPU runs, except for the fused CUDA kernels below, which compute the same
-expressions in one pass and are checked against the NumPy path by ``bench/gpu_check.py``.
+Same semantics and argument rules as the oracle (see its module docstring for the formulas, and
+:mod:`hardtovary.reference.edge_cases` for the edge cases); written once against an array module ``xp`` (NumPy or
+CuPy, :func:`hardtovary.accel.backend.array_module`), so the code CI runs on NumPy is the code a GPU runs, except
+for the fused CUDA kernels below, which compute the same expressions in one pass and are checked against the NumPy
+path by ``bench/gpu_check.py``.
 
 How a stack is computed
 -----------------------

@@ -21,7 +21,7 @@ What a run does is exactly ``reference.training.train``:
 
 Runs stop independently, at the end of an epoch, and are then removed from the batch (the remaining runs keep
 going): when their ``epochs`` are done; with ``early_abort=True`` when ``train_acc > 0.97`` while ``test_acc < 0.6``
-(paper §6.3, App. B.3: "stop a trial ... for compute"); and when a run diverges (its gradients or parameters stop
+(paper App. B.3: "stop a trial ... for compute"); and when a run diverges (its gradients or parameters stop
 being finite; the reference raises ValueError there, a sweep flags the run and carries on with the others).
 The returned :class:`SweepResult` (a ``TrainResult``) says which in ``stopped``.
 
@@ -59,7 +59,7 @@ _EVAL_ELEMENTS = 1 << 24
 class SweepResult(TrainResult):
     """A :class:`~hardtovary.reference.training.TrainResult` with why the run stopped.
 
-    ``stopped``: ``"completed"`` (all epochs), ``"early_abort"`` (paper §6.3 rule) or ``"diverged"`` (non-finite
+    ``stopped``: ``"completed"`` (all epochs), ``"early_abort"`` (paper App. B.3's rule) or ``"diverged"`` (non-finite
     gradients or parameters; the parameters are those of the last finite epoch end, the history covers the epochs
     completed before). ``running_stats`` is always None (no BatchNorm).
     """
@@ -316,7 +316,7 @@ def train_sweep(data: EnvironmentData, configs: list[TrainConfig], *, backend=No
     backend: a name for :func:`~hardtovary.accel.backend.get_backend` (``"numpy"``, ``"cupy"``, ``"auto"``), a
         ``Backend``, or None (``HARDTOVARY_BACKEND`` / auto).
     dtype: ``"float64"`` (default; equal to the reference to rounding) or ``"float32"``.
-    early_abort: stop a run at the end of an epoch where ``train_acc > 0.97`` and ``test_acc < 0.6`` (paper §6.3).
+    early_abort: stop a run at the end of an epoch where ``train_acc > 0.97`` and ``test_acc < 0.6`` (paper App. B.3).
     on_epoch(index, record): after every epoch of run ``configs[index]`` with that epoch's history record.
     on_step(n_runs): after every batched step, with the number of runs it advanced.
 

@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
         "erm (with batch norm and dropout), dann (width only; fixed 2-layer nets) and and_mask (plus tau in "
         "{0.5, 0.75, 1} and rescaling on/off; the tau range is an assumption, the paper gives none); Table 2 "
         "for irm (penalty weight, annealing iterations, learning rate up to 1). L1 and L2 are never combined. "
-        f"Trials stop early when {options.early_abort_rule()} (paper §6.3); they are ranked by final "
+        f"Trials stop early when {options.early_abort_rule()} (paper App. B.3); they are ranked by final "
         "o.o.d. test accuracy, and the best of each method is re-run with --seeds fresh seeds (no early "
         "abort). Prints per method the best configuration and mean ± std over seeds of train and o.o.d. test "
         "accuracy. Writes OUT/config.json, OUT/units/search-<method>-NNN.json and "

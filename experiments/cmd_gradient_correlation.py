@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--remove-label-independent", action="store_true",
                         help="subtract the average gradient on label-independent inputs (all input columns "
                              "permuted) before correlating")
-    g = parser.add_argument_group("data (spirals, paper §6.1-6.2; one batch = one whole environment)")
+    g = parser.add_argument_group("data (spirals, paper App. B.2; one batch = one whole environment)")
     g.add_argument("--n-envs", type=options.positive_int, default=d.n_train_envs, help="environments")
     g.add_argument("--batch-size", type=options.positive_int, default=d.examples_per_env,
                    help="examples per environment")

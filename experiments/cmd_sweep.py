@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
         "sweeps (many runs at once; CuPy on a GPU, else NumPy), rank them by final o.o.d. test accuracy, re-run "
         "the best --top with --seeds fresh seeds, and print a table of mean ± standard deviation (over seeds) "
         f"of train and o.o.d. test accuracy. Search trials stop early when {options.early_abort_rule()} "
-        "(paper §6.3) unless --no-early-abort. Writes OUT/config.json, OUT/units/search-NNN.json and "
+        "(paper App. B.3) unless --no-early-abort. Writes OUT/config.json, OUT/units/search-NNN.json and "
         "OUT/units/seeds-NNN.json (one per batch of runs, atomically), OUT/results.json and OUT/table.txt; a "
         "rerun with the same options resumes, skipping finished batches. The defaults are small (a few minutes "
         "on two CPU cores); --paper-space uses Table 1's widths, depths and batch sizes. Options named in the "
@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--runs-per-batch", type=options.positive_int, default=32,
                    help="runs trained at once (runs of one architecture); each finished batch is saved")
     g.add_argument("--early-abort", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"stop a search trial when {options.early_abort_rule()} (paper §6.3)")
+                   help=f"stop a search trial when {options.early_abort_rule()} (paper App. B.3)")
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="precision of the batched training")
     options.add_array_backend_option(g)

@@ -122,9 +122,10 @@ def load_problem(path) -> quadratic.QuadraticProblem:
 
 
 def patchwork_problem(l2: float = 0.01) -> quadratic.QuadraticProblem:
-    """The notebook's patchwork regression (paper §10) with an L2 term in every environment's loss,
-    ``L_e = 1/2 (x_e . theta - 1)^2 + l2/2 ||theta||^2``: a quadratic with ``H_e = x_e x_e^T + l2 I``, minimizer
-    ``mu_e = H_e^{-1} x_e`` and minimum ``c_e = 1/2 - 1/2 x_e . mu_e``; strictly convex for ``l2 > 0``."""
+    """The patchwork regression of the authors' notebook ``linear_regression_ilc.ipynb`` with an L2 term in every
+    environment's loss, ``L_e = 1/2 (x_e . theta - 1)^2 + l2/2 ||theta||^2``: a quadratic with
+    ``H_e = x_e x_e^T + l2 I``, minimizer ``mu_e = H_e^{-1} x_e`` and minimum ``c_e = 1/2 - 1/2 x_e . mu_e``; strictly
+    convex for ``l2 > 0``."""
     from hardtovary.reference import data
 
     X, y = data.patchwork_regression()

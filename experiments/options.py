@@ -162,7 +162,7 @@ def add_run_folder_options(parser, default: str) -> None:
 
 
 def add_spirals_options(parser, d) -> None:
-    """The spirals data options (paper §6.1-6.2) with the defaults of the SpiralsConfig ``d``."""
+    """The spirals data options (paper App. B.2) with the defaults of the SpiralsConfig ``d``."""
     g = parser.add_argument_group("data (spirals, paper §6.1-6.2)")
     g.add_argument("--n-envs", type=positive_int, default=d.n_train_envs, help="training environments")
     g.add_argument("--examples-per-env", type=positive_int, default=d.examples_per_env,

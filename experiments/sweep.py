@@ -14,7 +14,7 @@ the architecture and data so that a search finishes in minutes on two CPU cores;
 
 Sampling: one ``numpy.random.default_rng(seed)`` draws every trial's fields in a fixed order, so a search is a pure
 function of its options. Trial i trains with seed ``seed + i``; the re-runs of the best configurations use seeds
-``RERUN_SEED_OFFSET + seed + s`` (s = 0 .. seeds - 1), disjoint from the search's. The early abort of paper §6.3
+``RERUN_SEED_OFFSET + seed + s`` (s = 0 .. seeds - 1), disjoint from the search's. The early abort of paper App. B.3
 (train acc > 0.97 while test acc < 0.6) applies to the search trials only, not to the re-runs, whose statistics
 cover full training.
 
@@ -306,7 +306,7 @@ def format_table(results: dict) -> str:
             f" {'opt':<5}"
             f"{'lr':>7}{'l2':>8}{'l1':>8}{'search test':>12}{'train acc (mean±std)':>22}"
             f"{'test acc o.o.d. (mean±std)':>28}{'seeds':>6}")
-    lines = [f"search: {n_search} trials ({aborted} stopped early, paper §6.3); best re-run over seeds:", head]
+    lines = [f"search: {n_search} trials ({aborted} stopped early, paper App. B.3); best re-run over seeds:", head]
     for r in results["best"]:
         lines.append(
             f"{r['rank']:>4} {r['method']:<15}{r['tau']:>5.2f} {r['flavour'] or '-':<8} "

@@ -1,5 +1,5 @@
 """The reference training loop: batching, the order of rule / L1 / weight decay, determinism, and the notebook's
-patchwork regression (paper §10)."""
+patchwork regression (the authors' notebook linear_regression_ilc.ipynb)."""
 
 import dataclasses
 
@@ -186,7 +186,7 @@ def test_batch_norm_run_tracks_running_statistics_and_evaluates_in_eval_mode():
     assert acc == result.history[-1]["test_acc"] and loss == result.history[-1]["test_loss"]
 
 
-# -- the notebook's patchwork regression (paper §10) ------------------------------------------------------------------
+# -- the patchwork regression of the authors' notebook linear_regression_ilc.ipynb ---------------------------------
 
 def ridge_fixed_point():
     """The stationary point of GD on the mean loss with decoupled weight decay 0.01: solves

@@ -3,7 +3,7 @@
 ``env_gradients(model, X[K, B, ...], Y[K, B, ...], loss_fn, semantics=...)`` returns, for every parameter of
 ``model`` that requires grad (in ``model.parameters()`` order), the stack ``G[K, *param.shape]`` with
 ``G[e] = dL_e/dtheta``, ``L_e = loss_fn(model(X[e]), Y[e])`` (``loss_fn`` mean-reduces over a batch), and the
-losses ``[K]``. The two semantics of design.md:
+losses ``[K]``. The two semantics of :mod:`hardtovary.reference.mlp` (``docs/conventions.md``):
 
 ``"per_env"``
     BatchNorm statistics per environment (DomainBed). One ``vmap(grad)`` over the environment axis: the K

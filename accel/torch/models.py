@@ -4,7 +4,7 @@
   from a :class:`hardtovary.reference.mlp.MLPSpec`; its ``state_dict`` keys are
   :func:`hardtovary.reference.mlp.param_names` (same Sequential indices), so :func:`load_reference_params`
   copies the oracle's parameter list 1:1.
-- :class:`FastResNet` is the Page cifar10-fast network of the PyTorch-Ignite CIFAR-10 example (paper.md §8),
+- :class:`FastResNet` is the Page cifar10-fast network of the PyTorch-Ignite CIFAR-10 example (paper App. B.5),
   with a width multiplier for small tests. No module uses ``inplace=True``, so it runs under ``torch.func``.
 """
 
@@ -69,7 +69,7 @@ def load_reference_params(model: nn.Module, params) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FastResNet  [paper.md §8]
+# FastResNet  [paper §3.2, App. B.5; the PyTorch-Ignite CIFAR-10 example]
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The aggregation rules of :mod:`hardtovary.reference.rules` on torch tensors.
 
-Same semantics, argument rules and edge cases (implementations.md Table B) as the NumPy oracle; see its module
-docstring for the formulas and the table of edge cases. What differs is precision and dtype handling:
+Same semantics, argument rules and edge cases (:mod:`hardtovary.reference.edge_cases`) as the NumPy oracle; see
+its module docstring for the formulas. What differs is precision and dtype handling:
 
 - **dtype preserved.** Values come back in the gradients' dtype (float16 in, float16 out; bfloat16 in,
   bfloat16 out). float16 / bfloat16 are computed internally in float32 (means, the log-domain geometric mean,
