@@ -45,7 +45,8 @@ def best_time(fn, repeats: int, device) -> float:
 
 
 def authors_step(model, X, Y, env_loss, tau):
-    """The authors' pattern, written from its description (implementations.md §1.1)."""
+    """The authors' pattern (``and_mask_utils.get_grads``, rewritten here, not copied): one forward over the stacked
+    environments, one ``autograd.grad(retain_graph=True)`` per environment, a float32 mask of the mean sign."""
     K, B = X.shape[:2]
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(X.reshape(K * B, *X.shape[2:]))

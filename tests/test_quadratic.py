@@ -4,7 +4,7 @@ score of eq. (1), Prop. 3 (printed and corrected) and the GD / geometric-mean GD
 Expected values come from an independent route: dense sampling of the boundary of the level sets (points built
 with a Cholesky factor, not the eigendecomposition the code uses), scipy.optimize.minimize (SLSQP) from many
 starts, grids with connected-component labelling (scipy.ndimage.label), numbers worked out by hand or printed in
-the paper / notes/paper.md, plain-Python loops, explicit iteration of the update rules (through
+the paper, plain-Python loops, explicit iteration of the update rules (through
 ``reference.rules`` for the geometric mean), and scipy.linalg's sqrtm / logm / eigh(b=...).
 """
 
@@ -193,7 +193,7 @@ def test_pooled_minimizer_singular_pooled_hessian_raises():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q1: exact inconsistency score  [paper App. A.2 proof; paper.md §3.3, §3.5]
+# Q1: exact inconsistency score  [paper App. A.2 proof, extended to K environments and full Hessians]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -234,7 +234,7 @@ def test_q1_full_spd_score_matches_sampling_and_generalized_eigenvalues(drawn, e
 
 
 def test_q1_two_hundred_thousand_boundary_points_full_problem():
-    """The check of paper.md §3.5(2), with 200k points on the boundary of N_A."""
+    """Full SPD Hessians: eps * lambda_max(H_A^-1 H_B), checked with 200k points on the boundary of N_A."""
     rng = np.random.default_rng(11)
     H_A, H_B = spd(rng, [0.3, 1.0, 4.0]), spd(rng, [0.5, 2.0, 9.0])
     eps = 0.7
@@ -353,7 +353,7 @@ def test_q1_exact_zeros_diagonal_and_rotated_full_routes_agree(lams, data, eps, 
     zeros = data.draw(st.lists(st.booleans(), min_size=lams.size, max_size=lams.size))
     lams = np.where(np.reshape(zeros, lams.shape), 0.0, lams)
     expected = hand_diagonal_score(lams, eps)
-    # the e = e pairs give eps whenever some H_e != 0 (paper.md §3.3)
+    # the e = e pairs give eps whenever some H_e != 0 (the band reaches its edge)
     expected = max(expected, eps if lams.any() else 0.0)
     score = inconsistency_score_diagonal(lams, eps)
     assert score.value == pytest.approx(expected, rel=1e-12)
@@ -375,7 +375,7 @@ def test_q1_score_is_linear_in_eps_and_invariant_to_environment_order(lams, eps,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Unequal offsets  [paper.md §3.5(4)]
+# Unequal offsets  [beyond the paper: L_e(theta*) differ, common minimizer]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -406,7 +406,7 @@ def test_unequal_offsets_diagonal_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Different minimizers: the trust-region route  [paper.md §3.5(5)]
+# Different minimizers: the trust-region route  [beyond the paper: no closed form]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -531,7 +531,7 @@ def test_theta_star_off_the_common_minimizer_uses_the_band_route():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q2: Prop. 3 as printed is false; the corrected bound holds  [paper.md §3.4]
+# Q2: Prop. 3 as printed is false; the corrected bound holds  [paper §2.2, App. A.2]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -561,7 +561,7 @@ def test_q2_corrected_bound_holds(lams, eps):
 @pytest.mark.parametrize("ratio", [1.0, 2.0, 1 + SQRT2 - 1e-6, 1 + SQRT2 + 1e-6, 3.0, 100.0])
 def test_q2_printed_bound_fails_iff_ratio_exceeds_one_plus_sqrt2(ratio):
     eps = 0.7
-    exact = eps * ratio  # by hand, paper.md §3.3
+    exact = eps * ratio  # by hand: App. A.2's eps * max(lamB/lamA, lamA/lamB)
     printed = prop3_bound_printed(np.array([2.0]), np.array([2.0 * ratio]), eps)
     assert (printed < exact) == (ratio > 1 + SQRT2)
     assert prop3_bound_corrected(np.array([2.0]), np.array([2.0 * ratio]), eps) >= exact
@@ -649,7 +649,7 @@ def test_q6_figure_12():
     assert determinant_ratio(lams) == pytest.approx(25.5025, rel=1e-12)
     assert round(determinant_ratio(lams), 2) == 25.50
     assert inconsistency_score_diagonal(lams, 0.1).value == pytest.approx(100 * 0.1)
-    # The printed 2-eps bound happens to hold here (paper.md §3.4: prod r_i^2 = 650.3).
+    # The printed 2-eps bound happens to hold here (prod r_i^2 = 650.3).
     assert prop3_bound_printed(lams[0], lams[1], 0.1) == pytest.approx(2 * 0.1 * 25.5025**2)
 
 
@@ -752,7 +752,7 @@ def test_karcher_not_converged_and_not_commuting_raise():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q7, Q8: GD and geometric-mean GD  [paper §2.2, footnotes 7-8; paper.md §3.6]
+# Q7, Q8: GD and geometric-mean GD  [paper §2.2, footnotes 7-8]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -825,7 +825,7 @@ def test_q8_geometric_mean_trajectory_equals_iterating_the_rule(lams, fraction, 
     for k in range(1, 26):
         theta = theta - eta * rules.geometric_mean(problem.gradients(theta))
         np.testing.assert_allclose(trajectory[k], theta, rtol=1e-9, atol=1e-12)
-    # It is slower than GD per coordinate: lam^∧_i <= lam^+_i (paper.md §3.6).
+    # It is slower than GD per coordinate: lam^∧_i <= lam^+_i (geometric <= arithmetic mean).
     assert np.all(geometric_mean_contraction_factors(lams, eta) >= gd_contraction_factors(problem, eta) - 1e-12)
 
 

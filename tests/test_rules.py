@@ -133,7 +133,7 @@ def brute_sand_mask(G, tau, k):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# paper.md §4.2 worked examples
+# Threshold vs count form, and ties under float noise in tau  [paper §2.3]
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -180,11 +180,11 @@ def test_agreement_threshold_count_hand_values(tau, K, expected):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# implementations.md Table B edge cases
+# Edge cases (the rows of reference.edge_cases, derived here by hand)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_table_b_all_gradients_zero_tau_0():
+def test_edge_case_all_gradients_zero_tau_0():
     G = np.zeros((3, 4))
     assert and_mask(G, 0.0).all()
     assert np.array_equal(and_masked_mean(G, 0.0), np.zeros(4))
@@ -201,7 +201,7 @@ def test_table_b_all_gradients_zero_tau_0():
 K1 = np.array([[0.5, -2.0, 0.0, 3.0]])
 
 
-def test_table_b_k1_tau_0_is_identity():
+def test_edge_case_k1_tau_0_is_identity():
     assert and_mask(K1, 0.0).tolist() == [True, True, True, True]
     assert np.array_equal(and_masked_mean(K1, 0.0), [0.5, -2.0, 0.0, 3.0])
     values, _ = aggregate([K1], rule="and_mask", tau=0.0, rescale=True)
@@ -209,32 +209,32 @@ def test_table_b_k1_tau_0_is_identity():
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0])
-def test_table_b_k1_masks_exact_zeros_and_rescales_by_4_3(tau):
+def test_edge_case_k1_masks_exact_zeros_and_rescales_by_4_3(tau):
     assert and_mask(K1, tau).tolist() == [True, True, False, True]
     values, masks = aggregate([K1], rule="and_mask", tau=tau, rescale=True)
     assert masks[0].tolist() == [True, True, False, True]
     np.testing.assert_allclose(values[0], [0.5 * 4 / 3, -2.0 * 4 / 3, 0.0, 3.0 * 4 / 3], rtol=1e-15)
 
 
-def test_table_b_k1_paper_geometric_mean_is_identity():
+def test_edge_case_k1_paper_geometric_mean_is_identity():
     np.testing.assert_allclose(geometric_mean(K1), [0.5, -2.0, 0.0, 3.0], rtol=1e-15)
     assert geometric_mean_mask(K1).tolist() == [True, True, False, True]
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.5])
-def test_table_b_k1_sand_limit_keeps_nonzero_entries_below_tau_1(tau):
+def test_edge_case_k1_sand_limit_keeps_nonzero_entries_below_tau_1(tau):
     assert sand_mask(K1, tau).tolist() == [1.0, 1.0, 0.0, 1.0]
     values, _ = aggregate([K1], rule="sand_mask", tau=tau, rescale=True)
     np.testing.assert_allclose(values[0], [0.5 * 4 / 3, -2.0 * 4 / 3, 0.0, 3.0 * 4 / 3], rtol=1e-15)
 
 
-def test_table_b_k1_sand_tau_1_drops_everything():
+def test_edge_case_k1_sand_tau_1_drops_everything():
     assert sand_mask(K1, 1.0).tolist() == [0.0, 0.0, 0.0, 0.0]
     values, _ = aggregate([K1], rule="sand_mask", tau=1.0, rescale=True)
     assert np.array_equal(values[0], np.zeros(4))
 
 
-def test_table_b_tie_kept_by_and_mask_dropped_by_sand():
+def test_edge_case_tie_kept_by_and_mask_dropped_by_sand():
     G = np.array([[0.3], [0.7], [1.1], [-0.5]])  # signs + + + -, A = 0.5
     assert and_mask(G, 0.5).tolist() == [True]
     np.testing.assert_allclose(and_masked_mean(G, 0.5), [0.4], rtol=1e-15)
@@ -242,7 +242,7 @@ def test_table_b_tie_kept_by_and_mask_dropped_by_sand():
     assert sand_masked_mean(G, 0.5).tolist() == [0.0]
 
 
-def test_table_b_identical_gradients_tau_1():
+def test_edge_case_identical_gradients_tau_1():
     G = np.tile([0.25, -1.5], (3, 1))
     assert and_mask(G, 1.0).tolist() == [True, True]
     assert np.array_equal(and_masked_mean(G, 1.0), [0.25, -1.5])
@@ -251,7 +251,7 @@ def test_table_b_identical_gradients_tau_1():
     np.testing.assert_allclose(geometric_mean(G), [0.25, -1.5], rtol=1e-15)
 
 
-def test_table_b_identical_gradients_whose_float_mean_is_inexact():
+def test_edge_case_identical_gradients_whose_float_mean_is_inexact():
     # mean(0.1, 0.1, 0.1) is not 0.1 in float64: the variance must still be exactly 0 (limit rule).
     G = np.full((3, 1), 0.1)
     assert np.var(G, axis=0, ddof=1)[0] > 0.0  # the float two-pass variance is 2.9e-34, not 0
@@ -262,7 +262,7 @@ def test_table_b_identical_gradients_whose_float_mean_is_inexact():
 
 
 @pytest.mark.parametrize("tau, kept", [(0.0, True), (0.5, True), (2 / 3, True), (0.67, False), (1.0, False)])
-def test_table_b_one_environment_has_zero(tau, kept):
+def test_edge_case_one_environment_has_zero(tau, kept):
     G = np.array([[1.0], [2.0], [0.0]])
     assert and_mask(G, tau).tolist() == [kept]
     assert geometric_mean_mask(G, flavour="original", tau=tau).tolist() == [kept]
@@ -274,7 +274,7 @@ def test_table_b_one_environment_has_zero(tau, kept):
         assert original.tolist() == [0.0]
 
 
-def test_table_b_one_environment_has_zero_paper_geometric_mean_is_zero():
+def test_edge_case_one_environment_has_zero_paper_geometric_mean_is_zero():
     G = np.array([[1.0], [2.0], [0.0]])
     assert geometric_mean(G).tolist() == [0.0]
     assert geometric_mean_mask(G).tolist() == [False]
@@ -296,21 +296,21 @@ def test_table_b_one_environment_has_zero_paper_geometric_mean_is_zero():
     ],
     ids=["sign", "and_mask", "count", "masked_mean", "gm_paper", "gm_original", "sand", "sand_mean", "mean"],
 )
-def test_table_b_non_finite_entry_is_refused_with_its_index(call, bad):
+def test_edge_case_non_finite_entry_is_refused_with_its_index(call, bad):
     G = np.ones((3, 2))
     G[1, 0] = bad
     with pytest.raises(ValueError, match=r"G\[1, 0\]"):
         call(G)
 
 
-def test_table_b_non_finite_entry_in_aggregate_names_the_stack_and_index():
+def test_edge_case_non_finite_entry_in_aggregate_names_the_stack_and_index():
     grads = [np.ones((3, 2)), np.ones((3, 4))]
     grads[1][2, 3] = np.nan
     with pytest.raises(ValueError, match=r"grads\[1\]\[2, 3\]"):
         aggregate(grads, rule="and_mask", tau=0.5)
 
 
-def test_table_b_float16_input_matches_float64_of_the_same_values():
+def test_edge_case_float16_input_matches_float64_of_the_same_values():
     rng = np.random.default_rng(0)
     G16 = rng.normal(size=(5, 40)).astype(np.float16)
     G16[:, :5] = 0.0
@@ -329,7 +329,7 @@ def test_table_b_float16_input_matches_float64_of_the_same_values():
     assert sign_agreement(G16).dtype == np.int64
 
 
-def test_table_b_k16_small_gradients_float32_no_underflow():
+def test_edge_case_k16_small_gradients_float32_no_underflow():
     G = np.full((16, 3), 1e-3, dtype=np.float32)
     G[:, 1] *= -1
     G[7, 2] *= -1

@@ -671,7 +671,7 @@ def test_band_extremes_3d_against_slsqp_multistart(drawn):
 
 
 def test_band_extremes_common_minimizer_matches_generalized_eigenvalue():
-    """notes/paper.md §3.5(2): sup over {1/2 d^T H_e d <= eps} of 1/2 d^T H_f d = eps * lambda_max(H_e^-1 H_f)."""
+    """Common minimizer: sup over {1/2 d^T H_e d <= eps} of 1/2 d^T H_f d = eps * lambda_max(H_e^-1 H_f)."""
     H_e = symmetric(np.array([0.5, 1.0, 4.0]), 3)
     H_f = symmetric(np.array([0.2, 2.0, 3.0]), 4)
     eps = 0.7
