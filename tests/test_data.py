@@ -1,5 +1,5 @@
 """Tests of hardtovary.reference.data: spirals (paper App. B.2), patchwork regression (notebook), two-sigmoid toy
-(App. A.1). Expected values come from the paper / spec notes, from hand computation, or from an independent
+(App. A.1). Expected values come from the paper, from the authors' code, from hand computation, or from an independent
 re-derivation of the authors' RandomState call sequence written below in a different style."""
 
 from __future__ import annotations

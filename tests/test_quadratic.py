@@ -1,5 +1,7 @@
 """Tests of hardtovary.reference.quadratic: quadratic environments, means of Hessians, the exact inconsistency
-score of eq. (1), Prop. 3 (printed and corrected) and the GD / geometric-mean GD trajectories.
+score of eq. (1), Prop. 3 (printed and corrected) and the GD / geometric-mean GD trajectories. Tests named q1..q8
+check the paper's quantitative claims: Q1 the exact score (App. A.2's proof), Q2 Prop. 3, Q3 Remark 2, Q4-Q6 the
+determinant ordering and Figs. 3 and 12, Q7-Q8 GD and geometric-mean GD (§2.2, footnotes 7-8).
 
 Expected values come from an independent route: dense sampling of the boundary of the level sets (points built
 with a Cholesky factor, not the eigendecomposition the code uses), scipy.optimize.minimize (SLSQP) from many
