@@ -232,9 +232,9 @@ _KERNEL_PREAMBLE = r"""
 #: ``int32 thr``, ``float64 log_eps``; out ``C out`` (value in the compute dtype), ``bool keep``. One thread per
 #: coordinate i. ``RULE`` is a compile-time constant (one of the ``HTV_*`` ids), one kernel per rule, so the
 #: branches on it vanish and the mean / AND-mask kernels carry no logarithm: fewer registers, more loads in
-#: flight (on an H200 the single kernel with a run-time rule reached 57% of copy bandwidth for the AND-mask, the
-#: specialised one 101%). The geometric means stay at 65-69%, bound by their K logarithms per coordinate; a
-#: product kept normalised with ``frexp`` (one logarithm per coordinate) measured slower there (49%).
+#: flight, which a memory-bound kernel needs to reach copy bandwidth. The geometric means are bound by their K
+#: logarithms per coordinate; they keep them, because a product kept normalised with ``frexp`` (one logarithm per
+#: coordinate) is slower. Measurements: ``docs/benchmarks.md``.
 HARD_KERNEL_SOURCE = r"""
 // Coordinate i of the [K, P] stack: walk the K environments with stride P. Neighbouring threads read
 // neighbouring addresses, so every load is coalesced. C (float or double) is the compute type, bound by `out`.

@@ -311,7 +311,7 @@ def time_sweep(backend: str, settings=((256, (64, 64), 64, (1, 256)), (1024, (25
             configs = [TrainConfig(method="and_mask", tau=0.5, hidden=hidden, batch_size=batch, n_agreement_envs=16,
                                    epochs=epochs, seed=s) for s in range(R)]
             # warm-up at the same R: CuPy compiles its elementwise kernels per dtype *and* array rank, and the
-            # ranks differ between R = 1 (collapsed) and R > 1 (on an H200 the first R = 256 call took 18 s)
+            # ranks differ between R = 1 (collapsed) and R > 1, and a first call at a new rank compiles for seconds
             sweep.train_sweep(data, configs, backend=backend, dtype="float32")
             start = time.perf_counter()
             sweep.train_sweep(data, configs, backend=backend, dtype="float32")

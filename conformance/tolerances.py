@@ -22,8 +22,8 @@ A component passes when ``|t - o| <= rtol * |o| + atol_eff``. Documented widenin
    target's dtype; without it a correct float16/float32 mean with cancellation (e.g. 1e8 + 1 - 1e8) fails.
 3. **Half the smallest subnormal of the dtype is always allowed** (``2**-25`` for float16, ``2**-150`` for
    float32): a target that returns its dtype must round the exact value to it, and below the smallest normal
-   number that rounding is absolute, not relative. Seen on an H200: a float16 mean of exactly 17.5 subnormal
-   steps (1.0431e-6) correctly rounded to 18 steps (1.0729e-6), 2.9% above the oracle's float64 value.
+   number that rounding is absolute, not relative: a float16 mean of exactly 17.5 subnormal steps (1.0431e-6)
+   correctly rounds to 18 steps (1.0729e-6), 2.9% above the oracle's float64 value.
 
 4. **The sign of a cancelling mean.** The authors' geometric mean takes the sign of the arithmetic mean. Where the
    exact mean is within a float sum's rounding error of 0, ``|mean| <= K * eps(dtype) * max_e |G[e, j]|`` (Higham's

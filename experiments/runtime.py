@@ -29,8 +29,9 @@ from hardtovary import __version__
 from hardtovary.experiments.errors import UsageError
 
 THREADS_ENV_VAR = "HARDTOVARY_THREADS"
-# bench/bench_threads.py (README, "Benchmarks"): next to other work, one thread ran every command's workload 1.3x to
-# 12.7x faster than one thread per core; on an idle machine one per core was 1.1x to 1.7x faster (--threads 0).
+# One thread by default: next to other work (shared machines, CI, a process pool) one thread per process ran every
+# command's workload faster than one thread per core, and on an idle machine the loss is small; --threads 0 lifts
+# the bound (bench/bench_threads.py; docs/benchmarks.md).
 DEFAULT_THREADS = 1
 # Read by OpenMP runtimes, OpenBLAS, MKL and torch when they start: they bound libraries loaded inside the block.
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

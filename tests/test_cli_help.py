@@ -50,7 +50,8 @@ def test_help_shows_each_default_once_as_typed(name):
 
 
 def test_the_help_check_catches_what_it_is_for():
-    """The three faults of the old help text, as argparse printed them."""
+    """Faults the help check looks for, as argparse prints them: a Python repr as a default, two defaults in one
+    entry."""
     bad = ("  --hidden HIDDEN  widths (default: (256, 256, 256))\n"
            "  --tau TAU  threshold (default: 1.0 and 0.5); ignored by mean (default: None)\n")
     entries = option_entries(bad)
@@ -61,7 +62,7 @@ def test_the_help_check_catches_what_it_is_for():
 def test_one_name_per_meaning_across_commands():
     options = {name: {flag for a in sub._actions for flag in a.option_strings} for name, sub in subcommands().items()}
     every = set().union(*options.values())
-    # retired names: the same meaning now has one name everywhere
+    # other names for meanings that already have one (--l2 is --weight-decay, --hidden-units is --hidden, ...)
     assert not every & {"--l2", "--hidden-units", "--layers", "--mlp-envs", "--mlp-examples", "--mlp-hidden",
                         "--mlp-epochs"}
     for name, sub in subcommands().items():

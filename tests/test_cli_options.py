@@ -54,7 +54,7 @@ def test_the_original_flavour_trains_with_the_tau_given_and_says_so(tmp_path, ca
         assert row.split()[1:3] == [f"{float(tau):.2f}", "original"], row
     config = runs["0.5"]["config"]["methods"]["geometric_mean"]
     assert config["tau"] == 0.5 and config["flavour"] == "original"
-    # tau 0.5 keeps components that tau 1 masks: the training differs (it used to be tau 1 whatever was asked)
+    # tau 0.5 keeps components that tau 1 masks, so the training differs only if the tau given is the tau used
     losses = {tau: [h["train_loss"] for h in r["methods"]["geometric_mean"]["history"]] for tau, r in runs.items()}
     assert losses["0.5"] != losses["1"]
 

@@ -303,7 +303,7 @@ def test_mean_std_is_the_sample_deviation():
 
 def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, capsys, recording_bar):
     """A search that draws one configuration over and over re-runs it once (fewer than --top), and a resumed run
-    reads every batch back: the bar ends at 100% in both (it stopped at 91% after a resume)."""
+    reads every batch back: the bar ends at 100% in both, so skipped units must advance it too."""
     from hardtovary.experiments import sweep
 
     monkeypatch.setattr(sweep, "tqdm", recording_bar)

