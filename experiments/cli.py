@@ -31,7 +31,7 @@ class Command(NamedTuple):
 
 _CONFORMANCE = (
     "Run the conformance suite against a target named as module:attribute (imported with the current "
-    "directory first on the path) or path/to/file.py:attribute (see README, 'Verify your implementation'). "
+    "directory first on the path) or path/to/file.py:attribute (see docs/conformance.md). "
     "Built-in targets: hardtovary.conformance.targets:reference (the oracle), "
     "hardtovary.conformance.torch_target:target (hardtovary.accel.torch), "
     "hardtovary.conformance.accel_target:target (hardtovary.accel.rules) and the planted mutants "
