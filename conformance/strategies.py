@@ -16,7 +16,6 @@ All strategies shrink towards small K, small shapes, magnitude 1 and unanimous p
 
 from __future__ import annotations
 
-
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import optim as _optim

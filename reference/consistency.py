@@ -42,7 +42,6 @@ from scipy import ndimage
 from scipy.stats import binom
 
 from . import rules
-from .validate import choice, finite, float_array, integer, positive, real_number
 from .data import (
     two_sigmoid_env_grid,
     two_sigmoid_env_losses,
@@ -51,6 +50,7 @@ from .data import (
     two_sigmoid_theta_star,
     two_sigmoid_theta_tilde,
 )
+from .validate import choice, finite, float_array, integer, positive, real_number
 
 __all__ = [
     "GridBoundaryWarning",

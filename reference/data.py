@@ -179,7 +179,7 @@ class SpiralsConfig:
         positive(self.shortcut_scale, "shortcut_scale", allow_zero=True)
 
     @classmethod
-    def paper(cls, seed: int = 0) -> "SpiralsConfig":
+    def paper(cls, seed: int = 0) -> SpiralsConfig:
         """The paper's settings (App. B.2): 32 environments x 1280 examples, d_S = 32, shortcut N(0, 0.1) read as
         a variance; the number of revolutions is not given in the paper, so the code's 3 is kept."""
         return cls(n_train_envs=32, examples_per_env=1280, n_test=2000, n_revolutions=3, n_dims=32, seed=seed,

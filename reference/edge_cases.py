@@ -24,6 +24,7 @@ import numpy as np
 
 from .rules import variant_names
 
+
 @dataclass(frozen=True)
 class EdgeCase:
     name: str

@@ -23,13 +23,13 @@ Everything is float64 NumPy; a run is a pure function of its configuration and s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
-from hardtovary.reference import validate as v
 from hardtovary.reference import losses, mlp, optim, rules
+from hardtovary.reference import validate as v
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hardtovary.experiments import baselines as bl  # noqa: E402
-from hardtovary.experiments import cli  # noqa: E402
-from hardtovary.experiments import gradient_correlation as gc  # noqa: E402
-from hardtovary.reference import data, mlp, training  # noqa: E402
+from hardtovary.experiments import baselines as bl
+from hardtovary.experiments import cli
+from hardtovary.experiments import gradient_correlation as gc
+from hardtovary.reference import data, mlp, training
 
 TINY_DATA = data.SpiralsConfig(n_train_envs=4, examples_per_env=32, n_test=40, n_dims=3, seed=0)
 TINY = bl.BaselineConfig(hidden=(8, 8), batch_size=8, epochs=2, lr=1e-2)

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from hardtovary.experiments import baselines_search as bs  # noqa: E402
-from hardtovary.experiments import cli  # noqa: E402
-from hardtovary.experiments.sweep import PAPER_ARCHITECTURE  # noqa: E402
+from hardtovary.experiments import baselines_search as bs
+from hardtovary.experiments import cli
+from hardtovary.experiments.sweep import PAPER_ARCHITECTURE
 
 TINY = ["--n-envs", "2", "--examples-per-env", "32", "--n-test", "40", "--n-dims", "3", "--widths", "8",
         "--depths", "1", "--batch-sizes", "8,16", "--epochs", "2", "--budget", "2", "--seeds", "2", "--no-progress"]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hardtovary.experiments import cifar10, cli  # noqa: E402
+from hardtovary.experiments import cifar10, cli
 
 N_TRAIN_PER_BATCH, N_TEST = 8, 20
 

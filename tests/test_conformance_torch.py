@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from hardtovary.experiments import cli  # noqa: E402
+from hardtovary.experiments import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "hardtovary.conformance.torch_target:target"

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from hardtovary.experiments import cli  # noqa: E402
-from hardtovary.experiments import env_count as ec  # noqa: E402
+from hardtovary.experiments import cli
+from hardtovary.experiments import env_count as ec
 
 TINY = ["--envs", "2,4", "--examples-per-env", "16", "--hidden", "8", "--epochs", "1", "--runs", "2",
         "--batch-size", "8", "--n-test", "32", "--no-progress"]

@@ -8,15 +8,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hardtovary.accel import rules as A  # noqa: E402
-from hardtovary.accel.sweep import train_sweep  # noqa: E402
-from hardtovary.accel.torch import rules as T  # noqa: E402
-from hardtovary.conformance import checks, registry, runner  # noqa: E402 - registered before any rule is added
-from hardtovary.conformance.accel_target import AccelTarget  # noqa: E402
-from hardtovary.conformance.targets import ReferenceTarget, reference  # noqa: E402
-from hardtovary.conformance.torch_target import TorchTarget  # noqa: E402
-from hardtovary.reference import data, training  # noqa: E402
-from hardtovary.reference import rules as R  # noqa: E402
+from hardtovary.accel import rules as A
+from hardtovary.accel.sweep import train_sweep
+from hardtovary.accel.torch import rules as T
+from hardtovary.conformance import checks, registry, runner  # importing checks registers the built-in ones
+from hardtovary.conformance.accel_target import AccelTarget
+from hardtovary.conformance.targets import ReferenceTarget, reference
+from hardtovary.conformance.torch_target import TorchTarget
+from hardtovary.reference import data, training
+from hardtovary.reference import rules as R
 
 BUILT_IN = ("mean", "and_mask", "geometric_mean", "sand_mask")
 

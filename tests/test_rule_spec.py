@@ -11,10 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hardtovary.accel import rules as A  # noqa: E402
-from hardtovary.accel.torch import rules as T  # noqa: E402
-from hardtovary.reference import rules as R  # noqa: E402
-from hardtovary.reference.rules import RuleSpec  # noqa: E402
+from hardtovary.accel import rules as A
+from hardtovary.accel.torch import rules as T
+from hardtovary.reference import rules as R
+from hardtovary.reference.rules import RuleSpec
 
 NOISY = 2 * 0.8 - 1  # 0.6000000000000001
 

@@ -9,9 +9,9 @@ import pytest
 
 from hardtovary.accel.backend import cupy_status
 from hardtovary.accel.sweep import SweepResult, train_sweep
-from hardtovary.reference.training import EARLY_ABORT_TEST_ACC, EARLY_ABORT_TRAIN_ACC
 from hardtovary.experiments import cli
 from hardtovary.reference import data, training
+from hardtovary.reference.training import EARLY_ABORT_TEST_ACC, EARLY_ABORT_TRAIN_ACC
 
 CUPY_OK, CUPY_REASON = cupy_status()
 HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "kept_fraction"}

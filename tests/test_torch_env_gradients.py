@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from hardtovary.accel.torch import env_gradients as EG  # noqa: E402
-from hardtovary.accel.torch import models as M  # noqa: E402
-from hardtovary.reference import mlp  # noqa: E402
+from hardtovary.accel.torch import env_gradients as EG
+from hardtovary.accel.torch import models as M
+from hardtovary.reference import mlp
 
 
 def bce(z, y):

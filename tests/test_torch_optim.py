@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from hardtovary.accel.torch import models as M  # noqa: E402
-from hardtovary.accel.torch import optim as O  # noqa: E402
-from hardtovary.reference import mlp, optim as RO, rules as RR  # noqa: E402
+from hardtovary.accel.torch import models as M
+from hardtovary.accel.torch import optim as O
+from hardtovary.reference import mlp
+from hardtovary.reference import optim as RO
+from hardtovary.reference import rules as RR
 
 
 def bce(z, y):

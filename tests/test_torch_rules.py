@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from hypothesis import given, settings, strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from hardtovary.accel.torch import rules as T  # noqa: E402
-from hardtovary.reference import rules as R  # noqa: E402
+from hardtovary.accel.torch import rules as T
+from hardtovary.reference import rules as R
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hardtovary.reference.validate import choice, in_range, positive
 from hardtovary.reference.rules import RuleSpec, rule_options
+from hardtovary.reference.validate import choice, in_range, positive
 
 from . import rules as _rules
 from .env_gradients import env_gradients

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from hardtovary.reference import rules as _ref
-from hardtovary.reference.rules import RuleSpec, agreement_threshold_count, aggregate_arguments
+from hardtovary.reference.rules import RuleSpec, aggregate_arguments, agreement_threshold_count
 from hardtovary.reference.validate import consistent_stacks, in_range, integer, non_finite_error, positive
 
 RULES = _ref.RULES

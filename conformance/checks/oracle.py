@@ -10,8 +10,17 @@ from hypothesis import strategies as st
 from hardtovary.reference.rules import variant_names
 
 from .. import strategies as S
-from ..compare import (PARTIALLY_MASKED, AggCase, call_aggregate, compare_aggregate, ks_for, probe, rule_variants,
-                       run_cases, valid_tau)
+from ..compare import (
+    PARTIALLY_MASKED,
+    AggCase,
+    call_aggregate,
+    compare_aggregate,
+    ks_for,
+    probe,
+    rule_variants,
+    run_cases,
+    valid_tau,
+)
 from ..judging import draw_and_judge
 from ..registry import Check, register
 

@@ -13,6 +13,7 @@ from ..judging import Mismatch, draw_and_judge
 from ..registry import Check, register
 from ..targets import ReferenceTarget
 
+
 def _oracle_steps(params, seq, kw):
     ref, state, out = ReferenceTarget(), None, []
     for grads in seq:

@@ -15,6 +15,7 @@ from ..compare import compare_arrays
 from ..judging import Mismatch, draw_and_judge
 from ..registry import Check, check, register
 
+
 def _oracle_temporal(params, seq, kw):
     opt = _rules.TemporalAndMaskAdam(params, kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], beta3=kw["beta3"],
                                      tau=kw["tau"], eps=kw["eps"], bias_correction=kw["bias_correction"])

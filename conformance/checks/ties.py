@@ -9,8 +9,7 @@ import numpy as np
 from hardtovary.reference.edge_cases import BY_NAME
 
 from .. import strategies as S
-from ..compare import (AggCase, call_aggregate, compare_aggregate, edge_case_cases, oracle_aggregate, probe,
-                       run_cases)
+from ..compare import AggCase, call_aggregate, compare_aggregate, edge_case_cases, oracle_aggregate, probe, run_cases
 from ..judging import current_tally, judge_each
 from ..registry import Check, check, register
 
