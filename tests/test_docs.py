@@ -29,8 +29,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Code blocks whose lines are read as shell commands (output is shown in blocks without a language).
 SHELL_BLOCKS = ("bash", "sh", "shell", "console", "text")
 
-#: Documented commands that are not parsed, each with the reason. A command with a placeholder ('...' or
-#: '<name>') that is not listed here fails, so that a skip is always a decision. Empty: every command shown parses.
+#: Documented commands that are not parsed, each with the reason. A command with a placeholder ('...', '<name>', or
+#: a usage synopsis's '[--option ...]') that is not listed here fails, so that a skip is always a decision.
 SKIPPED: dict[str, str] = {}
 
 #: The documents the README must link.
@@ -38,7 +38,7 @@ README_LINKS = ("docs/experiments.md", "docs/conventions.md", "docs/results.md",
                 "docs/conformance.md")
 
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
-PLACEHOLDER = re.compile(r"\.\.\.|<[^>\s]+>")
+PLACEHOLDER = re.compile(r"\.\.\.|<[^>\s]+>|\[-")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 
 
