@@ -5,7 +5,8 @@ without failing, in full, and for every FAIL (and xfail) the smallest counterexa
 inputs (hypothesis's labelled draws), K, tau, rule options, then the components where a decision differs (the
 oracle masks and the target keeps, or the reverse), then those whose values differ, each with its sign counts (p, q,
 z, S) and both outputs; for a rescaled rule also the components the oracle masks. The summary says how many
-checks compared values. ``verbose`` lists every offending component and every note in full. The JSON report holds the same, machine-readable::
+checks compared values. ``verbose`` lists every offending component and every note in full. The JSON report holds
+the same, machine-readable::
 
     {"target": ..., "summary": {"pass": n, "FAIL": n, ...}, "checks_compared": n, "comparisons": n,
      "exit_status": 0|1, "nothing_compared": null | "<why>",
