@@ -166,6 +166,20 @@ def test_conventions_show_the_oracles_edge_case_table_exactly():
                                     "verbatim: paste its output again")
 
 
+
+def _first_python_block(path: Path, heading: str) -> str:
+    section = path.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"{_relative(path)}: no python block under {heading!r}"
+    return match.group(1)
+
+
+def test_readme_adapter_example_is_the_guides_which_the_tests_run():
+    # tests/test_conformance_torch.py runs the guide's block; the README shows the same code, so it must not drift
+    readme = _first_python_block(ROOT / "README.md", "## Verify your implementation")
+    guide = _first_python_block(ROOT / "docs" / "conformance.md", "## An adapter in twenty lines")
+    assert readme == guide, "README.md's adapter example differs from docs/conformance.md's: copy the guide's block"
+
 # ---- links ----------------------------------------------------------------------------------------------------
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
