@@ -33,6 +33,7 @@ with NumPy, exactly as the reference draws them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -278,7 +279,7 @@ class _Optimizers:
         use_adam, use_sgd = self.is_adam.any(), (~self.is_adam).any()
         new_params = []
         for j, (p, g) in enumerate(zip(params, grads)):
-            col = lambda v: _per_run(xp, v, dtype, p.ndim)  # noqa: E731
+            col = functools.partial(_per_run, xp, dtype=dtype, ndim=p.ndim)
             g = g + col(wd_before) * p
             p_dec = p * col(decay)
             candidates = []

@@ -53,8 +53,8 @@ def run(grads, repeats, label):
           f"  G.copy() {floor_copy * 1e3:8.2f} ms")
     print(f"{'rule':36s} {'reference ms':>13s} {'accel ms':>10s} {'ref/accel':>10s} {'accel/sum-floor':>16s}")
     for name, options in CASES:
-        t_ref = best_time(lambda: reference.aggregate(grads, **options), max(1, repeats // 2))
-        t_acc = best_time(lambda: accel.aggregate(grads, **options), repeats)
+        t_ref = best_time(lambda options=options: reference.aggregate(grads, **options), max(1, repeats // 2))
+        t_acc = best_time(lambda options=options: accel.aggregate(grads, **options), repeats)
         print(f"{name:36s} {t_ref * 1e3:13.1f} {t_acc * 1e3:10.1f} {t_ref / t_acc:9.1f}x {t_acc / floor_sum:15.1f}x")
 
 

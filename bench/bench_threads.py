@@ -123,8 +123,8 @@ def cifar10_case():
     return "cifar10 2 steps, width 0.25 (torch)", in_process(steps)
 
 
-CASES = {"command": command_case, "synthetic": synthetic_case, "ilc": ilc_case, "accel": accel_case, "baselines": baselines_case,
-         "cifar10": cifar10_case}
+CASES = {"command": command_case, "synthetic": synthetic_case, "ilc": ilc_case, "accel": accel_case,
+         "baselines": baselines_case, "cifar10": cifar10_case}
 
 
 def load_free_environment() -> dict:

@@ -89,7 +89,8 @@ def bench_resnet(device, repeats: int, width: float):
     t_auth = best_time(lambda: authors_step(net, Xe, Ye, F.cross_entropy, 1.0), repeats, device)
     line = f"(b) FastResNet(width={width}) N=80 per-example pooled [{device}]: authors {t_auth * 1e3:9.1f} ms"
     for method in ("loop", "batched"):
-        t = best_time(lambda: our_step(net, Xe, Ye, F.cross_entropy, 1.0, pooled_method=method), repeats, device)
+        t = best_time(lambda method=method: our_step(net, Xe, Ye, F.cross_entropy, 1.0, pooled_method=method),
+                      repeats, device)
         line += f"   ours[{method}] {t * 1e3:9.1f} ms ({t_auth / t:4.2f}x)"
     print(line)
 

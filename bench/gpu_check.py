@@ -262,7 +262,7 @@ def time_rules(xp, K: int, P: int, repeats: int, use_kernel: bool) -> None:
     for label, options in RULE_CASES[1:]:
         p = accel_rules.plan(ref_rules.RuleSpec(**options), K)
 
-        def run():
+        def run(p=p):
             accel_rules.stack_rule(G, p, use_kernel=use_kernel)
 
         t = best_time(xp, run, repeats)

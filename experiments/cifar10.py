@@ -61,8 +61,8 @@ from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json
 from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
-           "load_cifar10", "write_random_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run", "format_table",
-           "plot_results"]
+           "load_cifar10", "write_random_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run",
+           "format_table", "plot_results"]
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"

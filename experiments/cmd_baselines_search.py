@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
                              "space, tau 1, or and_mask's taus with --flavour original)")
     options.add_flavour_option(parser, "the drawn tau")
     parser.add_argument("--budget", type=options.positive_int, default=4, help="random-search trials per method")
-    parser.add_argument("--seeds", type=options.positive_int, default=3, help="seeds of the best configuration's re-run")
+    parser.add_argument("--seeds", type=options.positive_int, default=3,
+                        help="seeds of the best configuration's re-run")
     options.add_search_seed_and_epochs(parser)
     g = parser.add_argument_group("architecture values of the search (comma-separated, each drawn uniformly)")
     g.add_argument("--paper-space", action="store_true",

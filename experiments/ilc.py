@@ -158,7 +158,7 @@ def compare_rules(problem: quadratic.QuadraticProblem, eps: float, *, n_init: in
         ends, converged = [], []
         bar.set_description(name)
 
-        def algorithm(theta0, rule=rule):
+        def algorithm(theta0, rule=rule, ends=ends, converged=converged):
             run = consistency.gradient_descent(problem.gradients, theta0, eta, n_steps, tol=CONVERGENCE_TOL,
                                                return_trajectory=True, **rule)
             ends.append(run.theta)

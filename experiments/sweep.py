@@ -81,9 +81,8 @@ class SearchSpace:
             bad = [x for x in getattr(self, name) if x not in allowed]
             if bad:
                 raise ValueError(f"search space {name} must be among {list(allowed)}, got {bad}")
-        for name in ("lrs",):
-            if any(not (x > 0 and math.isfinite(x)) for x in self.lrs):
-                raise ValueError(f"search space lrs must be positive, got {list(self.lrs)}")
+        if any(not (x > 0 and math.isfinite(x)) for x in self.lrs):
+            raise ValueError(f"search space lrs must be positive, got {list(self.lrs)}")
         for name in ("l2", "l1"):
             if any(not (x >= 0 and math.isfinite(x)) for x in getattr(self, name)):
                 raise ValueError(f"search space {name} must be >= 0, got {list(getattr(self, name))}")

@@ -156,8 +156,7 @@ def permutation_groups(n_envs: int, group_size: int, rng: np.random.Generator) -
     """Yield groups of ``group_size`` environment indices forever, cycling through a fresh random permutation of
     all ``n_envs`` environments before any repeats (the authors' ``permutation_groups``)."""
     while True:
-        for group in rng.permutation(n_envs).reshape(-1, group_size):
-            yield group
+        yield from rng.permutation(n_envs).reshape(-1, group_size)
 
 
 def epoch_batches(n_envs: int, n_examples: int, config: TrainConfig,

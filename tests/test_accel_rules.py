@@ -170,10 +170,14 @@ void sand(const T* G, int K, long long P, double tau, double sharp, C* out_, C* 
     }
 }
 extern "C" {
-void hard_f32(const float* G, int K, long long P, int r, int t, double e, float* o, bool* k) { hard<float, float>(G, K, P, r, t, e, o, k); }
-void hard_f64(const double* G, int K, long long P, int r, int t, double e, double* o, bool* k) { hard<double, double>(G, K, P, r, t, e, o, k); }
-void sand_f32(const float* G, int K, long long P, double t, double s, float* o, float* m) { sand<float, float>(G, K, P, t, s, o, m); }
-void sand_f64(const double* G, int K, long long P, double t, double s, double* o, double* m) { sand<double, double>(G, K, P, t, s, o, m); }
+void hard_f32(const float* G, int K, long long P, int r, int t, double e, float* o, bool* k) {
+    hard<float, float>(G, K, P, r, t, e, o, k); }
+void hard_f64(const double* G, int K, long long P, int r, int t, double e, double* o, bool* k) {
+    hard<double, double>(G, K, P, r, t, e, o, k); }
+void sand_f32(const float* G, int K, long long P, double t, double s, float* o, float* m) {
+    sand<float, float>(G, K, P, t, s, o, m); }
+void sand_f64(const double* G, int K, long long P, double t, double s, double* o, double* m) {
+    sand<double, double>(G, K, P, t, s, o, m); }
 }
 """
 
@@ -198,7 +202,7 @@ def run_cpu_kernel(lib, G2, p, cdt):
     G2 = np.ascontiguousarray(G2.astype(cdt))
     out = np.empty(P, dtype=cdt)
     suffix = "f32" if cdt == np.float32 else "f64"
-    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
     if p.kind == A._SAND:
         mask = np.empty(P, dtype=cdt)
         getattr(lib, f"sand_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_double(p.spec.tau),

@@ -26,7 +26,7 @@ def test_synthetic_writes_results_with_every_method_and_the_configuration(tmp_pa
     assert run_cli("synthetic", "--out", out, *TINY) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"mean", "and_mask", "geometric_mean"}
-    for name, r in results["methods"].items():
+    for r in results["methods"].values():
         assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
         assert len(r["history"]) == 2
     assert results["config"]["data"]["n_train_envs"] == 4

@@ -78,7 +78,7 @@ def interval_sup_1d(lams, mus, theta, eps):
     sublevel interval when c_e <= eps, otherwise the branch of the shell on theta's side of mu_e. L_e' is convex,
     so its extremes on [a, b] are at a, b and (if inside) its minimizer mu_e'.
     """
-    L = [lambda x, l=l, m=m: 0.5 * l * (x - m) ** 2 for l, m in zip(lams, mus)]
+    L = [lambda x, lam=lam, m=m: 0.5 * lam * (x - m) ** 2 for lam, m in zip(lams, mus)]
     K = len(lams)
     values = np.zeros((K, K))
     for e in range(K):
@@ -210,9 +210,9 @@ def test_grid_matches_exact_intervals_for_1d_quadratics_with_different_minimizer
     n, extent = 8001, 6.0
     h = 2 * extent / (n - 1)
     # keep away from shells whose hole is narrower than a few cells (the grid merges them: documented)
-    for l, m in zip(lams, mus):
-        c = 0.5 * l * (theta - m) ** 2
-        hole = 2 * math.sqrt(2 * max(c - eps, 0.0) / l)
+    for lam, m in zip(lams, mus):
+        c = 0.5 * lam * (theta - m) ** 2
+        hole = 2 * math.sqrt(2 * max(c - eps, 0.0) / lam)
         assume(hole == 0.0 or hole > 4 * h)
         assume(abs(c - eps) > 1e-3)  # the band's inner edge must not sit at theta itself
     exact = interval_sup_1d(lams, mus, theta, eps)

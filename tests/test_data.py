@@ -4,6 +4,7 @@ re-derivation of the authors' RandomState call sequence written below in a diffe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -340,8 +341,8 @@ def test_spirals_config_paper_and_validation():
         SpiralsConfig(n_dims=2.0)
     with pytest.raises(TypeError, match="config"):
         make_spirals_task({"n_train_envs": 2})
-    with pytest.raises(Exception):
-        SpiralsConfig().seed = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SpiralsConfig().seed = 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -432,9 +432,9 @@ def slsqp_band_pair(H_e, mu_e, c_e, H_f, mu_f, c_f, theta_star, eps, rng, starts
     for d0 in boundary_points(H_e, 0.5, rng, starts) * radii[:, None]:  # 1/2 d0^T H_e d0 = radius^2 / 2
         for s in (1.0, -1.0):  # minimise L_f, then maximise it
             result = scipy.optimize.minimize(
-                lambda t: s * L(H_f, mu_f, c_f, t),
+                lambda t, s=s: s * L(H_f, mu_f, c_f, t),
                 mu_e + d0,
-                jac=lambda t: s * (H_f @ (t - mu_f)),
+                jac=lambda t, s=s: s * (H_f @ (t - mu_f)),
                 constraints=constraints,
                 method="SLSQP",
                 options={"ftol": 1e-14, "maxiter": 500},

@@ -37,7 +37,7 @@ def test_steps_match_reference_training(name, order, rule, opts, l1, bn):
                else RO.SGD(params, momentum=0.9, weight_decay=wd, weight_decay_order=order))
     opt = O.make_optimizer(model.parameters(), name, lr=lr, weight_decay=wd, weight_decay_order=order)
     ref_opts = {k: v for k, v in opts.items() if k != "tau" or rule != "mean"}
-    for step in range(4):
+    for _ in range(4):
         X = rng.standard_normal((3, 4, 4))
         Y = rng.integers(0, 2, (3, 4)).astype(float)
         out = mlp.env_gradients(spec, params, X, Y, loss="bce_with_logits", semantics="pooled")
@@ -72,7 +72,7 @@ def test_temporal_and_mask_adam_matches_algorithm_1(bias_correction):
     ref = RR.TemporalAndMaskAdam(params, 0.01, beta3=0.8, tau=0.5, bias_correction=bias_correction)
     tparams = [torch.nn.Parameter(torch.tensor(p)) for p in params]
     opt = O.TemporalAndMaskAdam(tparams, 0.01, beta3=0.8, tau=0.5, bias_correction=bias_correction)
-    for step in range(8):
+    for _ in range(8):
         grads = [rng.standard_normal(s) * (rng.random(s) > 0.2) + 0.3 for s in shapes]
         params, masks = ref.step(params, grads)
         for p, g in zip(tparams, grads):

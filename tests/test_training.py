@@ -159,8 +159,8 @@ def test_l1_term_is_added_after_the_mask_and_is_never_masked(activation):
 
 def test_coupled_weight_decay_acts_on_masked_coordinates():
     env_data = conflicting_environments()
-    config = tiny_config(hidden=(5,), method="and_mask", tau=1.0, optimizer="sgd", momentum=0.0,
-                         weight_decay=0.05, weight_decay_order="before", lr=0.1, n_agreement_envs=2, epochs=1, batch_size=1)
+    config = tiny_config(hidden=(5,), method="and_mask", tau=1.0, optimizer="sgd", momentum=0.0, weight_decay=0.05,
+                         weight_decay_order="before", lr=0.1, n_agreement_envs=2, epochs=1, batch_size=1)
     theta0 = initial_params(env_data, config)
     result = training.train(env_data, config)
     for p0, p1 in zip(theta0, result.params):

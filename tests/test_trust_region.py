@@ -361,7 +361,7 @@ def component_interval_1d(h, m, c, low, high, t_star):
 
 def extremes_on_interval_1d(k, m, c, lo, hi):
     """min and max of c + k/2 (t - m)^2 (k >= 0) over [lo, hi] (possibly infinite)."""
-    f = lambda t: c + 0.5 * k * (t - m) ** 2  # noqa: E731
+    f = lambda t: c + 0.5 * k * (t - m) ** 2
     t_min = min(max(m, lo), hi)
     if math.isinf(lo) or math.isinf(hi):
         return f(t_min) if k > 0 else c, (math.inf if k > 0 else c)
