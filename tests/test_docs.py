@@ -13,7 +13,6 @@ nothing may be left over, and every option must be spelt in full (argparse would
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -113,7 +112,7 @@ COMMANDS = documented_commands()
 
 def _needs_missing_torch(args) -> bool:
     command = cli.COMMANDS.get(args[0]) if args else None
-    return command is not None and command.torch and importlib.util.find_spec("torch") is None
+    return command is not None and command.torch and not cli.torch_available()  # main's own test for stand-ins
 
 
 def _subparser(parser, name):
