@@ -160,6 +160,9 @@ BY_NAME = {case.name: case for case in EDGE_CASES}
 
 def markdown_table() -> str:
     """The table of edge cases and outcomes, as ``docs/conventions.md`` shows it."""
+    def cell(text: str) -> str:  # a bare '|' (as in |S|) would split the cell
+        return text.replace("|", "\\|")
+
     rows = ["| case | what the oracle defines |", "|---|---|"]
-    rows += [f"| `{c.name}`: {c.title} | {c.outcome} |" for c in EDGE_CASES]
+    rows += [f"| `{c.name}`: {cell(c.title)} | {cell(c.outcome)} |" for c in EDGE_CASES]
     return "\n".join(rows)

@@ -267,8 +267,5 @@ def test_every_table_row_has_as_many_cells_as_its_header(doc):
     assert not ragged, f"{_relative(doc)}: an unescaped '|' splits these rows (write \\| in a cell): {ragged}"
 
 
-@pytest.mark.xfail(strict=True, reason="edge_cases.markdown_table() writes '|S|' and '|g|' into cells without "
-                   "escaping them, so GitHub splits those rows and drops the excess cells; once it writes '\\|', "
-                   "paste the table into docs/conventions.md again and remove this mark")
 def test_the_edge_case_table_renders_as_two_columns():
     assert not list(_ragged_rows(edge_cases.markdown_table()))
