@@ -410,7 +410,7 @@ def _as_2d(G):
     return G.reshape(G.shape[0], int(np.prod(G.shape[1:], dtype=np.int64)))
 
 
-def _kept_count(mask, xp):
+def _kept_count(mask):
     """``n_kept`` of one tensor as a 0-d float64 device value: one reduction (a count for bool masks)."""
     return mask.sum(dtype=np.float64)
 
@@ -465,7 +465,7 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
 
     values, masks = [], []
     if rescale:
-        counts = [_kept_count(m, xp) for _, m in out]
+        counts = [_kept_count(m) for _, m in out]
         bigs = [False] * len(out)
         if p.entry.soft_mask:  # a soft mask whose sum is tiny: one more synchronisation, soft masks only
             host = to_numpy(xp.stack(counts))

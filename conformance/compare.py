@@ -95,7 +95,7 @@ def _component(G64, o, t64, bound, ix, cause, threshold) -> dict:
             "G": jsonable(G64[(slice(None),) + ix])}
 
 
-def _why_masked(rule, flavour, S_abs, K, threshold) -> str:
+def _why_masked(rule, flavour, S_abs, threshold) -> str:
     if rule == "and_mask" or (rule == "geometric_mean" and flavour == "original"):
         return f"|S|={S_abs} < {threshold}"
     if rule == "geometric_mean":
@@ -117,7 +117,7 @@ def _mismatch_details(G64, o, t64, m64, bound, value_bad, decision_bad, *, rule,
                     key=lambda ix: (0 if decision_bad[ix] else 1 if dropped[ix] else 2, ix))
     offending = []
     for ix in ranked[:MAX_OFFENDING]:
-        why = _why_masked(rule, flavour, int(S_abs[ix]), K, threshold)
+        why = _why_masked(rule, flavour, int(S_abs[ix]), threshold)
         if decision_bad[ix]:
             cause = f"oracle masks it ({why}), target keeps it"
         elif dropped[ix]:
@@ -132,7 +132,7 @@ def _mismatch_details(G64, o, t64, m64, bound, value_bad, decision_bad, *, rule,
         details["oracle_kept"] = [kept, int(m64.size)]
         details["oracle_masked"] = [
             _component(G64, o, t64, bound, ix,
-                       f"oracle masks it ({_why_masked(rule, flavour, int(S_abs[ix]), K, threshold)})", threshold)
+                       f"oracle masks it ({_why_masked(rule, flavour, int(S_abs[ix]), threshold)})", threshold)
             for ix in masked[:MAX_OFFENDING]]
         both = (o != 0) & (t64 != 0) & np.isfinite(t64)
         if np.any(both):

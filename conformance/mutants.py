@@ -182,7 +182,7 @@ class LossSummed(ReferenceTarget):
 
 
 class L1Masked(ReferenceTarget):
-    def _masked_update(self, params, grads, *, rule, tau, rescale, l1, weight_decay, weight_decay_order):
+    def _masked_update(self, params, grads, *, rule, tau, rescale, l1):
         if l1:
             grads = [np.asarray(G) + l1 * np.sign(p) for G, p in zip(grads, params)]
         return self.aggregate(grads, rule=rule, tau=tau, rescale=rescale)

@@ -236,7 +236,7 @@ class ReferenceTarget:
                               weight_decay_order=weight_decay_order)
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
 
-    def _masked_update(self, params, grads, *, rule, tau, rescale, l1, weight_decay, weight_decay_order):
+    def _masked_update(self, params, grads, *, rule, tau, rescale, l1):
         update = self.aggregate(grads, rule=rule, tau=tau, rescale=rescale)
         if l1:
             update = [u + g for u, g in zip(update, _optim.l1_gradient(params, l1))]
@@ -247,8 +247,7 @@ class ReferenceTarget:
         if state is None:
             state = SimpleNamespace(opt=self._make_optimizer(params, optimizer, weight_decay, weight_decay_order,
                                                              momentum))
-        update = self._masked_update(params, grads, rule=rule, tau=tau, rescale=rescale, l1=l1,
-                                     weight_decay=weight_decay, weight_decay_order=weight_decay_order)
+        update = self._masked_update(params, grads, rule=rule, tau=tau, rescale=rescale, l1=l1)
         return state.opt.step(params, update, lr), state
 
     # -- temporal -----------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_cli_tiny_run_writes_table_results_and_resumes(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--budget", "0"], ["--seeds", "-1"], ["--methods", "erm,svm"],
                                   ["--epochs", "x"], ["--widths", "a,b"]])
-def test_bad_options_are_refused_by_the_parser(argv, tmp_path, capsys):
+def test_bad_options_are_refused_by_the_parser(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(["baselines-search", "--out", str(tmp_path / "r"), *argv])
     assert exc.value.code == 2

@@ -123,7 +123,7 @@ def test_synthetic_refuses_options_it_would_drop(tmp_path, capsys, options, name
     assert not (tmp_path / "r").exists()
 
 
-def test_a_milestone_inside_the_run_is_kept(tmp_path, capsys):
+def test_a_milestone_inside_the_run_is_kept(tmp_path):
     assert run_cli("synthetic", "--out", tmp_path / "r", "--methods", "mean", *TINY, "--lr-milestones", "1") == 0
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["config"]["methods"]["mean"]["lr_milestones"] == [1]

@@ -438,7 +438,7 @@ def test_xfail_format_errors(tmp_path, capsys):
     assert "unknown check id" in capsys.readouterr().err
 
 
-def test_usage_errors_are_one_plain_line(tmp_path, capsys):
+def test_usage_errors_are_one_plain_line(capsys):
     assert cli.main(["--target", "no.such.module:x"]) == 2
     assert cli.main(["--checks", "agg.special.kl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -147,7 +147,7 @@ def test_the_score_names_its_point_when_the_minimizers_differ(tmp_path, capsys):
     assert report["theta_star_is"] == "common_minimizer" and report["theta_star"] == [0.5, -2.0]
 
 
-def test_the_comparison_explains_its_converged_column(tmp_path, capsys):
+def test_the_comparison_explains_its_converged_column(capsys):
     assert cli.main(["ilc", "--patchwork", "--compare", "--n-init", "2", "--steps", "50", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "converged" in text.splitlines()[-5]  # the table's head

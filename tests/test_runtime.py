@@ -137,14 +137,14 @@ def check_runtime(record, threads):
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_numpy_commands_record_the_runtime_under_the_default_bound(name, tmp_path, monkeypatch, capsys):
+def test_numpy_commands_record_the_runtime_under_the_default_bound(name, tmp_path, monkeypatch):
     record = run_command(name, COMMANDS[name], tmp_path / name, monkeypatch)
     check_runtime(record, threads=1)
 
 
 @needs_torch
 @pytest.mark.parametrize("name", list(TORCH_COMMANDS))
-def test_torch_commands_record_the_runtime_and_torch_threads(name, tmp_path, monkeypatch, capsys):
+def test_torch_commands_record_the_runtime_and_torch_threads(name, tmp_path, monkeypatch):
     import torch
 
     record = run_command(name, [*TORCH_COMMANDS[name], "--threads", "3"], tmp_path / name, monkeypatch)
@@ -155,7 +155,7 @@ def test_torch_commands_record_the_runtime_and_torch_threads(name, tmp_path, mon
 
 
 @needs_torch
-def test_cifar10_records_the_runtime(tmp_path, monkeypatch, capsys):
+def test_cifar10_records_the_runtime(tmp_path, monkeypatch):
     from hardtovary.experiments import cifar10
 
     data = cifar10.write_random_cifar10(tmp_path / "data", n_train=8, n_test=5)
@@ -166,7 +166,7 @@ def test_cifar10_records_the_runtime(tmp_path, monkeypatch, capsys):
     assert record["threads"]["torch"] == 3
 
 
-def test_no_bound_leaves_the_libraries_defaults(tmp_path, monkeypatch, capsys):
+def test_no_bound_leaves_the_libraries_defaults(tmp_path, monkeypatch):
     defaults = set(pool_threads())
     record = run_command("synthetic", [*COMMANDS["synthetic"], "--threads", "0"], tmp_path / "s", monkeypatch)
     assert {p["num_threads"] for p in record["threads"]["pools"]} == defaults
