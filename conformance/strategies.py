@@ -109,9 +109,3 @@ def gradient_stack(draw, K: int, shape: tuple, dtype: str, tau: float | None = N
 def gradient_lists(draw, K: int, dtype: str, tau: float | None = None, max_tensors: int = 3):
     n_tensors = draw(st.integers(1, max_tensors))
     return [draw(gradient_stack(K, draw(param_shapes()), dtype, tau)) for _ in range(n_tensors)]
-
-
-def sign_counts(G) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p, q, z): numbers of positive, negative and zero entries per component of G[K, ...]."""
-    G = np.asarray(G, dtype=np.float64)
-    return (G > 0).sum(axis=0), (G < 0).sum(axis=0), (G == 0).sum(axis=0)

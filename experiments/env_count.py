@@ -40,7 +40,6 @@ from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.reference import data as _data
 
 DEFAULT_ENVS = (2, 4, 8, 16, 32, 64)
-PAPER_ENVS = tuple(2 ** k for k in range(1, 13))  # 2 .. 4096
 DEFAULT_METHODS = ("erm", "and_mask")
 DEFAULT_RUNS = 3
 MAX_AGREEMENT_ENVS = 16
