@@ -15,9 +15,9 @@ Run: ``python bench/bench_accel_rules.py [--K 16] [--P 1000000] [--repeats 5] [-
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import best_time
 
 from hardtovary.accel import rules as accel
 from hardtovary.reference import rules as reference
@@ -33,15 +33,6 @@ CASES = [
 #: A small MLP/CNN-like list of parameter shapes, about 1e6 coordinates in all.
 MODEL_SHAPES = [(512, 784), (512,), (512, 512), (512,), (256, 512), (256,), (10, 256), (10,), (64, 3, 3, 3),
                 (64,), (128, 64, 3, 3), (128,)]
-
-
-def best_time(fn, repeats):
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def run(grads, repeats, label):

@@ -17,21 +17,12 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_oracle_mean.py [--K 16] [--P 70000] 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import best_time
 
 from hardtovary.experiments import synthetic
 from hardtovary.reference import data, mlp, rules, training
-
-
-def best_time(fn, repeats):
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main():
