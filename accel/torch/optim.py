@@ -46,6 +46,14 @@ def and_mask_backward(model: nn.Module, X, Y, loss_fn, *, rule: str = "and_mask"
     return out.losses.mean(), masks
 
 
+def _closure_loss(closure):
+    """The loss ``closure()`` returns, computed with gradients enabled, as torch's optimizers do in ``step``; None
+    without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
 class DecoupledSGD(torch.optim.SGD):
     """``torch.optim.SGD`` with decoupled weight decay (``reference.optim.SGD``, ``weight_decay_order='after'``):
     ``theta <- theta * (1 - lr * weight_decay)`` on the pre-update parameters, then the SGD (momentum) update
@@ -58,10 +66,7 @@ class DecoupledSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             wd = group.get("decoupled_weight_decay", 0.0)
             if wd != 0:
@@ -126,10 +131,7 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         masks = []
         for group in self.param_groups:
             b1, b2, b3 = group["beta1"], group["beta2"], group["beta3"]
