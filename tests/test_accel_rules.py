@@ -293,6 +293,7 @@ def test_gpu_check_without_cupy_exits_2(capsys):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accel_target_passes_every_aggregate_check(tmp_path):
     from hardtovary.conformance import cli
 

@@ -495,6 +495,7 @@ def test_removing_the_label_independent_part_subtracts_the_null_gradient():
     assert centred["mechanism"][0] > 0.99
 
 
+@pytest.mark.slow
 def test_baselines_over_seeds_report_mean_and_sample_std(tmp_path, capsys):
     out = tmp_path / "bl"
     args = ["baselines", "--out", str(out), *BASELINES_TINY, "--methods", "erm,and_mask", "--seeds", "3",

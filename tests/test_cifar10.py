@@ -112,6 +112,7 @@ def test_trials_grid_and_lr_schedule():
 TINY = ["--n-test", "8", "--width", "0.125", "--batch-size", "4", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
     data = write_tiny_cifar(tmp_path / "c")
     out = tmp_path / "run"

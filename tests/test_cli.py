@@ -108,6 +108,7 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_second_verbatim():
     assert commands[1] in ci
 
 
+@pytest.mark.slow
 def test_the_quick_start_job_and_the_numpy_commands_run_without_torch(tmp_path):
     # block `import torch` in a fresh interpreter, as on a machine that installed only ".[plot]"
     script = (

@@ -166,6 +166,7 @@ def test_the_listing_imports_no_command_and_names_every_one():
         assert name in seen["out"] and " ".join(help_line.split()[:4]) in " ".join(seen["out"].split()), name
 
 
+@pytest.mark.slow
 def test_a_command_imports_only_itself():
     seen = imported_after(["synthetic", "--help"])
     assert "torch" not in seen["modules"], seen["modules"]

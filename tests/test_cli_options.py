@@ -168,6 +168,7 @@ AFTER_MAIN = ("import sys\nfrom hardtovary.experiments import cli\ncode = cli.ma
               "print('written after main returned')\nsys.exit(code)\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["-m", "hardtovary", "ilc", "--json"],
                                      ["-m", "hardtovary", "conformance", "--list"],
                                      ["-c", AFTER_MAIN, "ilc", "--json"]])

@@ -59,6 +59,7 @@ def _run(args, cwd, timeout=300):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_imports_the_adapter_from_the_current_directory(tmp_path):
     (tmp_path / "my_adapter.py").write_text(ADAPTER)
     script = BIN / "hardtovary"
@@ -69,6 +70,7 @@ def test_console_script_imports_the_adapter_from_the_current_directory(tmp_path)
     assert "agg.special.k1" in proc.stdout and "1 of 1 checks compared values" in proc.stdout
 
 
+@pytest.mark.slow
 def test_pytest_plugin_imports_the_adapter_from_the_current_directory(tmp_path):
     (tmp_path / "my_adapter.py").write_text(ADAPTER)
     script = BIN / "pytest"
@@ -79,6 +81,7 @@ def test_pytest_plugin_imports_the_adapter_from_the_current_directory(tmp_path):
     assert "1 passed" in proc.stdout and "1 of 1 checks compared values" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_file_path_names_a_target_from_any_folder(tmp_path):
     impl = tmp_path / "deep" / "impl.py"
     impl.parent.mkdir()
@@ -92,6 +95,7 @@ def test_a_file_path_names_a_target_from_any_folder(tmp_path):
     assert targets.load_target(str(impl)).target.__class__.__name__ == "Impl"  # the module itself
 
 
+@pytest.mark.slow
 def test_a_failed_import_is_one_clear_line_by_both_routes(tmp_path):
     proc = _run([str(BIN / "hardtovary"), "conformance", "--target", "no_such_adapter:target"], tmp_path)
     assert proc.returncode == 2
@@ -169,6 +173,7 @@ def test_the_summary_says_how_many_checks_compared(capsys):
     assert res[0].compared == 22 and runner.checks_compared(res) == 1
 
 
+@pytest.mark.slow
 def test_a_plugin_session_that_compared_nothing_fails(tmp_path):
     (tmp_path / "nothing_adapter.py").write_text("class T:\n    def aggregate_grads(self):\n        pass\n\n"
                                                  "target = T()\n")
@@ -328,6 +333,7 @@ class _SandRescaledOnly(targets.ReferenceTarget):
         return super().aggregate(grads, rule=rule, tau=tau, rescale=rescale, k=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [10, 30, 60])
 def test_properties_draw_only_supported_options(n):
     res = runner.run_suite(_SandRescaledOnly(), checks=["agg.prop.permutation.sand_mask.float64",
@@ -357,6 +363,7 @@ RECORDER = textwrap.dedent('''\
 DRAWN = "agg.oracle.sand_mask.rescaled.float32,agg.prop.sign_flip.and_mask.float64"
 
 
+@pytest.mark.slow
 def test_the_same_settings_draw_the_same_inputs_by_every_route(tmp_path):
     (tmp_path / "recorder.py").write_text(RECORDER)
     (tmp_path / "local_constants.py").write_text("VALUES = [2, 3, 5, 7, 11, 13, 0.123, 1e-07, 4.5, 9, 15, 16]\n")
@@ -469,6 +476,7 @@ def test_cli_reference_passes(tmp_path, capsys):
     assert "agg.special.k1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_mutant_fails_with_shrunk_counterexample(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = cli.main(["--target", "hardtovary.conformance.mutants:sign0_plus", "--checks",
@@ -528,6 +536,7 @@ def test_strategies_steer_ties(data):
     assert np.all(np.abs(absS - T) <= 1) or T > K - 1  # at the tie, up to parity
 
 
+@pytest.mark.slow
 def test_pytest_plugin_reports_failure(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_ok():\n    pass\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "hardtovary.conformance.pytest_plugin",

@@ -24,6 +24,7 @@ def test_catalogue_size():
         assert mutant.catches and set(mutant.catches) <= set(checks.CHECKS) and mutant.breaks
 
 
+@pytest.mark.slow
 def test_reference_passes_everything():
     results = runner.run_suite(targets.reference, max_examples=20)
     bad = {r.check_id: (r.verdict, r.message) for r in results if r.verdict != "pass"}

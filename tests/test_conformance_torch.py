@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH = "hardtovary.conformance.torch_target:target"
 
 
+@pytest.mark.slow
 def test_torch_target_passes_every_check_with_no_expected_failures(tmp_path, capsys):
     report_path = tmp_path / "report.json"
     assert cli.main(["conformance", "--target", TORCH, "--max-examples", "15", "--report", str(report_path)]) == 0

@@ -199,6 +199,7 @@ def test_pooled_minimizer_singular_pooled_hessian_raises():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(diagonal_lams(), st.floats(0.01, 10.0), st.integers(0, 2**32 - 1))
 def test_q1_diagonal_score_matches_boundary_sampling(lams, eps, seed):
@@ -216,6 +217,7 @@ def test_q1_diagonal_score_matches_boundary_sampling(lams, eps, seed):
     assert inconsistency_score(QuadraticProblem(lams), eps).value == score.value
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(spd_stacks(), st.floats(0.01, 10.0))
 def test_q1_full_spd_score_matches_sampling_and_generalized_eigenvalues(drawn, eps):
@@ -247,6 +249,7 @@ def test_q1_two_hundred_thousand_boundary_points_full_problem():
         assert sampled <= score.pair_values[e, f] * (1 + 1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("P", [2, 3])
 def test_q1_score_matches_slsqp_from_many_starts(seed, P):
@@ -381,6 +384,7 @@ def test_q1_score_is_linear_in_eps_and_invariant_to_environment_order(lams, eps,
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_unequal_offsets_match_sampling(seed):
     rng = np.random.default_rng(seed)
@@ -445,6 +449,7 @@ def slsqp_band_pair(H_e, mu_e, c_e, H_f, mu_f, c_f, theta_star, eps, rng, starts
     return best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("P", [2, 3])
 def test_different_minimizers_match_slsqp(seed, P):

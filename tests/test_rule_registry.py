@@ -136,6 +136,7 @@ def sign_mean_checks(sign_mean):
     registry.CHECKS.update(saved)
 
 
+@pytest.mark.slow
 def test_one_conformance_entry_checks_the_new_rule_on_every_target(sign_mean_checks):
     dtypes = ("float64", "float32", "float16")
     assert sign_mean_checks == ([f"agg.oracle.sign_mean.{r}.{d}" for r in ("plain", "rescaled") for d in dtypes]

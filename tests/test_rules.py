@@ -464,6 +464,7 @@ def exact_sign(column) -> int:
     return (total > 0) - (total < 0)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(cancelling_stacks(), st.data())
 def test_sign_of_the_mean_is_exact_in_every_order(G, data):
@@ -508,6 +509,7 @@ def test_and_mask_matches_brute_force_sign_counting(case):
         assert np.array_equal(and_mask_count(G, t), expected)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(stacks_and_tau(), st.data())
 def test_permuting_environments_changes_nothing(case, data):

@@ -72,6 +72,7 @@ def test_limited_threads_bounds_the_loaded_pools_and_restores_them(monkeypatch):
         torch.set_num_threads(before_torch)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a bound of 1 is every library's default")
 def test_limited_threads_reaches_libraries_loaded_inside_the_block():
     # a fresh interpreter, where SciPy's BLAS (and torch) load only inside the block

@@ -196,6 +196,7 @@ def ridge_fixed_point():
     return np.linalg.solve(X.T @ X / 4 + 0.01 * np.eye(5), X.T @ y / 4)
 
 
+@pytest.mark.slow
 def test_averaging_converges_to_the_ridge_fixed_point():
     theta = training.train_patchwork_regression("mean", lr_decay=1.0, n_iters=20000)
     np.testing.assert_allclose(theta, ridge_fixed_point(), rtol=0, atol=1e-5)

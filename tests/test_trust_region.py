@@ -170,6 +170,7 @@ def test_trs_radius_zero(kind, boundary):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("boundary", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
@@ -214,6 +215,7 @@ def test_trs_p2_against_fine_circle_and_disc(kind, boundary, maximize, seed):
     check_trs_certificate(A, g, radius, boundary, maximize, value, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("boundary", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
@@ -485,6 +487,7 @@ def assert_in_component(H_e, mu_e, c_e, low, high, theta_star, theta, tol):
         assert (u @ (theta - mu_e)) * (u @ (theta_star - mu_e)) > 0
 
 
+@pytest.mark.slow
 @SLOW
 @given(band_problems_2d(rank=2))
 def test_band_extremes_2d_pd_against_grid(problem):
@@ -626,6 +629,7 @@ def band_problems_3d(draw):
     return (H_e, mu_e, c_e, low, high, H_f, mu_f, c_f, theta_star), rank, Ue, seed
 
 
+@pytest.mark.slow
 @SLOW
 @given(band_problems_3d())
 def test_band_extremes_3d_against_slsqp_multistart(drawn):
