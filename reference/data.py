@@ -155,7 +155,7 @@ class SpiralsConfig:
 
     The paper's settings (App. B.2) differ: 32 environments of 1280 examples, d_S = 32 and shortcut variance 0.1;
     ``SpiralsConfig.paper()`` returns them. The test set has 2000 examples in both (App. B.2's "training
-    dataset of 2000 examples" can only be the test set: the code's n_test is 2000).
+    dataset of 2000 examples" is almost certainly the test set: the code's n_test is 2000).
 
     Fields are validated on construction (TypeError / ValueError naming the field).
     """
