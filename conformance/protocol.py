@@ -1,8 +1,8 @@
 """The target protocol: what the conformance suite calls on an implementation.
 
 A target offers any subset of the callables below; each is a :class:`typing.Protocol`, so a type checker can verify
-an adapter (``def make() -> AggregateTarget``), and :data:`PROTOCOL`, the text the command line and the README show,
-is assembled from these docstrings: there is one text.
+an adapter (``def make() -> AggregateTarget``), and :data:`PROTOCOL`, the text the conformance guide
+(``docs/conformance.md``) points to, is assembled from these docstrings: there is one text.
 
 All arrays are NumPy arrays on input, and anything ``numpy.asarray`` accepts on output. Raise
 ``NotImplementedError`` for an option combination you do not support (reported "unsupported", not failed).

@@ -4,15 +4,17 @@
 Their code is not part of this project: point ``DOMAINBED_ALGORITHMS`` at your copy of ``domainbed/algorithms.py``,
 then::
 
-    DOMAINBED_ALGORITHMS=/path/to/domainbed/algorithms.py \\
-        hardtovary conformance --target docs/audit/domainbed_adapter.py:andmask --xfails docs/audit/domainbed_andmask.xfails
-    DOMAINBED_ALGORITHMS=/path/to/domainbed/algorithms.py \\
-        hardtovary conformance --target docs/audit/domainbed_adapter.py:sandmask --xfails docs/audit/domainbed_sandmask.xfails
+    export DOMAINBED_ALGORITHMS=/path/to/domainbed/algorithms.py
+    hardtovary conformance --target docs/audit/domainbed_adapter.py:andmask \\
+        --xfails docs/audit/domainbed_andmask.xfails
+    hardtovary conformance --target docs/audit/domainbed_adapter.py:sandmask \\
+        --xfails docs/audit/domainbed_sandmask.xfails
 
 Importing ``domainbed.algorithms`` pulls in torchvision and timm (its networks), which the masks do not use, so the
 adapter compiles just the two ``mask_grads`` methods from the file, in a namespace holding torch. Each method takes
 ``(self, [tau,] gradients, params)`` with ``gradients`` a list over parameters of lists over environments, reads
-``self.tau`` (and ``self.k``) and writes ``param.grad``; rescaling is always on, so ``rescale=False`` is not supported.
+``self.tau`` (and ``self.k``) and writes ``param.grad``; rescaling is always on, so ``rescale=False`` is not
+supported.
 """
 
 import ast
