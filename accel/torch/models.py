@@ -1,4 +1,5 @@
-"""Models of the experiments: the reference MLP as a torch ``nn.Sequential``, and FastResNet (CIFAR-10).
+"""Models of the experiments: the reference MLP as a torch ``nn.Sequential``, FastResNet (CIFAR-10), and any
+convolutional network of :mod:`hardtovary.reference.convnet` (:func:`from_spec`: FastResNet, the CoinRun ResNet-18).
 
 - :func:`mlp_from_spec` builds ``Linear -> [BatchNorm1d] -> activation`` per hidden layer and a final ``Linear``
   from a :class:`hardtovary.reference.mlp.MLPSpec`; its ``state_dict`` keys are
@@ -6,17 +7,23 @@
   copies the oracle's parameter list 1:1.
 - :class:`FastResNet` is the Page cifar10-fast network of the PyTorch-Ignite CIFAR-10 example (paper App. B.5),
   with a width multiplier for small tests. No module uses ``inplace=True``, so it runs under ``torch.func``.
+- :func:`from_spec` builds a :class:`SpecNet` from a :class:`hardtovary.reference.convnet.NetSpec`: one torch
+  module per parameterised layer, registered under the layer's name, so ``state_dict`` keys and parameter order
+  are :func:`hardtovary.reference.convnet.param_names` and :func:`load_reference_params` copies the oracle's
+  parameters 1:1. ``from_spec(convnet.fast_resnet(w))`` has the names of ``FastResNet(width=w)``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hardtovary.reference import convnet as _convnet
 from hardtovary.reference import mlp as _mlp
 
-__all__ = ["mlp_from_spec", "load_reference_params", "FastResNet", "conv_bn", "Residual"]
+__all__ = ["mlp_from_spec", "load_reference_params", "FastResNet", "conv_bn", "Residual", "SpecNet", "from_spec"]
 
 
 def _activation(spec: _mlp.MLPSpec) -> nn.Module:
@@ -120,3 +127,75 @@ class FastResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         x = self.pool(x).flatten(1)
         return self.linear(x) * self.scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any network of hardtovary.reference.convnet
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SpecNet(nn.Module):
+    """A :class:`hardtovary.reference.convnet.NetSpec` as a torch module. Parameterised layers are registered under
+    their names (containers are created for the dotted path, in the spec's order), and :meth:`forward` walks the
+    spec: ReLU, pooling, flattening and scaling are functional calls. Training-mode BatchNorm2d updates its running
+    statistics as torch's does."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = _convnet.NetSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        for layer in _convnet.iter_layers(self.spec):
+            module = _module_of(layer)
+            if module is not None:
+                *path, leaf = layer.name.split(".")
+                parent = self
+                for part in path:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, nn.Module())
+                    parent = getattr(parent, part)
+                parent.add_module(leaf, module)
+
+    def forward(self, x):
+        return self._apply_layers(self.spec.layers, x)
+
+    def _apply_layers(self, layers, x):
+        for layer in layers:
+            if isinstance(layer, (_convnet.Conv2d, _convnet.BatchNorm2d, _convnet.Linear)):
+                x = self.get_submodule(layer.name)(x)
+            elif isinstance(layer, _convnet.ReLU):
+                x = F.relu(x)
+            elif isinstance(layer, _convnet.MaxPool2d):
+                x = F.max_pool2d(x, layer.kernel_size, layer.stride or layer.kernel_size, layer.padding)
+            elif isinstance(layer, _convnet.GlobalMaxPool):
+                x = F.adaptive_max_pool2d(x, 1).flatten(1)
+            elif isinstance(layer, _convnet.GlobalAvgPool):
+                x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            elif isinstance(layer, _convnet.Flatten):
+                x = x.flatten(1)
+            elif isinstance(layer, _convnet.Scale):
+                x = x * layer.factor
+            else:  # Residual
+                x = self._apply_layers(layer.body, x) + (self._apply_layers(layer.shortcut, x) if layer.shortcut
+                                                         else x)
+        return x
+
+
+def _module_of(layer) -> nn.Module | None:
+    if isinstance(layer, _convnet.Conv2d):
+        return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         bias=layer.bias)
+    if isinstance(layer, _convnet.BatchNorm2d):
+        return nn.BatchNorm2d(layer.channels, eps=layer.eps)
+    if isinstance(layer, _convnet.Linear):
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    return None
+
+
+def from_spec(spec, *, dtype: torch.dtype | None = None, device=None) -> SpecNet:
+    """The torch module of a :class:`hardtovary.reference.convnet.NetSpec` (or its dict form), with torch's default
+    initialisation; its parameter names and order are ``convnet.param_names(spec)``."""
+    model = SpecNet(spec)
+    if dtype is not None or device is not None:
+        model = model.to(dtype=dtype, device=device)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == _convnet.param_names(model.spec), (names, _convnet.param_names(model.spec))
+    return model
