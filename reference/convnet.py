@@ -71,7 +71,8 @@ LOSSES = ("cross_entropy",)
 __all__ = ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "GlobalMaxPool", "GlobalAvgPool", "Flatten", "Linear",
            "Scale", "Residual", "NetSpec", "fast_resnet", "resnet18", "iter_layers", "param_names", "param_shapes",
            "init_params", "init_running_stats", "forward", "predict", "env_gradients", "example_gradients",
-           "pooled_gradient", "update_running_stats", "BatchStats", "RunningStats", "EnvGradients", "SEMANTICS"]
+           "pooled_gradient", "running_stats_after", "update_running_stats", "BatchStats", "RunningStats",
+           "EnvGradients", "SEMANTICS"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,6 +472,13 @@ def _maxpool_backward(layer: MaxPool2d, dy, saved):
     return dx[:, :, :, p:p + H, p:p + W]
 
 
+def _global_max_backward(dy, saved):
+    """The gradient of each channel's maximum goes to its first maximum in row-major order."""
+    first, x_shape = saved
+    hw = x_shape[3] * x_shape[4]
+    return (dy[..., None] * (np.arange(hw) == first[..., None])).reshape(dy.shape[:3] + x_shape[3:])
+
+
 def _forward_layers(layers, params: list, x, p: int, running, tape: list, stats: list):
     """Run ``layers`` on ``x[G, R, ...]`` from parameter index ``p``; append to ``tape`` and (training mode) the
     BatchNorm statistics to ``stats``. ``running`` is None (training mode) or an iterator of RunningStats."""
@@ -559,9 +567,7 @@ def _backward_layers(tape: list, params: list, dy, grads: list):
         elif isinstance(layer, MaxPool2d):
             dy = _maxpool_backward(layer, dy, saved)
         elif isinstance(layer, GlobalMaxPool):
-            first, x_shape = saved
-            hw = x_shape[3] * x_shape[4]
-            dy = (dy[..., None] * (np.arange(hw) == first[..., None])).reshape(dy.shape[:3] + x_shape[3:])
+            dy = _global_max_backward(dy, saved)
         elif isinstance(layer, GlobalAvgPool):
             (x_shape,) = saved
             dy = np.broadcast_to(dy[..., None, None] / (x_shape[3] * x_shape[4]), dy.shape + x_shape[3:]).copy()
@@ -670,6 +676,23 @@ def predict(spec, params, X, running_stats) -> np.ndarray:
                          f"got {len(running)}")
     logits, _, _ = _run(spec, params, X[None], running)
     return logits[0]
+
+
+def running_stats_after(spec, params, X, *, semantics: str = "pooled", running_stats=None,
+                        momentum: float = 0.1) -> list[RunningStats]:
+    """The running statistics after one training-mode forward of ``X[K, B, C, H, W]``, starting from
+    ``running_stats`` (torch's initial ones, :func:`init_running_stats`, by default): ``pooled`` statistics give
+    one update of every BatchNorm2d, ``per_env`` statistics K updates in environment order (K separate torch
+    forwards), as :func:`update_running_stats` defines them (momentum ``m``: ``running <- (1 - m) running + m
+    batch``, the unbiased batch variance for ``running_var``)."""
+    spec = _check_spec(spec)
+    semantics = _check_semantics(semantics)
+    params = _check_params(spec, params)
+    X = _check_images(spec, X, ndim=5)
+    K, B = X.shape[:2]
+    _, _, stats = _run(spec, params, X.reshape(1, K * B, *X.shape[2:]) if semantics == "pooled" else X)
+    running = init_running_stats(spec) if running_stats is None else list(running_stats)
+    return update_running_stats(running, stats, momentum)
 
 
 def env_gradients(spec, params, X, Y, *, loss: str = "cross_entropy", semantics: str = "pooled") -> EnvGradients:
