@@ -9,11 +9,14 @@ Run one by hand: ``--target hardtovary.conformance.mutants:strict_gt``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from hardtovary.reference import convnet as _convnet
 from hardtovary.reference import rules as _rules
 
 from .targets import ReferenceTarget
@@ -175,6 +178,116 @@ class BNPerEnv(ReferenceTarget):
                                      semantics)
 
 
+@contextmanager
+def _swapped(**replacements):
+    """The oracle's convnet with some of its functions replaced, for the duration of one call."""
+    originals = {name: getattr(_convnet, name) for name in replacements}
+    for name, function in replacements.items():
+        setattr(_convnet, name, function)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(_convnet, name, function)
+
+
+class _ConvnetSwap(ReferenceTarget):
+    """The oracle with one piece of :mod:`hardtovary.reference.convnet` swapped (``swaps()``: name -> function)."""
+
+    def swaps(self) -> dict:
+        raise NotImplementedError
+
+    def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        with _swapped(**self.swaps()):
+            return super().env_gradients(spec, params, X, Y, loss=loss, semantics=semantics)
+
+    def eval_logits(self, spec, params, X_train, X_eval, *, semantics):
+        with _swapped(**self.swaps()):
+            return super().eval_logits(spec, params, X_train, X_eval, semantics=semantics)
+
+
+class BNStatsDetached(_ConvnetSwap):
+    """BatchNorm2d's batch mean and variance treated as constants in the backward (``detach()``d statistics)."""
+
+    def swaps(self):
+        def backward(gamma, dy, saved):
+            xhat, inv_std = saved[:2]
+            return ((gamma[:, None, None] * inv_std) * dy,
+                    [np.sum(dy * xhat, axis=(1, 3, 4)), dy.sum(axis=(1, 3, 4))])
+        return {"_bn_backward": backward}
+
+
+class BNUnbiasedVariance(_ConvnetSwap):
+    """BatchNorm2d normalising with the unbiased batch variance (torch normalises with the biased one)."""
+
+    def swaps(self):
+        biased = _convnet._bn_train_forward
+
+        def forward(layer, gamma, beta, x):
+            _, _, stats = biased(layer, gamma, beta, x)  # the batch statistics, as torch records them
+            mean = x.mean(axis=(1, 3, 4), keepdims=True)
+            inv_std = 1.0 / np.sqrt(x.var(axis=(1, 3, 4), keepdims=True, ddof=1) + layer.eps)
+            xhat = (x - mean) * inv_std
+            return gamma[:, None, None] * xhat + beta[:, None, None], (xhat, inv_std), stats
+        return {"_bn_train_forward": forward}
+
+
+class MaxPoolSplitTies(_ConvnetSwap):
+    """A max-pool window's gradient shared equally among its tied maxima (torch gives it all to the first)."""
+
+    def swaps(self):
+        first_max = _convnet._maxpool_forward
+
+        def forward(layer, x):
+            y, (first, x_shape) = first_max(layer, x)
+            k, s = layer.kernel_size, layer.stride or layer.kernel_size
+            windows = _convnet._windows(_convnet._pad(x, layer.padding, -np.inf), k, s)
+            ties = windows.reshape(*windows.shape[:-2], k * k) == y[..., None]
+            return y, (ties, x_shape)
+
+        def backward(layer, dy, saved):
+            ties, x_shape = saved
+            k, s, p = layer.kernel_size, layer.stride or layer.kernel_size, layer.padding
+            H, W = x_shape[-2:]
+            Ho, Wo = dy.shape[-2:]
+            share = ties / ties.sum(axis=-1, keepdims=True)
+            dx = np.zeros(dy.shape[:3] + (H + 2 * p, W + 2 * p))
+            for i in range(k):
+                for j in range(k):
+                    dx[:, :, :, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s] += dy * share[..., i * k + j]
+            return dx[:, :, :, p:p + H, p:p + W]
+        return {"_maxpool_forward": forward, "_maxpool_backward": backward}
+
+
+class ConvnetBNPerEnv(ReferenceTarget):
+    """A convolutional network's BatchNorm statistics per environment (per image, per example) where pooled ones
+    were asked."""
+
+    def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        if spec.get("kind") == "convnet":
+            semantics = "per_env"
+        return super().env_gradients(spec, params, X, Y, loss=loss, semantics=semantics)
+
+
+class RunningMomentumInverted(ReferenceTarget):
+    """Running statistics updated as ``m running + (1 - m) batch`` (torch: ``(1 - m) running + m batch``)."""
+
+    def eval_logits(self, spec, params, X_train, X_eval, *, semantics):
+        running = _convnet.running_stats_after(spec, params, X_train, semantics=semantics, momentum=0.9)
+        return _convnet.predict(spec, params, X_eval, running)
+
+
+class MissingOutputScale(ReferenceTarget):
+    """FastResNet without its final ``* 0.125`` (every Scale layer dropped)."""
+
+    def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        if spec.get("kind") == "convnet":
+            net = _convnet.NetSpec.from_dict(spec)
+            spec = dataclasses.replace(net, layers=tuple(x for x in net.layers if not isinstance(x, _convnet.Scale)))
+            spec = spec.to_dict()
+        return super().env_gradients(spec, params, X, Y, loss=loss, semantics=semantics)
+
+
 class LossSummed(ReferenceTarget):
     def env_gradients(self, spec, params, X, Y, *, loss, semantics):
         B = np.asarray(X).shape[1]
@@ -294,6 +407,20 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("agg.special.exact_zeros",)),
     Mutant("bn_per_env", BNPerEnv(), "BatchNorm statistics per environment where pooled was asked",
            ("envgrad.bn_pooled.bce",)),
+    Mutant("bn_stats_detached", BNStatsDetached(), "BatchNorm2d's batch statistics detached from the graph",
+           ("envgrad.fast_resnet.pooled.ce", "envgrad.convnet.layers.pooled")),
+    Mutant("bn_unbiased_variance", BNUnbiasedVariance(), "BatchNorm2d normalising with the unbiased variance",
+           ("envgrad.fast_resnet.per_example.ce", "eval.convnet.pooled")),
+    Mutant("convnet_bn_per_env", ConvnetBNPerEnv(),
+           "a convnet's BatchNorm statistics per environment where pooled was asked",
+           ("envgrad.fast_resnet.per_example.ce", "envgrad.resnet18.pooled.soft")),
+    Mutant("maxpool_split_ties", MaxPoolSplitTies(), "a max-pool window's gradient split over its tied maxima",
+           ("envgrad.convnet.ties",)),
+    Mutant("running_momentum_inverted", RunningMomentumInverted(),
+           "running statistics updated with the momentum inverted (m running + (1 - m) batch)",
+           ("eval.convnet.pooled", "eval.convnet.per_env")),
+    Mutant("missing_output_scale", MissingOutputScale(), "FastResNet without its output scale 0.125",
+           ("envgrad.fast_resnet.pooled.ce", "envgrad.fast_resnet.per_example.soft")),
     Mutant("loss_summed", LossSummed(), "per-environment loss summed, not averaged",
            ("envgrad.nobn.mse",)),
     Mutant("l1_masked", L1Masked(), "L1 term added before the mask (masked)",

@@ -43,15 +43,37 @@ class AggregateTarget(Protocol):
 class EnvGradientsTarget(Protocol):
     def env_gradients(self, spec: dict, params: list, X: Any, Y: Any, *, loss: str, semantics: str) -> list:
         """env_gradients(spec, params, X, Y, *, loss, semantics) -> list of arrays
-            spec:      dict with the fields of hardtovary.reference.mlp.MLPSpec: in_features, hidden (tuple),
-                       out_features, activation ("leaky_relu"|"relu"|"tanh"), negative_slope, batch_norm, bn_eps.
-            params:    list of float64 arrays in nn.Sequential order (W[out, in], b[out], [gamma, beta], ...,
-                       W_out, b_out).
-            X:         float64 [K, B, in_features];  Y: targets for logits [K, B, out] ([K, B] float for
-                       "bce_with_logits", [K, B] int64 for "cross_entropy", [K, B, out] float for "mse").
+            spec:      an MLP: a dict with the fields of hardtovary.reference.mlp.MLPSpec (in_features, hidden
+                       (tuple), out_features, activation ("leaky_relu"|"relu"|"tanh"), negative_slope, batch_norm,
+                       bn_eps); or a convolutional network: {"kind": "convnet", "in_channels": C, "layers": [...]},
+                       hardtovary.reference.convnet.NetSpec.to_dict() (Conv2d, BatchNorm2d, ReLU, MaxPool2d,
+                       global max/avg pooling, Flatten, Linear, Scale, Residual; each parameterised layer named by
+                       its torch module path; NetSpec.from_dict reads it back, accel.torch.models.from_spec builds
+                       it in torch).
+            params:    list of float64 arrays in the model's parameter order (MLP: nn.Sequential order, W[out, in],
+                       b[out], [gamma, beta], ..., W_out, b_out; convnet: convnet.param_names(spec), conv weights
+                       [out, in, kh, kw]).
+            X:         float64 [K, B, in_features] (MLP) or [K, B, C, H, W] (convnet).
+            Y:         targets for logits [K, B, out]: [K, B] float for "bce_with_logits"; [K, B] int64 class
+                       indices or [K, B, out] float probability rows (soft targets) for "cross_entropy";
+                       [K, B, out] float for "mse". A convnet takes "cross_entropy".
             loss:      "bce_with_logits" | "cross_entropy" | "mse";  L_e is the MEAN loss over environment e's B rows.
             semantics: "pooled" (BatchNorm statistics over all K*B rows) | "per_env" (over each environment's rows).
-            returns:   one stack [K, *param_shape] per parameter, G[e] = dL_e/dtheta (training-mode BatchNorm).
+                       Per-example gradients are K = N environments of B = 1 image, pooled.
+            returns:   one stack [K, *param_shape] per parameter, G[e] = dL_e/dtheta (training-mode BatchNorm;
+                       ReLU'(0) = 0; a max-pool window's gradient goes to its first maximum in row-major order).
+        """
+
+
+@runtime_checkable
+class EvalLogitsTarget(Protocol):
+    def eval_logits(self, spec: dict, params: list, X_train: Any, X_eval: Any, *, semantics: str) -> Any:
+        """eval_logits(spec, params, X_train, X_eval, *, semantics) -> array [N, classes]
+            spec, params as for env_gradients, a convolutional network. One training-mode forward of
+            X_train [K, B, C, H, W] updates every BatchNorm2d's running statistics from torch's initial ones (mean
+            0, variance 1) with momentum 0.1 (running <- 0.9 running + 0.1 batch, the unbiased batch variance for
+            the variance): "pooled", one forward of all K*B images; "per_env", one forward per environment, in
+            order. Then the eval-mode logits of X_eval [N, C, H, W].
         """
 
 
@@ -104,6 +126,7 @@ class SpiralsTarget(Protocol):
 CALLABLES: dict[str, tuple[type, ...]] = {
     "aggregate": (AggregateTarget,),
     "env_gradients": (EnvGradientsTarget,),
+    "eval_logits": (EvalLogitsTarget,),
     "step": (StepTarget, StepsTarget),
     "temporal": (TemporalTarget,),
     "spirals": (SpiralsTarget,),

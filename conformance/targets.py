@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from hardtovary.reference import convnet as _convnet
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference import optim as _optim
@@ -191,6 +192,9 @@ class Adapter:
         out = self._call("env_gradients", dict(spec), list(params), X, Y, loss=loss, semantics=semantics)
         return _arrays(out, "env_gradients")
 
+    def eval_logits(self, spec: dict, params, X_train, X_eval, *, semantics):
+        return np.asarray(self._call("eval_logits", dict(spec), list(params), X_train, X_eval, semantics=semantics))
+
     def steps(self, params, grad_sequence, **kw):
         """Parameters after each step (uses ``steps`` when offered, else loops ``step`` with its state)."""
         if callable(getattr(self.target, "steps", None)):
@@ -225,7 +229,13 @@ class ReferenceTarget:
                                 **_rules.rule_options(rule, tau, flavour, k))[0]
 
     def env_gradients(self, spec, params, X, Y, *, loss, semantics):
+        if spec.get("kind") == "convnet":
+            return _convnet.env_gradients(spec, params, X, Y, loss=loss, semantics=semantics).grads
         return _mlp.env_gradients(_mlp.MLPSpec(**spec), params, X, Y, loss=loss, semantics=semantics).grads
+
+    def eval_logits(self, spec, params, X_train, X_eval, *, semantics):
+        running = _convnet.running_stats_after(spec, params, X_train, semantics=semantics)
+        return _convnet.predict(spec, params, X_eval, running)
 
     # -- step ---------------------------------------------------------------------------------------------------
     def _make_optimizer(self, params, optimizer, weight_decay, weight_decay_order, momentum):

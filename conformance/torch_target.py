@@ -44,11 +44,23 @@ class TorchTarget:
                                      **rule_options(rule, tau, flavour, k))
         return _numpy(values)
 
+    def _model(self, spec, params):
+        model = (_models.from_spec(spec, dtype=torch.float64) if spec.get("kind") == "convnet"
+                 else _models.mlp_from_spec(_mlp.MLPSpec(**spec), dtype=torch.float64))
+        return _models.load_reference_params(model, params)
+
     def env_gradients(self, spec, params, X, Y, *, loss, semantics):
-        model = _models.mlp_from_spec(_mlp.MLPSpec(**spec), dtype=torch.float64)
-        _models.load_reference_params(model, params)
-        out = _env.env_gradients(model, _tensor(X), _tensor(Y), LOSSES[loss], semantics=semantics)
+        out = _env.env_gradients(self._model(spec, params), _tensor(X), _tensor(Y), LOSSES[loss], semantics=semantics)
         return _numpy(out.grads)
+
+    def eval_logits(self, spec, params, X_train, X_eval, *, semantics):
+        model = self._model(spec, params).train()
+        X_train = _tensor(X_train)
+        with torch.no_grad():
+            batches = [X_train.flatten(0, 1)] if semantics == "pooled" else list(X_train)
+            for batch in batches:  # each training-mode forward updates the running statistics
+                model(batch)
+            return model.eval()(_tensor(X_eval)).numpy()
 
     def step(self, params, grads, *, rule, tau, rescale, optimizer, lr, weight_decay, weight_decay_order,
              l1, momentum, state=None):

@@ -149,7 +149,7 @@ def test_a_target_that_implements_nothing_fails_and_says_why(obj, expected, monk
     text = capsys.readouterr().out
     assert status == 1
     assert "NOTHING WAS CHECKED" in text and expected in text
-    assert "not found: aggregate, env_gradients, step, temporal, spirals" in text
+    assert "not found: aggregate, env_gradients, eval_logits, step, temporal, spirals" in text
     assert f"0 of {len(checks.CHECKS)} checks compared values" in text
     report_json = json.loads(out.read_text())
     assert report_json["exit_status"] == 1 and report_json["checks_compared"] == 0

@@ -101,7 +101,9 @@ def _check(model, X, Y, loss_fn, semantics):
     K, B = X.shape[:2]
     if K < 1 or B < 1:
         raise ValueError(f"X must hold K >= 1 environments of B >= 1 examples, got shape {tuple(X.shape)}")
-    if has_training_batch_norm(model):
+    if has_training_batch_norm(model) and X.ndim == 3:
+        # one feature vector per example (BatchNorm1d): statistics need two rows. Images ([K, B, C, H, W]) have
+        # H*W values per channel and example, and torch's BatchNorm2d judges them itself.
         if semantics == "per_env" and B < 2:
             raise ValueError(
                 "semantics='per_env' with training-mode BatchNorm needs B >= 2 examples per environment, got B = 1"

@@ -7,7 +7,9 @@ The order of the areas, and of every report:
 - :mod:`.ties`         ``agg.ties.exact``, ``agg.ties.float_noise.<dtype>``
 - :mod:`.properties`   ``agg.prop.<permutation|sign_flip>.<rule>.<dtype>``, ``agg.prop.tau0_mean.<dtype>``,
   ``agg.prop.keep_rate``
-- :mod:`.envgrad`      ``envgrad.<nobn|bn_pooled|bn_per_env>.<bce|ce|mse>``
+- :mod:`.envgrad`      ``envgrad.<nobn|bn_pooled|bn_per_env>.<bce|ce|mse>``: the MLP
+- :mod:`.convnet`      ``envgrad.<fast_resnet|resnet18>.*``, ``envgrad.convnet.*``, ``eval.convnet.*``: convolutional
+  networks
 - :mod:`.step`         ``step.*``: one AND-mask/optimizer step
 - :mod:`.temporal`     ``temporal.*``: Algorithm 1
 - :mod:`.spirals`      ``spirals.bit_identical``
@@ -16,9 +18,9 @@ The order of the areas, and of every report:
 from hardtovary.reference.rules import variant_names
 
 from ..registry import CHECKS, Check, UnknownCheck, describe_unknown, matches, order_by_module, select, unknown_patterns
-from . import envgrad, oracle, properties, special, spirals, step, temporal, ties
+from . import convnet, envgrad, oracle, properties, special, spirals, step, temporal, ties
 
-AREAS = (oracle, special, ties, properties, envgrad, step, temporal, spirals)
+AREAS = (oracle, special, ties, properties, envgrad, convnet, step, temporal, spirals)
 order_by_module(AREAS)
 
 
