@@ -60,3 +60,28 @@ def test_the_guides_adapter_example_runs_and_passes_the_aggregate_checks(tmp_pat
     out = capsys.readouterr().out
     assert status == 0, out
     assert "pass" in out
+
+
+def _guide_block(heading: str) -> str:
+    text = (ROOT / "docs" / "conformance.md").read_text()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_guides_cnn_loop_adapter_passes_the_pooled_checks_and_a_broken_loop_fails(tmp_path, monkeypatch, capsys):
+    """The authors'-style per-example loop of the conformance guide passes every pooled and per-example convnet
+    check (per-environment statistics are unsupported), and the same loop with its output scale forgotten fails."""
+    source = _guide_block("## Checking a CNN implementation")
+    (tmp_path / "cnn_adapter.py").write_text(source)
+    broken = source.replace("from_spec(spec, dtype=torch.float64)", "from_spec({**spec, 'layers': [layer for layer "
+                            "in spec['layers'] if layer['type'] != 'Scale']}, dtype=torch.float64)")
+    assert broken != source
+    (tmp_path / "broken_cnn_adapter.py").write_text(broken)
+    monkeypatch.chdir(tmp_path)
+    checks = "envgrad.fast_resnet.per_example.ce,envgrad.fast_resnet.pooled.soft,envgrad.resnet18.per_example.soft"
+    args = ["conformance", "--checks", checks + ",envgrad.fast_resnet.per_env.ce,envgrad.convnet", "--max-examples",
+            "2"]
+    assert cli.main([*args, "--target", "cnn_adapter.py:target"]) == 0
+    out = capsys.readouterr().out
+    assert "unsupported" in out and "FAIL" not in out
+    assert cli.main(["conformance", "--checks", checks, "--target", "broken_cnn_adapter.py:target"]) == 1
