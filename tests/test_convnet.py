@@ -187,11 +187,13 @@ def assert_fd_matches(spec, params, X, Y, grads, semantics, *, seed=0, per_tenso
 
 
 def assert_close(actual, expected, rtol=TORCH_RTOL, what=""):
-    """Elementwise ``|a - e| <= rtol (|e| + max|e|)``: relative agreement, with the tensor's scale as the floor."""
+    """Elementwise ``|a - e| <= rtol (|e| + max|e|) + 1e-15``: relative agreement, with the tensor's scale as the
+    floor, and float64 rounding as the floor of a tensor that is 0 in exact arithmetic (a conv bias feeding
+    BatchNorm: about 1e-17 either way)."""
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-300, err_msg=what)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-15, err_msg=what)
 
 
 def make_problem(spec, *, K, B, hw, soft=False, seed=0, perturb=0.3):
@@ -245,10 +247,6 @@ def fold_batch_norm(spec, params, running):
 # ----------------------------------------------------------------------------------------------------------------
 # The reference forward itself agrees with the oracle's forward (so that FD of it tests the oracle's backward)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def small_resnet():
-    return C.fast_resnet(1 / 16)
 
 
 @pytest.mark.parametrize("semantics", C.SEMANTICS)
@@ -307,8 +305,8 @@ def test_fd_batchnorm_per_example():
 
 def test_fd_batchnorm_eval_mode_through_predict():
     """Eval-mode BatchNorm is a fixed affine map: the loss of ``predict``'s logits, differentiated by central
-    differences in the images' parameters, equals the training-mode gradient of the folded network (BatchNorm's
-    scale and shift moved into the convolution), which the oracle computes without BatchNorm."""
+    differences in the convolution's weights, equals the chain rule through the folded network (BatchNorm's scale
+    and shift moved into the convolution), whose gradient the oracle computes without BatchNorm."""
     spec = bn_net()
     params, X, Y = make_problem(spec, K=1, B=4, hw=4)
     rng = np.random.default_rng(1)
@@ -316,7 +314,7 @@ def test_fd_batchnorm_eval_mode_through_predict():
     folded_spec, folded = fold_batch_norm(spec, params, running)
     grads = C.env_gradients(folded_spec, folded, X, Y).grads
     # d/dW of the eval-mode loss = d/dW_folded * scale (chain rule through W_folded = W * scale)
-    scale = params[2] / np.sqrt(running[0].var + 1e-5)
+    scale = params[2] / np.sqrt(running[0].var + spec.layers[1].eps)
     for (o, c, i, j) in [(0, 0, 0, 0), (1, 1, 2, 1), (2, 0, 1, 2)]:
         def loss(delta, o=o, c=c, i=i, j=j):
             shifted = [q.copy() for q in params]
@@ -395,8 +393,9 @@ def test_fd_maxpool_window_of_zeros_after_relu():
     assert not relu_positive[:, :, :2, :2].any()  # the window is all zeros after the ReLU: a four-way tie
     out = C.env_gradients(spec, params, X, Y)
     assert_fd_matches(spec, params, X, Y, out.grads, "pooled", per_tensor=8)
-    # the tie window's pooled output (flat index 0 of each channel) carries gradient into fc, none into the conv
-    assert np.all(out.grads[2][:, :, [0, 4, 8]] == 0.0)  # the window's pooled value is exactly 0
+    # the tie window's pooled value (flat index 0, 4, 8: window (0, 0) of each channel) is exactly 0, and so is the
+    # gradient of every fc weight that reads it
+    assert np.all(out.grads[2][:, :, [0, 4, 8]] == 0.0)
 
 
 def positive_tie_problem():
@@ -686,3 +685,292 @@ def test_init_params_follow_torch_defaults():
     running = C.init_running_stats(spec)
     assert len(running) == 3
     assert all(np.array_equal(r.mean, np.zeros(4)) and np.array_equal(r.var, np.ones(4)) for r in running)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch autograd as a second route (float64)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tm():
+    """torch, F, the accel engines and models (the test skips without torch)."""
+    from types import SimpleNamespace
+
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from hardtovary.accel.torch import env_gradients as EG
+    from hardtovary.accel.torch import models as M
+    return SimpleNamespace(torch=torch, F=F, EG=EG, M=M)
+
+
+def torch_model(tm, spec, params):
+    return tm.M.load_reference_params(tm.M.from_spec(spec, dtype=tm.torch.float64), params)
+
+
+def torch_targets(tm, Y):
+    return tm.torch.tensor(Y, dtype=tm.torch.long if np.issubdtype(Y.dtype, np.integer) else tm.torch.float64)
+
+
+def plain_autograd(tm, model, X, Y, semantics):
+    """Per-environment gradients by plain autograd, written here: pooled, one forward of all K*B images and one
+    ``autograd.grad`` per environment's loss; per_env, one forward per environment."""
+    torch, F = tm.torch, tm.F
+    K, B = X.shape[:2]
+    params = list(model.parameters())
+    Xt, Yt = torch.tensor(X), torch_targets(tm, Y)
+    if semantics == "pooled":
+        out = model(Xt.reshape(K * B, *X.shape[2:]))
+        rows = [torch.autograd.grad(F.cross_entropy(out[e * B:(e + 1) * B], Yt[e]), params, retain_graph=True)
+                for e in range(K)]
+    else:
+        rows = [torch.autograd.grad(F.cross_entropy(model(Xt[e]), Yt[e]), params) for e in range(K)]
+    return [np.stack([r[i].numpy() for r in rows]) for i in range(len(params))]
+
+
+LAYER_NETS = {  # name: (spec, image size, soft targets)
+    **{f"conv_k{k}_s{s}_p{p}{'_bias' if b else ''}":
+       (NetSpec((Conv2d("conv", 2, 3, k, s, p, b), Flatten(),
+                 Linear("fc", 3 * ((7 + 2 * p - k) // s + 1) ** 2, 3)), 2), 7, False)
+       for k, s, p, b in CONV_CASES},
+    "batchnorm": (bn_net(), 5, True),
+    "maxpool_2": (NetSpec((Conv2d("conv", 2, 3, 3, 1, 1), MaxPool2d(2), Flatten(), Linear("fc", 27, 3)), 2), 7, False),
+    "maxpool_3_2_1": (NetSpec((Conv2d("conv", 2, 3, 3, 1, 1), MaxPool2d(3, 2, 1), Flatten(), Linear("fc", 48, 3)), 2),
+                      7, True),
+    "global_max": (NetSpec((Conv2d("conv", 2, 3, 3), ReLU(), GlobalMaxPool(), Linear("fc", 3, 3)), 2), 5, False),
+    "global_avg_scale": (NetSpec((Conv2d("conv", 2, 3, 3), ReLU(), GlobalAvgPool(), Linear("fc", 3, 3, bias=False),
+                                  Scale(0.125)), 2), 5, True),
+    "identity_residual": (identity_residual_net(), 6, False),
+    "projection_residual": (projection_residual_net(), 6, True),
+    "no_batchnorm": (no_batch_norm_net(), 8, False),
+}
+
+
+@pytest.mark.parametrize("semantics", C.SEMANTICS)
+@pytest.mark.parametrize("name", list(LAYER_NETS))
+def test_torch_layer_nets(tm, name, semantics):
+    spec, hw, soft = LAYER_NETS[name]
+    params, X, Y = make_problem(spec, K=3, B=2, hw=hw, soft=soft)
+    ours = C.env_gradients(spec, params, X, Y, semantics=semantics)
+    model = torch_model(tm, spec, params)
+    theirs = tm.EG.env_gradients(model, tm.torch.tensor(X), torch_targets(tm, Y), tm.F.cross_entropy,
+                                 semantics=semantics)
+    assert_close(ours.losses, theirs.losses.numpy(), what="losses")
+    for n, a, b in zip(C.param_names(spec), ours.grads, theirs.grads):
+        assert_close(a, b.numpy(), what=n)
+    for n, a, b in zip(C.param_names(spec), ours.grads, plain_autograd(tm, model, X, Y, semantics)):
+        assert_close(a, b, what=n)
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_torch_networks(tm, net, mode, soft):
+    """Both networks through ``from_spec`` + ``load_reference_params``: per example (pooled statistics over the
+    batch, ``example_gradients``) and per environment in both semantics (``env_gradients``), and plain autograd."""
+    spec, params, X, Y = network_problem(net, mode, soft, seed=1)
+    ours = oracle_grads(spec, params, X, Y, mode)
+    model = torch_model(tm, spec, params)
+    if mode == "example":
+        theirs = tm.EG.example_gradients(model, tm.torch.tensor(X[:, 0]), torch_targets(tm, Y[:, 0]),
+                                         tm.F.cross_entropy)
+    else:
+        theirs = tm.EG.env_gradients(model, tm.torch.tensor(X), torch_targets(tm, Y), tm.F.cross_entropy,
+                                     semantics=mode)
+    names = C.param_names(spec)
+    assert_close(ours.losses, theirs.losses.numpy(), what="losses")
+    for n, a, b in zip(names, ours.grads, theirs.grads):
+        assert_close(a, b.numpy(), what=n)
+    for n, a, b in zip(names, ours.grads, plain_autograd(tm, model, X, Y, "pooled" if mode == "example" else mode)):
+        assert_close(a, b, what=n)
+
+
+@pytest.mark.parametrize("net", list(NETWORKS) + ["projection_residual"])
+@pytest.mark.parametrize("semantics", C.SEMANTICS)
+def test_torch_running_stats_and_eval_mode(tm, net, semantics):
+    """Two training steps' forwards (pooled: one forward of all images; per_env: one per environment, in order),
+    then eval mode: the oracle's running statistics (``update_running_stats`` of ``bn_stats``) equal torch's buffers,
+    and ``predict`` equals ``model.eval()``'s logits on new images."""
+    torch = tm.torch
+    if net in NETWORKS:
+        make, hw = NETWORKS[net]
+        spec = make()
+    else:
+        spec, hw = projection_residual_net(), 6
+    params, _, _ = make_problem(spec, K=2, B=4, hw=hw, perturb=0.1)
+    model = torch_model(tm, spec, params).train()
+    running = C.init_running_stats(spec)
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        X = rng.standard_normal((2, 4, spec.in_channels, hw, hw)) * 2.0 + 0.5
+        Y = rng.integers(0, spec.num_classes, (2, 4))
+        running = C.update_running_stats(running, C.env_gradients(spec, params, X, Y, semantics=semantics).bn_stats)
+        with torch.no_grad():
+            if semantics == "pooled":
+                model(torch.tensor(X.reshape(8, *X.shape[2:])))
+            else:
+                for e in range(2):
+                    model(torch.tensor(X[e]))
+    bns = [layer for layer in C.iter_layers(spec) if isinstance(layer, BatchNorm2d)]
+    assert len(bns) == len(running)
+    for layer, r in zip(bns, running):
+        module = model.get_submodule(layer.name)
+        assert_close(r.mean, module.running_mean.numpy(), what=f"{layer.name} running_mean")
+        assert_close(r.var, module.running_var.numpy(), what=f"{layer.name} running_var")
+    X_test = rng.standard_normal((3, spec.in_channels, hw, hw))
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor(X_test)).numpy()
+    assert_close(C.predict(spec, params, X_test, running), expected, what="eval logits")
+
+
+@pytest.mark.parametrize("pool", ["maxpool", "global"])
+def test_torch_positive_tie_goes_to_first_maximum(tm, pool):
+    """The oracle's tie rule is torch's: with two positive equal values in a window, torch's max-pooling kernels
+    (``max_pool2d``, ``adaptive_max_pool2d``) send the whole gradient to the first in row-major order too."""
+    spec, params, X, Y = positive_tie_problem()
+    if pool == "global":
+        spec = NetSpec((Conv2d("conv", 2, 1, 1), GlobalMaxPool(), Linear("fc", 1, 2, bias=False)), 2)
+    theirs = plain_autograd(tm, torch_model(tm, spec, params), X, Y, "pooled")
+    dW, _ = positive_tie_expected(params[1])
+    np.testing.assert_allclose(theirs[0][0], dW, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(C.env_gradients(spec, params, X, Y).grads[0], theirs[0], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("width", [1 / 16, 1 / 8, 0.3, 1.0])
+def test_param_names_equal_torch_models(tm, width):
+    """``fast_resnet(w)``'s names and shapes are those of ``FastResNet(width=w)`` and of ``from_spec``."""
+    spec = C.fast_resnet(width)
+    fast = [(n, tuple(p.shape)) for n, p in tm.M.FastResNet(width=width).named_parameters()]
+    assert fast == list(zip(C.param_names(spec), C.param_shapes(spec)))
+    for s in (spec, C.resnet18(width), projection_residual_net()):
+        built = [(n, tuple(p.shape)) for n, p in tm.M.from_spec(s).named_parameters()]
+        assert built == list(zip(C.param_names(s), C.param_shapes(s)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bad_calls():
+    spec = bn_net()
+    params, X, Y = make_problem(spec, K=2, B=2, hw=4)
+    soft = np.full((2, 2, 3), 0.5)
+    nan_params = [p.copy() for p in params]
+    nan_params[2][1] = np.nan
+    nan_X = X.copy()
+    nan_X[1, 0, 1, 2, 3] = np.inf
+    eg = C.env_gradients
+    return [
+        ("spec type", lambda: eg("bn_net", params, X, Y), TypeError, "spec"),
+        ("spec dict kind", lambda: eg({"kind": "mlp"}, params, X, Y), ValueError, "spec"),
+        ("params type", lambda: eg(spec, tuple(params)[0], X, Y), TypeError, "params"),
+        ("params count", lambda: eg(spec, params[:-1], X, Y), ValueError, "params must hold 6"),
+        ("params shape", lambda: eg(spec, [params[0][:, :1]] + params[1:], X, Y), ValueError,
+         r"params\[0\] \(conv.weight\)"),
+        ("params non-finite", lambda: eg(spec, nan_params, X, Y), ValueError, r"params\[2\] \(bn.weight\)"),
+        ("params integer", lambda: eg(spec, [params[0].astype(int)] + params[1:], X, Y), TypeError, r"params\[0\]"),
+        ("X ndim", lambda: eg(spec, params, X[0], Y), ValueError, "X must have shape"),
+        ("X channels", lambda: eg(spec, params, X[:, :, :1], Y), ValueError, "C = 2"),
+        ("X empty", lambda: eg(spec, params, X[:, :0], Y[:, :0]), ValueError, "X must hold"),
+        ("X non-finite", lambda: eg(spec, params, nan_X, Y), ValueError, "X"),
+        ("X integer", lambda: eg(spec, params, X.astype(int), Y), TypeError, "X"),
+        ("Y class", lambda: eg(spec, params, X, Y + 3), ValueError, "Y"),
+        ("Y shape", lambda: eg(spec, params, X, Y[:, :1]), ValueError, "Y"),
+        ("Y soft rows", lambda: eg(spec, params, X, soft), ValueError, "Y"),
+        ("Y bool", lambda: eg(spec, params, X, Y > 0), TypeError, "Y"),
+        ("semantics value", lambda: eg(spec, params, X, Y, semantics="both"), ValueError, "semantics"),
+        ("semantics type", lambda: eg(spec, params, X, Y, semantics=1), TypeError, "semantics"),
+        ("loss value", lambda: eg(spec, params, X, Y, loss="mse"), ValueError, "loss"),
+        ("loss type", lambda: eg(spec, params, X, Y, loss=None), TypeError, "loss"),
+        ("pooled_gradient semantics", lambda: C.pooled_gradient(spec, params, X, Y, semantics="x"), ValueError,
+         "semantics"),
+        ("forward semantics", lambda: C.forward(spec, params, X, semantics="x"), ValueError, "semantics"),
+        ("example Y rows", lambda: C.example_gradients(spec, params, X[0], Y[0, :1]), ValueError, "Y"),
+        ("example X ndim", lambda: C.example_gradients(spec, params, X, Y), ValueError, "X"),
+        ("BatchNorm one value", lambda: eg(spec, params, X[:1, :1, :, :1, :1], Y[:1, :1]), ValueError,
+         "BatchNorm2d 'bn'"),
+        ("per_env one value", lambda: eg(spec, params, X[:, :1, :, :1, :1], Y[:, :1], semantics="per_env"),
+         ValueError, "BatchNorm2d 'bn'"),
+        ("predict running count", lambda: C.predict(spec, params, X[0], []), ValueError, "running_stats"),
+        ("predict X ndim", lambda: C.predict(spec, params, X, C.init_running_stats(spec)), ValueError, "X"),
+        ("no logits", lambda: eg(NetSpec((Conv2d("c", 2, 3, 1), Flatten()), 2), [params[0][:, :, :1, :1]], X, Y),
+         ValueError, "Linear"),
+        ("width value", lambda: C.fast_resnet(0.0), ValueError, "width"),
+        ("width type", lambda: C.resnet18("1"), TypeError, "width"),
+        ("num_classes", lambda: C.fast_resnet(num_classes=0), ValueError, "num_classes"),
+        ("in_channels", lambda: C.resnet18(in_channels=0), ValueError, "in_channels"),
+        ("NetSpec in_channels", lambda: NetSpec((ReLU(),), 0), ValueError, "in_channels"),
+        ("NetSpec layer", lambda: NetSpec((ReLU(), "relu"), 2), TypeError, r"layers\[1\]"),
+        ("NetSpec nested layer", lambda: NetSpec((Residual((ReLU(), 3)),), 2), TypeError, r"layers\[0\]\.body\[1\]"),
+        ("from_dict layer type", lambda: NetSpec.from_dict({"kind": "convnet", "layers": [{"type": "GELU"}]}),
+         ValueError, "type"),
+        ("init rng", lambda: C.init_params(spec, 0), TypeError, "rng"),
+        ("momentum", lambda: C.update_running_stats(C.init_running_stats(spec),
+                                                    eg(spec, params, X, Y).bn_stats, momentum=1.5),
+         ValueError, "momentum"),
+    ]
+
+
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# Found while writing these tests; reported to the lead (not fixed here: reference/convnet.py is not ours). Each is
+# a strict xfail, so the fix turns it into a failure to be promoted into BAD_CALLS above.
+def _gaps():
+    spec = bn_net()
+    params, X, _ = make_problem(spec, K=1, B=2, hw=4)
+    pool_spec = NetSpec((Conv2d("c", 2, 3, 1), MaxPool2d(2, 2, 2), Flatten(), Linear("fc", 48, 2)), 2)
+    return [
+        # a window of padding only: max = -inf, then NaN logits from finite input (torch refuses padding > k/2)
+        ("maxpool padding > kernel/2", lambda: C.forward(pool_spec, C.init_params(pool_spec, np.random.default_rng(0)),
+                                                         X), ValueError, "padding"),
+        # stride 0 is read as "None" (the kernel size) by `layer.stride or layer.kernel_size`
+        ("maxpool stride 0", lambda: MaxPool2d(2, 0), ValueError, "stride"),
+        # running statistics are not validated: a [1] mean broadcasts over 3 channels and gives logits silently
+        ("predict running shape", lambda: C.predict(spec, params, X[0], [RunningStats(np.zeros(1), np.ones(1))]),
+         ValueError, "running_stats"),
+        # a negative running variance gives NaN logits from finite input
+        ("predict running var < 0", lambda: C.predict(spec, params, X[0], [RunningStats(np.zeros(3), -np.ones(3))]),
+         ValueError, "running_stats"),
+        # layer fields are not validated at construction
+        ("conv kernel 0", lambda: Conv2d("c", 2, 3, 0), ValueError, "kernel_size"),
+        ("batchnorm eps 0", lambda: BatchNorm2d("b", 3, eps=0.0), ValueError, "eps"),
+        ("scale nan", lambda: Scale(float("nan")), ValueError, "factor"),
+        # channels that do not chain fail later inside NumPy's matmul, with a message that names no layer
+        ("channels do not chain", lambda: NetSpec((Conv2d("a", 2, 3, 1), Conv2d("b", 4, 3, 1)), 2), ValueError,
+         "in_channels"),
+        # images too small for the network fail inside sliding_window_view ("window shape cannot be larger ...")
+        ("images too small", lambda: C.forward(C.fast_resnet(1 / 16), C.init_params(C.fast_resnet(1 / 16),
+                                                                                   np.random.default_rng(0)),
+                                               np.zeros((1, 2, 3, 4, 4))), ValueError, "X"),
+    ]
+
+
+GAPS = _gaps()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's, on the way to the NaN logits
+@pytest.mark.xfail(strict=True, reason="validation gap in reference/convnet.py, reported to the lead")
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in GAPS], ids=[c[0] for c in GAPS])
+def test_validation_gaps(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_torch_relu_derivative_at_zero_is_zero(tm):
+    """torch's ReLU has derivative 0 at exactly 0, as the oracle's (a measure-zero case no random draw reaches)."""
+    spec = NetSpec((Conv2d("conv", 1, 1, 1, bias=True), ReLU(), GlobalAvgPool(), Linear("fc", 1, 2, bias=False)), 1)
+    X = np.array([[[[[0.0, 1.0], [2.0, 3.0]]]]])
+    params = [np.ones((1, 1, 1, 1)), np.zeros(1), np.array([[0.5], [-0.5]])]
+    Y = np.array([[0]])
+    theirs = plain_autograd(tm, torch_model(tm, spec, params), X, Y, "pooled")
+    for a, b in zip(C.env_gradients(spec, params, X, Y).grads, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-16)
