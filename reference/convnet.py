@@ -60,7 +60,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import losses as _losses
-from .mlp import BatchStats, EnvGradients, RunningStats, update_running_stats
+from .mlp import BatchStats, EnvGradients, RunningStats, check_running_stats, update_running_stats
 from .validate import choice, finite, float_array, integer, positive, real_number
 
 SEMANTICS = ("pooled", "per_env")
@@ -80,6 +80,27 @@ __all__ = ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "GlobalMaxPool", "Globa
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _set(layer, field: str, value) -> None:
+    object.__setattr__(layer, field, value)
+
+
+def _check_name(layer) -> None:
+    if not isinstance(layer.name, str) or not layer.name:
+        raise TypeError(f"{type(layer).__name__} name must be a nonempty string, got {layer.name!r}")
+
+
+def _check_counts(layer, names, low: int = 1) -> None:
+    """Integer fields of ``layer`` at least ``low``, each error naming the layer and the field."""
+    label = f"{type(layer).__name__} {getattr(layer, 'name', '')!r} ".replace(" '' ", " ")
+    for field in names:
+        _set(layer, field, integer(getattr(layer, field), f"{label}{field}", low=low))
+
+
+def _check_bias(layer) -> None:
+    if not isinstance(layer.bias, bool):
+        raise TypeError(f"{type(layer).__name__} {layer.name!r} bias must be True or False, got {layer.bias!r}")
+
+
 @dataclass(frozen=True)
 class Conv2d:
     """``torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)`` (square kernel, zero
@@ -93,6 +114,12 @@ class Conv2d:
     padding: int = 0
     bias: bool = False
 
+    def __post_init__(self):
+        _check_name(self)
+        _check_counts(self, ("in_channels", "out_channels", "kernel_size", "stride"))
+        _check_counts(self, ("padding",), low=0)
+        _check_bias(self)
+
 
 @dataclass(frozen=True)
 class BatchNorm2d:
@@ -102,6 +129,12 @@ class BatchNorm2d:
     channels: int
     eps: float = 1e-5
 
+    def __post_init__(self):
+        _check_name(self)
+        _check_counts(self, ("channels",))
+        _set(self, "eps", positive(real_number(self.eps, f"BatchNorm2d {self.name!r} eps"),
+                                   f"BatchNorm2d {self.name!r} eps"))
+
 
 @dataclass(frozen=True)
 class ReLU:
@@ -110,11 +143,19 @@ class ReLU:
 
 @dataclass(frozen=True)
 class MaxPool2d:
-    """``torch.nn.MaxPool2d(kernel_size, stride, padding)`` (stride None: the kernel size)."""
+    """``torch.nn.MaxPool2d(kernel_size, stride, padding)``; a stride of None is the kernel size, as torch's.
+    ``padding`` is at most ``kernel_size // 2``, as torch requires: a wider pad would make windows of padding only
+    (maximum -inf)."""
 
     kernel_size: int
     stride: int | None = None
     padding: int = 0
+
+    def __post_init__(self):
+        if self.stride is None:
+            _set(self, "stride", self.kernel_size)
+        _check_counts(self, ("kernel_size", "stride"))
+        _set(self, "padding", integer(self.padding, "MaxPool2d padding", low=0, high=self.kernel_size // 2))
 
 
 @dataclass(frozen=True)
@@ -141,12 +182,20 @@ class Linear:
     out_features: int
     bias: bool = True
 
+    def __post_init__(self):
+        _check_name(self)
+        _check_counts(self, ("in_features", "out_features"))
+        _check_bias(self)
+
 
 @dataclass(frozen=True)
 class Scale:
     """Multiply by a constant (FastResNet's logits times 0.125)."""
 
     factor: float
+
+    def __post_init__(self):
+        _set(self, "factor", real_number(self.factor, "Scale factor"))
 
 
 @dataclass(frozen=True)
@@ -157,6 +206,10 @@ class Residual:
     body: tuple
     shortcut: tuple = ()
 
+    def __post_init__(self):
+        _set(self, "body", tuple(self.body))
+        _set(self, "shortcut", tuple(self.shortcut))
+
 
 LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, BatchNorm2d, ReLU, MaxPool2d, GlobalMaxPool, GlobalAvgPool,
                                               Flatten, Linear, Scale, Residual)}
@@ -166,8 +219,10 @@ LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, BatchNorm2d, ReLU, MaxPool2
 class NetSpec:
     """A convolutional network as data: ``layers`` applied in order to images of ``in_channels`` channels.
 
-    :meth:`to_dict` / :meth:`from_dict` give a plain form (lists and dicts), the one the conformance protocol
-    passes (``{"kind": "convnet", ...}``).
+    Construction checks that the layers chain (each layer's input channels or features are what the layer before
+    gives; a residual's body and shortcut end alike) and that no two layers share a name; :func:`forward` and the
+    other functions check that the images are large enough. :meth:`to_dict` / :meth:`from_dict` give a plain form
+    (lists and dicts), the one the conformance protocol passes (``{"kind": "convnet", ...}``).
     """
 
     layers: tuple
@@ -177,14 +232,16 @@ class NetSpec:
         object.__setattr__(self, "in_channels", integer(self.in_channels, "in_channels", low=1))
         object.__setattr__(self, "layers", tuple(self.layers))
         _check_layers(self.layers, "layers")
+        _check_unique_names(self.layers)
+        _trace(self.layers, _Shape(self.in_channels), "layers")
 
     def to_dict(self) -> dict:
         return {"kind": "convnet", "in_channels": self.in_channels, "layers": [_layer_to_dict(x) for x in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> NetSpec:
-        if not isinstance(data, dict) or data.get("kind") != "convnet":
-            raise ValueError(f"spec must be a dict with kind 'convnet', got {data!r:.80}")
+        if not isinstance(data, dict) or data.get("kind") != "convnet" or not isinstance(data.get("layers"), list):
+            raise ValueError(f"spec must be a dict with kind 'convnet' and a list of layers, got {data!r:.80}")
         return cls(tuple(_layer_from_dict(x) for x in data["layers"]), data.get("in_channels", 3))
 
     @property
@@ -207,6 +264,10 @@ def _layer_from_dict(data: dict):
     if not isinstance(data, dict) or data.get("type") not in LAYER_TYPES:
         raise ValueError(f"a layer must be a dict with a type in {sorted(LAYER_TYPES)}, got {data!r:.80}")
     values = {k: v for k, v in data.items() if k != "type"}
+    known = {f.name for f in fields(LAYER_TYPES[data["type"]])}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"a {data['type']} layer has fields {sorted(known)}, got unknown {unknown}")
     if data["type"] == "Residual":
         values = {k: tuple(_layer_from_dict(x) for x in v) for k, v in values.items()}
     return LAYER_TYPES[data["type"]](**values)
@@ -235,6 +296,93 @@ def _check_layers(layers, where: str) -> None:
         if isinstance(layer, Residual):
             _check_layers(layer.body, f"{where}[{i}].body")
             _check_layers(layer.shortcut, f"{where}[{i}].shortcut")
+
+
+def _check_unique_names(layers) -> None:
+    seen = set()
+    for layer in _walk(layers):
+        name = getattr(layer, "name", None)
+        if name in seen:
+            raise ValueError(f"layers: the name {name!r} is used by two layers (names are state_dict keys)")
+        if name is not None:
+            seen.add(name)
+
+
+class _Shape(NamedTuple):
+    """What flows between layers: images ``[channels, height, width]`` or features ``[channels]``
+    (``image=False``). Sizes are None where unknown: height and width when tracing a spec without images, the
+    features of a Flatten then."""
+
+    channels: int | None
+    height: int | None = None
+    width: int | None = None
+    image: bool = True
+
+
+def _describe(layer) -> str:
+    return f"{type(layer).__name__} {layer.name!r}" if hasattr(layer, "name") else type(layer).__name__
+
+
+def _expect(where: str, layer, field: str, actual) -> None:
+    expected = getattr(layer, field)
+    if actual is not None and actual != expected:
+        raise ValueError(f"{where} ({_describe(layer)}) {field} is {expected}, but its input has {actual}")
+
+
+def _window_output(shape: _Shape, k: int, s: int, p: int, where: str, layer, images: str | None):
+    """Height and width after a k x k window of stride s over a p-padded input (None where unknown)."""
+    if shape.height is None:
+        return None, None
+    if min(shape.height, shape.width) + 2 * p < k:
+        raise ValueError(f"{images} are too small for the network: {where} ({_describe(layer)}) gets "
+                         f"{shape.height}x{shape.width} pixels, fewer than its {k}x{k} window with padding {p}")
+    return (shape.height + 2 * p - k) // s + 1, (shape.width + 2 * p - k) // s + 1
+
+
+def _trace(layers, shape: _Shape, where: str, images: str | None = None) -> _Shape:
+    """The shape after ``layers`` on an input of ``shape``: checks that channels and features chain and, with
+    sizes known (``images`` names them in errors), that every window fits."""
+    for i, layer in enumerate(layers):
+        here = f"{where}[{i}]"
+        needs_images = (Conv2d, BatchNorm2d, MaxPool2d, GlobalMaxPool, GlobalAvgPool)
+        if isinstance(layer, needs_images) and not shape.image:
+            raise ValueError(f"{here} ({_describe(layer)}) needs images [C, H, W], but its input is features")
+        if isinstance(layer, Linear) and shape.image:
+            raise ValueError(f"{here} ({_describe(layer)}) needs features, but its input is images [C, H, W] "
+                             f"(pool or Flatten first)")
+        if isinstance(layer, Conv2d):
+            _expect(here, layer, "in_channels", shape.channels)
+            size = _window_output(shape, layer.kernel_size, layer.stride, layer.padding, here, layer, images)
+            shape = _Shape(layer.out_channels, *size)
+        elif isinstance(layer, BatchNorm2d):
+            _expect(here, layer, "channels", shape.channels)
+        elif isinstance(layer, MaxPool2d):
+            shape = _Shape(shape.channels,
+                           *_window_output(shape, layer.kernel_size, layer.stride, layer.padding, here, layer, images))
+        elif isinstance(layer, (GlobalMaxPool, GlobalAvgPool)):
+            shape = _Shape(shape.channels, image=False)
+        elif isinstance(layer, Flatten) and shape.image:
+            features = None if shape.height is None else shape.channels * shape.height * shape.width
+            shape = _Shape(features, image=False)
+        elif isinstance(layer, Linear):
+            if images is not None and shape.channels != layer.in_features:
+                raise ValueError(f"{images} give {shape.channels} features at {here} ({_describe(layer)}), which "
+                                 f"takes {layer.in_features}")
+            _expect(here, layer, "in_features", shape.channels)
+            shape = _Shape(layer.out_features, image=False)
+        elif isinstance(layer, Residual):
+            body = _trace(layer.body, shape, f"{here}.body", images)
+            shortcut = _trace(layer.shortcut, shape, f"{here}.shortcut", images)
+            if any(a is not None and b is not None and a != b for a, b in zip(body, shortcut)):
+                raise ValueError(f"{here} (Residual): the body gives {_shape_text(body)} but the shortcut "
+                                 f"{_shape_text(shortcut)}")
+            shape = body
+    return shape
+
+
+def _shape_text(shape: _Shape) -> str:
+    sizes = [shape.channels] + ([shape.height, shape.width] if shape.image else [])
+    return "[" + ", ".join("?" if n is None else str(n) for n in sizes) + "]"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +601,7 @@ def _bn_backward(gamma, dy, saved):
 
 
 def _maxpool_forward(layer: MaxPool2d, x):
-    k, s = layer.kernel_size, layer.stride or layer.kernel_size
+    k, s = layer.kernel_size, layer.stride
     windows = _windows(_pad(x, layer.padding, -np.inf), k, s)               # [..., H', W', k, k]
     flat = windows.reshape(*windows.shape[:-2], k * k)
     first = np.argmax(flat, axis=-1)                                         # the first maximum, row-major
@@ -462,7 +610,7 @@ def _maxpool_forward(layer: MaxPool2d, x):
 
 def _maxpool_backward(layer: MaxPool2d, dy, saved):
     first, x_shape = saved
-    k, s, p = layer.kernel_size, layer.stride or layer.kernel_size, layer.padding
+    k, s, p = layer.kernel_size, layer.stride, layer.padding
     T, R, C, Ho, Wo = dy.shape
     H, W = x_shape[-2:]
     dx = np.zeros((T, R, C, H + 2 * p, W + 2 * p))
@@ -620,6 +768,8 @@ def _check_images(spec: NetSpec, X, *, ndim: int, name: str = "X") -> np.ndarray
         raise ValueError(f"{name} must have shape {layout} with C = {spec.in_channels}, got {arr.shape}")
     if 0 in arr.shape:
         raise ValueError(f"{name} must hold at least one image of at least one pixel, got shape {arr.shape}")
+    H, W = arr.shape[-2:]
+    _trace(spec.layers, _Shape(spec.in_channels, H, W), "layers", images=f"{name}: images of {H}x{W} pixels")
     return finite(arr, name).astype(np.float64, copy=False)
 
 
@@ -670,10 +820,7 @@ def predict(spec, params, X, running_stats) -> np.ndarray:
     spec = _check_spec(spec)
     params = _check_params(spec, params)
     X = _check_images(spec, X, ndim=4)
-    running = list(running_stats)
-    if len(running) != len(_batch_norms(spec)):
-        raise ValueError(f"running_stats must hold one RunningStats per BatchNorm2d ({len(_batch_norms(spec))}), "
-                         f"got {len(running)}")
+    running = check_running_stats(running_stats, [bn.channels for bn in _batch_norms(spec)])
     logits, _, _ = _run(spec, params, X[None], running)
     return logits[0]
 
@@ -691,7 +838,8 @@ def running_stats_after(spec, params, X, *, semantics: str = "pooled", running_s
     X = _check_images(spec, X, ndim=5)
     K, B = X.shape[:2]
     _, _, stats = _run(spec, params, X.reshape(1, K * B, *X.shape[2:]) if semantics == "pooled" else X)
-    running = init_running_stats(spec) if running_stats is None else list(running_stats)
+    running = (init_running_stats(spec) if running_stats is None
+               else check_running_stats(running_stats, [bn.channels for bn in _batch_norms(spec)]))
     return update_running_stats(running, stats, momentum)
 
 

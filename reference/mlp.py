@@ -489,7 +489,12 @@ def init_running_stats(spec: MLPSpec) -> list[RunningStats]:
 
 
 def _check_running(spec: MLPSpec, running, name: str) -> list[RunningStats]:
-    widths = spec.hidden if spec.batch_norm else ()
+    return check_running_stats(running, spec.hidden if spec.batch_norm else (), name)
+
+
+def check_running_stats(running, widths, name: str = "running_stats") -> list[RunningStats]:
+    """``running`` as float64 RunningStats, one per BatchNorm layer of ``widths`` features (channels): finite
+    means and nonnegative variances of shape ``(width,)``; errors name ``name[i]``."""
     if not isinstance(running, (list, tuple)) or len(running) != len(widths):
         got = f"{len(running)} entries" if isinstance(running, (list, tuple)) else type(running).__name__
         raise ValueError(f"{name} must be a list of {len(widths)} RunningStats (one per BatchNorm layer), got {got}")

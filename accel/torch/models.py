@@ -164,7 +164,7 @@ class SpecNet(nn.Module):
             elif isinstance(layer, _convnet.ReLU):
                 x = F.relu(x)
             elif isinstance(layer, _convnet.MaxPool2d):
-                x = F.max_pool2d(x, layer.kernel_size, layer.stride or layer.kernel_size, layer.padding)
+                x = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding)
             elif isinstance(layer, _convnet.GlobalMaxPool):
                 x = F.adaptive_max_pool2d(x, 1).flatten(1)
             elif isinstance(layer, _convnet.GlobalAvgPool):
