@@ -27,6 +27,7 @@ class Command(NamedTuple):
     run: str = "run"                # the name of the run function
     description: str | None = None  # for a module that does not describe its command itself
     interrupted: str | None = None  # likewise, what an interrupt keeps
+    stages: bool = False            # the command has stages (subcommands), each with its own --threads
 
 
 _CONFORMANCE = (
@@ -59,6 +60,8 @@ COMMANDS = {
                        "(Fig. 9) with the per-example AND-mask", torch=True),
     "env-count": Command("hardtovary.experiments.cmd_env_count", "max o.o.d. test accuracy against the number of "
                          "training environments (Fig. 15, App. B.4)", torch=True),
+    "coinrun": Command("hardtovary.experiments.cmd_coinrun", "CoinRun behavioural cloning: label with a planning "
+                       "expert, clone with Adam vs the temporal AND-mask, TPE search (§3.3)", stages=True),
 }
 
 
@@ -78,12 +81,14 @@ def build_parser(commands=None):
         if commands is None or name in commands:
             module = importlib.import_module(command.module)
             module.add_arguments(sub)
-            sub.set_defaults(run=getattr(module, command.run))
+            if not command.stages:  # a command with stages leaves `run` to the stage parsed
+                sub.set_defaults(run=getattr(module, command.run))
             if command.description is not None:
                 sub.description = command.description
             if command.interrupted is not None:
                 sub.set_defaults(interrupted=command.interrupted)
-            runtime.add_threads_option(sub)
+            if not command.stages:
+                runtime.add_threads_option(sub)
     return parser
 
 

@@ -152,6 +152,18 @@ def bool_list(text: str) -> tuple[bool, ...]:
     return tuple(dict.fromkeys(words[v] for v in values))
 
 
+def level_range(text: str) -> range:
+    """Procgen level seeds as ``START:STOP`` (``STOP`` excluded, as Python's ranges), ``0 <= START < STOP <=
+    2**31 - 1`` (Procgen's seeds are 32-bit signed integers)."""
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be START:STOP (e.g. 0:64, STOP excluded), got {text!r}") from None
+    if not 0 <= start < stop <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be START:STOP with 0 <= START < STOP <= 2147483647, got {text!r}")
+    return range(start, stop)
+
+
 # ---- option groups -------------------------------------------------------------------------------------------------
 
 
