@@ -89,6 +89,11 @@ def limited_threads(threads: int):
                 os.environ[name] = value
 
 
+#: Optional libraries whose versions are recorded when the command imported them: module -> the name recorded
+#: (procgen's distribution is procgen2).
+_OPTIONAL = {"cupy": "cupy", "procgen": "procgen2", "optuna": "optuna"}
+
+
 def _distribution_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -102,7 +107,6 @@ def describe() -> dict:
     import numpy
 
     torch = sys.modules.get("torch")
-    cupy = sys.modules.get("cupy")
     pools = [{key: info.get(key) for key in ("user_api", "internal_api", "prefix", "version", "threading_layer",
                                               "architecture", "num_threads")}
              for info in threadpoolctl.threadpool_info()]
@@ -112,7 +116,8 @@ def describe() -> dict:
         "cpu_count": os.cpu_count(),
         "versions": {"hardtovary": __version__, "numpy": numpy.__version__, "scipy": _distribution_version("scipy"),
                      "torch": _distribution_version("torch"), "threadpoolctl": threadpoolctl.__version__,
-                     **({"cupy": cupy.__version__} if cupy is not None else {})},
+                     **{label: str(getattr(sys.modules[module], "__version__", "")).strip() or None
+                        for module, label in _OPTIONAL.items() if module in sys.modules}},
         "threads": {"variables": {name: os.environ.get(name) for name in (THREADS_ENV_VAR,
                                                                                 *_THREAD_VARIABLES)},
                     "torch": torch.get_num_threads() if torch is not None else None,

@@ -62,7 +62,7 @@ def label_level(level: int, states: int, settings: ExpertSettings, seed: int = 0
     values = np.asarray(values)[keep]
     targets = np.stack([soft_targets(v, settings.temperature) for v in values])
     meta = {"package": game.PACKAGE, "version": game.package_version(), "hardtovary": __version__,
-            "decisions": len(frames), "seconds": seconds}
+            "decisions": len(frames), "kept": keep.tolist(), "seconds": seconds}
     return LevelLabels(int(level), np.stack(frames)[keep], targets, values, episodes, solved, greedy_solved, meta)
 
 
