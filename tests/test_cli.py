@@ -108,6 +108,17 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_second_verbatim():
     assert commands[1] in ci
 
 
+def test_the_test_command_installs_procgen_as_the_coinrun_errors_say():
+    """CI plays real CoinRun: its command installs the coinrun extra, then procgen2, gym3 and gym without their
+    dependencies (their metadata pin numpy<2), in the words the missing-Procgen error gives."""
+    from hardtovary.experiments.coinrun import game
+
+    command = quick_start_commands()[1]
+    assert '".[test,torch,coinrun]"' in command
+    no_deps = re.search(r"pip install --no-deps [^&]+", command).group(0).strip()
+    assert no_deps in game.INSTALL and f"procgen2=={game.PACKAGE_VERSION}" in no_deps
+
+
 @pytest.mark.slow
 def test_the_quick_start_job_and_the_numpy_commands_run_without_torch(tmp_path):
     # block `import torch` in a fresh interpreter, as on a machine that installed only ".[plot]"
