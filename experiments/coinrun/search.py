@@ -1,0 +1,237 @@
+"""TPE search of the cloning hyperparameters (paper §3.3, App. B.6, Table 3): one optuna study per method.
+
+The paper tuned each method with a TPE study (Bergstra et al. 2013) of 1024 trials and reports the best runs'
+"minimum test loss". Here each method has its study ``coinrun-<method>``, sampled by optuna's ``TPESampler(seed=
+SEED)`` and stored in ``OUT/study.db`` (SQLite). A trial trains one run (:func:`hardtovary.experiments.coinrun.
+cloning.train_run`) in ``OUT/trials/<run key>/`` and its objective is the run's minimum test KL over the epochs.
+Selection therefore uses the test levels, as the paper did: the reported minimum is an optimistic estimate, not a
+held-out one.
+
+The search space is :data:`SPACE` (the paper gives no ranges; these contain every row of Table 3): learning rate
+log-uniform in [1e-3, 1e-2]; beta1 uniform in [0.1, 0.9]; for ``and_mask`` beta3 uniform in [0.5, 0.99] and tau
+uniform in [0.1, 0.8]; weight decay, for both methods, a switch ``weight_decay_on`` (App. B.6: "a search switch")
+and, when on, log-uniform in [1e-3, 1e-1]. beta2 = 0.999 and eps = 1e-8 are fixed. Every trial trains with the
+same seed ``SEED`` (initialisation and batch order), so trials differ in their hyperparameters only.
+
+Budget and resuming: ``trials`` counts COMPLETE trials per method. A trial whose run diverges (non-finite loss)
+is recorded as FAIL and does not count. A search interrupted with Ctrl-C puts the running trial's parameters back
+in the queue; one killed outright leaves its trial RUNNING, and the next start marks it FAIL and queues its
+parameters again. Either way the queued trial has the same run key and resumes the run from its last finished
+epoch. One search at a time per run folder: the start treats every RUNNING trial as left by a killed process. The
+sampler's random state is not stored, so the draws after a resume are not those an uninterrupted search would
+have made (the trials already finished are the same).
+
+Output: ``OUT/results.json`` (every COMPLETE trial: number, parameters, minimum test KL, run configuration and
+history; the counts of failed trials; the best ``top`` per method), ``OUT/table.txt`` (the Table 3-style listing
+of the best runs) and the figures of :func:`hardtovary.experiments.coinrun.figures.write_figures` over the best
+``top`` runs of each method.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from hardtovary.experiments.coinrun import cloning
+from hardtovary.experiments.errors import UsageError, usage_errors
+from hardtovary.experiments.options import install_hint
+from hardtovary.experiments.progress import note_resume
+from hardtovary.experiments.runfolder import RunFolder, write_atomic
+
+__all__ = ["Range", "SPACE", "TOP", "STORAGE_FILE", "TABLE_FILE", "require_optuna", "study_name", "suggest", "recover",
+           "run", "best_trials", "format_table"]
+
+
+class Range(NamedTuple):
+    """One searched hyperparameter: drawn uniformly (``log``: log-uniformly) in [low, high], for ``methods``;
+    with ``switch``, first a categorical on/off choice ``<name>_on``, and 0 when off."""
+
+    low: float
+    high: float
+    log: bool
+    methods: tuple
+    switch: bool = False
+
+
+#: The search space (the paper does not give its ranges; these contain Table 3's rows).
+SPACE = {
+    "lr": Range(1e-3, 1e-2, True, cloning.METHODS),
+    "beta1": Range(0.1, 0.9, False, cloning.METHODS),
+    "beta3": Range(0.5, 0.99, False, ("and_mask",)),
+    "tau": Range(0.1, 0.8, False, ("and_mask",)),
+    "weight_decay": Range(1e-3, 1e-1, True, cloning.METHODS, switch=True),
+}
+#: How many of the best runs per method the listing and the figures show (the main text's "10 best runs").
+TOP = 10
+STORAGE_FILE = "study.db"
+TABLE_FILE = "table.txt"
+#: The columns of the listing after the test KL, as in Table 3.
+TABLE_COLUMNS = ("lr", "beta1", "beta3", "tau", "weight_decay")
+
+
+def require_optuna():
+    """The ``optuna`` module, or a UsageError saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise UsageError(f"the CoinRun search needs optuna, which is not installed; "
+                         f"{install_hint('coinrun')}") from None
+    return optuna
+
+
+def study_name(method: str) -> str:
+    return f"coinrun-{method}"
+
+
+def suggest(trial, method: str) -> dict:
+    """The hyperparameters of ``method`` drawn for ``trial`` from :data:`SPACE`, as keyword arguments of
+    :func:`hardtovary.experiments.coinrun.cloning.method_config`."""
+    params = {}
+    for name, r in SPACE.items():
+        if method not in r.methods:
+            continue
+        if r.switch and not trial.suggest_categorical(f"{name}_on", (False, True)):
+            params[name] = 0.0
+        else:
+            params[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    return params
+
+
+def recover(study) -> int:
+    """Mark the trials a killed search left RUNNING as FAIL and queue their parameters again; how many."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params)
+    return len(stale)
+
+
+def _complete(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _failed(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
+class _Objective:
+    """A trial: the configuration of its drawn hyperparameters, trained (or resumed, or reused when finished) in
+    its own folder; the value is the run's minimum test KL, NaN (a FAIL) when the run diverged."""
+
+    def __init__(self, method, folder: RunFolder, data, settings: dict, device: str, trials_bar, progress: bool):
+        self.method, self.folder, self.data, self.settings = method, folder, data, settings
+        self.device, self.trials_bar, self.progress = device, trials_bar, progress
+
+    def __call__(self, trial) -> float:
+        from tqdm import tqdm
+
+        config = cloning.method_config(self.method, **suggest(trial, self.method), **self.settings)
+        key = config.key()
+        trial.set_user_attr("run", key)
+        outcome = self.folder.finished(key)
+        if outcome is None:
+            run_folder = self.folder.root / "trials" / key
+            total = (config.epochs - cloning.epochs_done(run_folder)) * cloning.steps_per_epoch(self.data, config)
+            try:
+                with tqdm(total=total, disable=not self.progress, unit="step", leave=False,
+                          dynamic_ncols=True) as bar:
+                    bar.set_description(f"trial {trial.number}")
+                    outcome = cloning.train_run(run_folder, self.data, config, device=self.device,
+                                                on_step=lambda: bar.update(1), on_epoch=cloning.show_kl(bar))
+            except cloning.Diverged as exc:
+                self.trials_bar.write(f"{self.method} trial {trial.number}: {exc}; recorded as failed")
+                return math.nan
+            except KeyboardInterrupt:
+                trial.study.enqueue_trial(trial.params)
+                raise
+            self.folder.save(key, outcome)
+        self.trials_bar.update(1)
+        return outcome["min_test_kl"]
+
+
+def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int = cloning.EPOCHS,
+        width: float = cloning.WIDTH, batch_size: int = cloning.BATCH_SIZE, top: int = TOP, seed: int = 0,
+        device: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
+    """Search each of ``methods`` until its study holds ``trials`` COMPLETE trials (resuming ``out``), then write
+    ``out/results.json`` and ``out/table.txt``. Returns the results: ``config``, and per method ``complete``,
+    ``failed``, ``trials`` (every COMPLETE trial, in trial order) and ``best`` (the ``top`` best trials' numbers).
+    UsageError when a round of trials completes none (every run diverged)."""
+    from tqdm import tqdm
+
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    out = Path(out)
+    device = cloning.resolve_device(device)
+    settings = dict(epochs=epochs, batch_size=batch_size, width=width, seed=seed)
+    with usage_errors():  # refuse bad settings before anything runs
+        for method in methods:
+            cloning.method_config(method, **settings)
+    data = cloning.load_data(labels_folder)
+    folder = RunFolder(out, {"labels": cloning.label_folder_config(labels_folder, data), **settings,
+                             "space": {name: r._asdict() for name, r in SPACE.items()}}, fresh=fresh)
+    storage = f"sqlite:///{(out / STORAGE_FILE).resolve()}"
+    studies = {method: optuna.create_study(storage=storage, study_name=study_name(method), direction="minimize",
+                                           sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+               for method in methods}
+    requeued = sum(recover(study) for study in studies.values())
+    done = sum(min(len(_complete(study)), trials) for study in studies.values())
+    note_resume(done, trials * len(methods), "trials", folder.root)
+    if requeued:
+        tqdm.write(f"resuming: {requeued} trial(s) left running by a killed search, queued again", file=sys.stderr)
+    with tqdm(total=trials * len(methods), initial=done, disable=not progress, unit="trial",
+              dynamic_ncols=True) as bar:
+        for method, study in studies.items():
+            bar.set_description(method)
+            objective = _Objective(method, folder, data, settings, device, bar, progress)
+            while len(_complete(study)) < trials:
+                before = len(_complete(study))
+                study.optimize(objective, n_trials=trials - before)
+                if len(_complete(study)) == before:
+                    raise UsageError(f"no {method} trial of the last {trials - before} completed (every run "
+                                     f"diverged); see {out / STORAGE_FILE}")
+    results = {"config": folder.config,
+               "methods": {method: _method_results(study, folder, top) for method, study in studies.items()}}
+    folder.write_results(results)
+    write_atomic(out / TABLE_FILE, lambda f: f.write(format_table(results) + "\n"))
+    return results
+
+
+def _method_results(study, folder: RunFolder, top: int) -> dict:
+    records = []
+    for trial in _complete(study):
+        outcome = folder.finished(trial.user_attrs["run"])
+        records.append({"number": trial.number, "params": trial.params, "min_test_kl": trial.value,
+                        "run": trial.user_attrs["run"], **outcome})
+    return {"complete": len(records), "failed": _failed(study), "trials": records,
+            "best": [r["number"] for r in cloning.best_runs(records, top)]}
+
+
+def best_trials(results: dict) -> dict:
+    """``{method: [trial record, ...]}``: the best trials of each method, best first (``results["methods"][m]
+    ["best"]``)."""
+    out = {}
+    for method, r in results["methods"].items():
+        by_number = {t["number"]: t for t in r["trials"]}
+        out[method] = [by_number[n] for n in r["best"]]
+    return out
+
+
+def format_table(results: dict) -> str:
+    """Table 3-style listing: per method its best trials, best first, with the minimum test KL and the
+    hyperparameters (``-`` where the method has none)."""
+    header = f"{'method':<10}{'trial':>6}{'test KL':>12}" + "".join(f"{c.replace('_', ' '):>14}" for c in TABLE_COLUMNS)
+    lines = [header]
+    for method, records in best_trials(results).items():
+        for r in records:
+            cells = "".join(f"{'-' if r['config'][c] is None else format(r['config'][c], '.3g'):>14}"
+                            for c in TABLE_COLUMNS)
+            lines.append(f"{method:<10}{r['number']:>6}{r['min_test_kl']:>12.4e}{cells}")
+    return "\n".join(lines)
