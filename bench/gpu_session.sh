@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU machine, in one go (for a device session of a few minutes).
 #
-#   OUT=/some/folder bash bench/gpu_session.sh
+#   OUT=/some/folder [STEPS="checks coinrun"] bash bench/gpu_session.sh
 #
 # Installs the working tree (no dependencies: the machine's NumPy, SciPy, CuPy, torch, hypothesis and pytest are
-# used), then, each step with its own time limit and log under $OUT:
-#   gpu_check.txt            bench/gpu_check.py: every CuPy path against the NumPy oracle, then kernel timings
-#   pytest_cupy.txt          the CuPy-only tests (skipped in CI) with the rest of their modules
-#   cifar10_epoch.txt        bench/bench_cifar10_epoch.py: one epoch of the CIFAR-10 loop, plain vs AND-mask
-#   torch_env_gradients.txt  bench/bench_torch_env_gradients.py on cuda: per-environment gradients vs the authors'
+# used), then runs the steps named in STEPS (default: all), each part with its own time limit and log under $OUT:
+#   checks:
+#     gpu_check.txt            bench/gpu_check.py: every CuPy path against the NumPy oracle, then kernel timings
+#     pytest_cupy.txt          the CuPy-only tests (skipped in CI) with the rest of their modules
+#     cifar10_epoch.txt        bench/bench_cifar10_epoch.py: one epoch of the CIFAR-10 loop, plain vs AND-mask
+#     torch_env_gradients.txt  bench/bench_torch_env_gradients.py on cuda: per-environment gradients vs the authors'
+#   coinrun:
+#     coinrun_label.txt        labelling on the machine's cores, only where Procgen imports there (procgen2 0.10.7
+#                              ships a CPython 3.11 wheel only); otherwise the labels come with the working tree:
+#                              make them beforehand on a CPU machine into $COINRUN_LABELS (default
+#                              bench/coinrun-labels, ignored by git) and name that folder in the run's carry
+#     coinrun_train.txt        `hardtovary coinrun train` of both methods with the paper's ResNet-18 (width 1) on
+#                              cuda: the per-epoch cost and the KL curves; coinrun_results.json its results.json
 set -u
 OUT=${OUT:-/tmp/gpu_session}
+STEPS=${STEPS:-checks coinrun}
+COINRUN_LABELS=${COINRUN_LABELS:-bench/coinrun-labels}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/hardtovary-site . \
@@ -19,11 +29,26 @@ export PYTHONPATH=/tmp/hardtovary-site
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import sys, numpy, scipy, cupy, torch; print('python', sys.version.split()[0], 'numpy', numpy.__version__,
 'scipy', scipy.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"; } 2>&1 | tee "$OUT/device.txt"
-timeout 240 python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_accel_rules.py tests/test_accel_quadratic.py \
-    tests/test_sweep.py 2>&1 | tee "$OUT/pytest_cupy.txt"
-timeout 100 python3 bench/bench_cifar10_epoch.py --device cuda --n-train 8000 --n-test 1000 2>&1 \
-    | tee "$OUT/cifar10_epoch.txt"
-timeout 60 python3 bench/bench_torch_env_gradients.py --devices cuda --repeats 5 2>&1 \
-    | tee "$OUT/torch_env_gradients.txt"
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+if wants checks; then
+  timeout 240 python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_accel_rules.py tests/test_accel_quadratic.py \
+      tests/test_sweep.py 2>&1 | tee "$OUT/pytest_cupy.txt"
+  timeout 100 python3 bench/bench_cifar10_epoch.py --device cuda --n-train 8000 --n-test 1000 2>&1 \
+      | tee "$OUT/cifar10_epoch.txt"
+  timeout 60 python3 bench/bench_torch_env_gradients.py --devices cuda --repeats 5 2>&1 \
+      | tee "$OUT/torch_env_gradients.txt"
+fi
+if wants coinrun; then
+  if python3 -c "import procgen" 2>/dev/null; then
+    COINRUN_LABELS=/tmp/coinrun-labels
+    timeout 240 python3 -m hardtovary coinrun label --train-levels 0:64 --states 250 \
+        --test-levels 1000000:1000500 --workers 16 --no-progress --out "$COINRUN_LABELS" 2>&1 \
+        | tee "$OUT/coinrun_label.txt"
+  fi
+  timeout 300 python3 -m hardtovary coinrun train --labels "$COINRUN_LABELS" --out /tmp/coinrun-train \
+      --methods adam,and_mask --seeds 0 --epochs 8 --width 1 --device cuda --threads 0 --no-progress 2>&1 \
+      | tee "$OUT/coinrun_train.txt"
+  cp /tmp/coinrun-train/results.json "$OUT/coinrun_results.json" 2>/dev/null
+fi
 echo "gpu_session done"
