@@ -1,9 +1,10 @@
 """TPE search of the cloning hyperparameters (paper §3.3, App. B.6, Table 3): one optuna study per method.
 
 The paper tuned each method with a TPE study (Bergstra et al. 2013) of 1024 trials and reports the best runs'
-"minimum test loss". Here each method has its study ``coinrun-<method>``, sampled by optuna's ``TPESampler(seed=
-SEED)`` and stored in ``OUT/study.db`` (SQLite). A trial trains one run (:func:`hardtovary.experiments.coinrun.
-cloning.train_run`) in ``OUT/trials/<run key>/`` and its objective is the run's minimum test KL over the epochs.
+"minimum test loss". Here each method has its study ``coinrun-<method>``, sampled by optuna's ``TPESampler``
+(seeded by :func:`sampler_seed`) and stored in ``OUT/study.db`` (SQLite). A trial trains one run
+(:func:`hardtovary.experiments.coinrun.cloning.train_run`) in ``OUT/trials/<run key>/`` and its objective is the
+run's minimum test KL over the epochs.
 Selection therefore uses the test levels, as the paper did: the reported minimum is an optimistic estimate, not a
 held-out one.
 
@@ -17,9 +18,10 @@ Budget and resuming: ``trials`` counts COMPLETE trials per method. A trial whose
 is recorded as FAIL and does not count. A search interrupted with Ctrl-C puts the running trial's parameters back
 in the queue; one killed outright leaves its trial RUNNING, and the next start marks it FAIL and queues its
 parameters again. Either way the queued trial has the same run key and resumes the run from its last finished
-epoch. One search at a time per run folder: the start treats every RUNNING trial as left by a killed process. The
-sampler's random state is not stored, so the draws after a resume are not those an uninterrupted search would
-have made (the trials already finished are the same).
+epoch. One search at a time per run folder: the start treats every RUNNING trial as left by a killed process.
+The sampler's random state is not stored; each start seeds it from SEED, the method and the number of trials its
+study holds, so a search is reproducible from its start, a resumed one does not repeat the draws of the first
+start, and its later draws are not those an uninterrupted search would have made.
 
 Output: ``OUT/results.json`` (every COMPLETE trial: number, parameters, minimum test KL, run configuration and
 history; the counts of failed trials; the best ``top`` per method), ``OUT/table.txt`` (the Table 3-style listing
@@ -34,14 +36,16 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from hardtovary.experiments.coinrun import cloning
 from hardtovary.experiments.errors import UsageError, usage_errors
 from hardtovary.experiments.options import install_hint
 from hardtovary.experiments.progress import note_resume
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 
-__all__ = ["Range", "SPACE", "TOP", "STORAGE_FILE", "TABLE_FILE", "require_optuna", "study_name", "suggest", "recover",
-           "run", "best_trials", "format_table"]
+__all__ = ["Range", "SPACE", "TOP", "STORAGE_FILE", "TABLE_FILE", "require_optuna", "study_name", "suggest",
+           "sampler_seed", "recover", "run", "best_trials", "format_table"]
 
 
 class Range(NamedTuple):
@@ -99,6 +103,12 @@ def suggest(trial, method: str) -> dict:
     return params
 
 
+def sampler_seed(seed: int, method: str, trials: int) -> int:
+    """The seed of ``method``'s TPE sampler when its study holds ``trials`` trials: from ``seed``, the method and
+    that count, so that a resumed search does not draw again the points its first start drew."""
+    return int(np.random.SeedSequence([seed, cloning.METHODS.index(method), trials]).generate_state(1)[0])
+
+
 def recover(study) -> int:
     """Mark the trials a killed search left RUNNING as FAIL and queue their parameters again; how many."""
     from optuna.trial import TrialState
@@ -147,7 +157,7 @@ class _Objective:
                     outcome = cloning.train_run(run_folder, self.data, config, device=self.device,
                                                 on_step=lambda: bar.update(1), on_epoch=cloning.show_kl(bar))
             except cloning.Diverged as exc:
-                self.trials_bar.write(f"{self.method} trial {trial.number}: {exc}; recorded as failed")
+                self.trials_bar.write(f"{self.method} trial {trial.number}: {exc}; recorded as failed", file=sys.stderr)
                 return math.nan
             except KeyboardInterrupt:
                 trial.study.enqueue_trial(trial.params)
@@ -179,8 +189,9 @@ def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int
                              "space": {name: r._asdict() for name, r in SPACE.items()}}, fresh=fresh)
     storage = f"sqlite:///{(out / STORAGE_FILE).resolve()}"
     studies = {method: optuna.create_study(storage=storage, study_name=study_name(method), direction="minimize",
-                                           sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
-               for method in methods}
+                                           load_if_exists=True) for method in methods}
+    for method, study in studies.items():
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, method, len(study.trials)))
     requeued = sum(recover(study) for study in studies.values())
     done = sum(min(len(_complete(study)), trials) for study in studies.values())
     note_resume(done, trials * len(methods), "trials", folder.root)
