@@ -58,6 +58,7 @@ def plot_kl_curves(runs_by_method: dict, path, top: int | None = None) -> Path |
     for ax, title in zip(axes, ("training levels", "test levels")):
         ax.set_title(f"KL(expert || policy), {title}")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("KL divergence (nats)")
