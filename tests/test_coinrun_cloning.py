@@ -192,7 +192,7 @@ def test_and_mask_first_step_is_algorithm_1_without_bias_correction():
         optimizer = cloning.make_optimizer(model.parameters(), config)
         assert isinstance(optimizer, TemporalAndMaskAdam)
         returned = cloning.train_step(model, optimizer, x, targets, lr=config.lr, weight_decay=0.0)
-        assert float(returned) == pytest.approx(float(loss), rel=1e-6)  # the mean soft cross-entropy
+        assert float(returned) == pytest.approx(loss.item(), rel=1e-6)  # the mean soft cross-entropy
         for after, p, g in zip(model.parameters(), before.parameters(), grads):
             m = (1 - config.beta1) * g
             step = m / ((1 - config.beta2) * g * g).sqrt().add(config.eps) if kept else torch.zeros_like(g)
