@@ -109,12 +109,12 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_second_verbatim():
 
 
 def test_the_test_command_installs_procgen_as_the_coinrun_errors_say():
-    """CI plays real CoinRun: its command installs the coinrun extra, then procgen2, gym3 and gym without their
-    dependencies (their metadata pin numpy<2), in the words the missing-Procgen error gives."""
+    """CI plays real CoinRun and draws its figures: its command installs the coinrun and plot extras, then procgen2,
+    gym3 and gym without their dependencies (their metadata pin numpy<2), as the missing-Procgen error says."""
     from hardtovary.experiments.coinrun import game
 
     command = quick_start_commands()[1]
-    assert '".[test,torch,coinrun]"' in command
+    assert '".[test,torch,coinrun,plot]"' in command
     no_deps = re.search(r"pip install --no-deps [^&]+", command).group(0).strip()
     assert no_deps in game.INSTALL and f"procgen2=={game.PACKAGE_VERSION}" in no_deps
 

@@ -115,6 +115,10 @@ def _needs_missing_torch(args) -> bool:
     return command is not None and command.torch and not cli.torch_available()  # main's own test for stand-ins
 
 
+def _has_subcommands(parser) -> bool:
+    return any(isinstance(action, argparse._SubParsersAction) for action in parser._actions)
+
+
 def _subparser(parser, name):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -153,8 +157,12 @@ def test_documented_command_parses(where, line, args, capsys):
     except SystemExit as exc:
         raise AssertionError(f"{where}: '{line}' does not parse: {capsys.readouterr().err}") from exc
     assert not unknown, f"{where}: '{line}': not options of 'hardtovary {args[0]}': {unknown}"
-    options = _subparser(parser, args[0])._option_string_actions
-    for word in args[1:]:
+    command = _subparser(parser, args[0])
+    words = args[1:]
+    if _has_subcommands(command) and words and not words[0].startswith("-"):  # a command with stages (coinrun)
+        command, words = _subparser(command, words[0]), words[1:]
+    options = command._option_string_actions
+    for word in words:
         if word.startswith("--"):
             name = word.split("=", 1)[0]
             assert name in options, f"{where}: '{line}': {name} is not spelt as an option of 'hardtovary {args[0]}'"

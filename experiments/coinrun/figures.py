@@ -90,8 +90,10 @@ def plot_min_test_kl(runs_by_method: dict, path, top: int | None = None) -> Path
 
 
 def plot_levels(label_folder, path, count: int = 8, split: str = "train") -> Path | None:
-    """Fig. 17: the first frame of the first ``count`` levels of ``split`` in a label folder, in a grid of four
-    columns, each titled with its level seed."""
+    """Fig. 17: one labelled state of each of the first ``count`` levels of ``split`` in a label folder, in a grid
+    of four columns, each titled with its level seed. The state is the middle one of the level's labelled states
+    (they are kept in the order they were played): every level starts alike, with the agent at the bottom left, so
+    a later state shows more of what tells levels apart."""
     plt = matplotlib_pyplot()
     if plt is None:
         return None
@@ -102,7 +104,7 @@ def plot_levels(label_folder, path, count: int = 8, split: str = "train") -> Pat
     for ax in axes.flat:
         ax.axis("off")
     for ax, level in zip(axes.flat, levels):
-        ax.imshow(level.frames[0])
+        ax.imshow(level.frames[len(level.frames) // 2])
         ax.set_title(f"level {level.level}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
