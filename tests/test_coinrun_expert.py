@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 
 import numpy as np
 import pytest
@@ -253,6 +254,21 @@ def test_label_command_writes_resumes_and_does_not_depend_on_workers(tmp_path, c
         for a, b in zip(first[split], labels.load_split(tmp_path / "b", split)):
             np.testing.assert_array_equal(a.frames, b.frames)
             np.testing.assert_array_equal(a.targets, b.targets)
+
+    # the whole chain on real frames: both methods train from this folder, and the mask is stepped
+    pytest.importorskip("torch")
+    assert main(["coinrun", "train", "--labels", str(tmp_path / "a"), "--out", str(tmp_path / "t"), "--epochs", "2",
+                 "--batch-size", "3", "--width", "0.0625", "--seeds", "0", "--no-progress"]) == 0
+    runs = json.loads((tmp_path / "t" / "results.json").read_text())["runs"]
+    assert set(runs) == {"adam-seed0", "and_mask-seed0"}
+    for key, run in runs.items():
+        assert len(run["history"]) == 2
+        for epoch in run["history"]:
+            # finite, not small: after 4 steps the BatchNorm running statistics used in evaluation are still raw
+            assert 0 <= epoch["test_kl"] < math.inf and 0 <= epoch["train_kl"] < math.inf
+            # 4 steps an epoch: the first keeps nothing (tau 0.36 > 1 - beta3), later ones keep some
+            assert (epoch["kept_fraction"] is None) == key.startswith("adam")
+    assert 0 < runs["and_mask-seed0"]["history"][1]["kept_fraction"] <= 1
 
 
 def test_label_folder_of_another_procgen_version_is_refused(tmp_path, capsys):
