@@ -37,13 +37,20 @@ def and_mask_backward(model: nn.Module, X, Y, loss_fn, *, rule: str = "and_mask"
     out = env_gradients(model, X, Y, loss_fn, semantics=semantics, **engine_options)
     spec = spec if spec is not None else RuleSpec(rule, **rule_options(rule, tau, flavour, k))
     aggregated, masks = _rules.aggregate(out.grads, spec, rescale=rescale)
+    write_grads(model, aggregated, l1)
+    return out.losses.mean(), masks
+
+
+def write_grads(model: nn.Module, aggregated, l1: float) -> None:
+    """Write one aggregated gradient per parameter that requires grad (``model.parameters()`` order) into its
+    ``.grad``, in the parameter's dtype, with ``l1 * sign(theta)`` added after masking (never masked, as the
+    authors' ``add_l1_grads``). ``l1`` validated by the caller."""
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p, g in zip(params, aggregated):
             if l1 != 0:
                 g = g.to(_rules.compute_dtype(g.dtype)) + l1 * torch.sign(p.detach()).to(_rules.compute_dtype(g.dtype))
             p.grad = g.to(p.dtype)
-    return out.losses.mean(), masks
 
 
 def _closure_loss(closure):

@@ -160,19 +160,34 @@ def geometric_mean_mask(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
     return _keep(S, G.shape[0], spec.tau)
 
 
-def _geometric_mean(G: torch.Tensor, spec: RuleSpec):
-    K = G.shape[0]
-    S = _sign_sum(G)
-    Gc = G.to(compute_dtype(G.dtype))
-    zero = torch.zeros((), dtype=Gc.dtype, device=Gc.device)
+def _log_magnitudes(G: torch.Tensor, flavour: str) -> torch.Tensor:
+    """The per-environment terms ``[K, *shape]`` (compute dtype) whose mean over environments the geometric mean
+    exponentiates: paper ``log|g|``, with 0 in place of ``log 0`` (a component with an exact zero is never kept,
+    and its log would be -inf); original ``log(|g| + 1e-10)``. Elementwise, so sums over sharded environments
+    combine (:mod:`.distributed`)."""
+    Gc = G.to(compute_dtype(G.dtype)).abs()
+    if flavour == "paper":
+        return torch.log(torch.where(Gc != 0, Gc, torch.ones((), dtype=Gc.dtype, device=Gc.device)))
+    return torch.log(Gc + ORIGINAL_LOG_EPSILON)
+
+
+def _geometric_mean_from(S: torch.Tensor, log_mean: torch.Tensor, mean, K: int, spec: RuleSpec):
+    """The geometric mean (paper §2.2, §2.3 (i)) from its statistics over K environments: the sign sum ``S``, the
+    mean of :func:`_log_magnitudes` and, for the original flavour, the arithmetic mean (None for paper); all of
+    shape ``[*shape]``. Returns ``(value, keep)``."""
     if spec.flavour == "paper":
         keep = S.abs() == K
-        magnitudes = torch.where(keep, Gc.abs(), torch.ones((), dtype=Gc.dtype, device=Gc.device))
-        value = torch.sign(S) * torch.exp(torch.log(magnitudes).mean(dim=0))
+        value = torch.sign(S) * torch.exp(log_mean)
     else:
         keep = _keep(S, K, spec.tau)
-        value = torch.sign(Gc.mean(dim=0)) * torch.exp(torch.log(Gc.abs() + ORIGINAL_LOG_EPSILON).mean(dim=0))
-    return torch.where(keep, value, zero), keep
+        value = torch.sign(mean) * torch.exp(log_mean)
+    return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device)), keep
+
+
+def _geometric_mean(G: torch.Tensor, spec: RuleSpec):
+    mean = _mean(G) if spec.flavour == "original" else None
+    log_mean = _log_magnitudes(G, spec.flavour).mean(dim=0)
+    return _geometric_mean_from(_sign_sum(G), log_mean, mean, G.shape[0], spec)
 
 
 def geometric_mean(G, *, flavour: str = "paper", tau=None) -> torch.Tensor:
@@ -272,7 +287,10 @@ def rescale_inverse_sparsity(g, mask) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _validate_gradient_list(grads) -> list[torch.Tensor]:
+def _validate_gradient_list(grads, *, allow_empty: bool = False) -> list[torch.Tensor]:
+    """Validate a model's list of stacks ``G[K, *shape_i]`` (one K >= 1, one floating dtype); the finiteness check
+    is separate (:func:`_check_finite_stacks`). ``allow_empty`` accepts K = 0: a rank's shard of the environments
+    (:mod:`.distributed`) may hold none."""
     if not isinstance(grads, (list, tuple)):
         raise TypeError(f"grads must be a list or tuple of gradient stacks G[K, *shape], got {type(grads).__name__}")
     if len(grads) == 0:
@@ -280,7 +298,7 @@ def _validate_gradient_list(grads) -> list[torch.Tensor]:
     stacks = []
     for i, G in enumerate(grads):
         G = _float_tensor(G, f"grads[{i}]", min_ndim=1)
-        if G.shape[0] == 0:
+        if G.shape[0] == 0 and not allow_empty:
             raise ValueError(
                 f"grads[{i}] must hold at least one environment (K >= 1) on axis 0, got shape {tuple(G.shape)}"
             )
@@ -304,9 +322,15 @@ def _mean_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
     return mean, torch.ones(G.shape[1:], dtype=torch.bool, device=G.device)
 
 
-def _and_mask_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
-    mask = _sign_sum(G).abs() >= spec.threshold(G.shape[0])
+def _and_mask_from(S: torch.Tensor, mean: torch.Tensor, K: int, spec: RuleSpec):
+    """The AND-masked mean (paper §2.3) from its statistics over K environments: the sign sum ``S`` and the mean,
+    both of shape ``[*shape]``. Returns ``(value, mask)``."""
+    mask = S.abs() >= spec.threshold(K)
     return torch.where(mask, mean, torch.zeros((), dtype=mean.dtype, device=mean.device)), mask
+
+
+def _and_mask_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
+    return _and_mask_from(_sign_sum(G), mean, G.shape[0], spec)
 
 
 def _geometric_mean_rule(G: torch.Tensor, mean: torch.Tensor, spec: RuleSpec):
