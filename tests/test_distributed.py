@@ -516,23 +516,48 @@ def test_hook_module_keeps_real_annotations():
 # ---- launch with torchrun ---------------------------------------------------------------------------------------
 
 
-def _launch(tmp_path, nproc, name):
-    out = tmp_path / f"{name}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-           "hardtovary.experiments.distributed_synthetic", "--n-envs", "4", "--examples-per-env", "64",
-           "--n-test", "64", "--hidden", "16,16", "--batch-size", "16", "--epochs", "2", "--method", "and_mask",
-           "--tau", "0.5", "--save", str(out)]
+LAUNCH = ["-m", "hardtovary.experiments.distributed_synthetic", "--n-envs", "4", "--examples-per-env", "64",
+          "--n-test", "64", "--hidden", "16,16", "--batch-size", "16", "--epochs", "2", "--tau", "0.5"]
+
+
+def _launch(prefix, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, *prefix, *LAUNCH, "--save", str(out)], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out), done.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
-    two, printed = _launch(tmp_path, 2, "two")
-    one, _ = _launch(tmp_path, 1, "one")
-    assert printed.count("test acc") == 1, printed  # rank 0 prints
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    # 2 ranks under torchrun (4 environments per step, 2 on each) against the same command without torchrun
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two, printed = _launch(torchrun, tmp_path / "two.pt")
+    one, _ = _launch([], tmp_path / "one.pt")
+    assert printed.count("test acc") == 1 and "on 2 rank(s)" in printed, printed  # rank 0 prints
+    assert (two["world_size"], one["world_size"], two["steps"]) == (2, 1, 8)
     for name, value in one["params"].items():
         torch.testing.assert_close(two["params"][name], value, rtol=1e-5, atol=1e-6)
     assert abs(two["test_acc"] - one["test_acc"]) <= 2 / 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-envs", "4", "--n-agreement-envs", "3"], "n_agreement_envs=3 must divide the number of training "
+                                                   "environments 4"),
+    (["--method", "geometric_mean", "--tau", "0.5"], "--tau 0.5 with geometric_mean: "),
+    (["--batch-norm", "--batch-size", "1"], "--batch-norm needs --batch-size >= 2"),
+    (["--tau", "2"], "argument --tau: "),
+    (["--lr-milestones", "9", "--epochs", "3"], "--lr-milestones must lie in 1..2"),
+])
+def test_entry_point_bad_options_are_one_line_errors(argv, message, capsys, monkeypatch):
+    from hardtovary.experiments import distributed_synthetic
+
+    monkeypatch.delenv("RANK", raising=False)
+    try:
+        status = distributed_synthetic.main(argv)
+    except SystemExit as exc:  # the parser's own errors
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith(f"{distributed_synthetic.PROG}: error: {message}"), err
+    assert not dist.is_initialized()
