@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hardtovary.experiments import baselines, options
+from hardtovary.experiments import baselines, executors, options
 from hardtovary.experiments import env_count as ec
 from hardtovary.experiments.errors import usage_errors
 from hardtovary.reference import optim
@@ -55,6 +55,7 @@ def add_arguments(parser) -> None:
     options.add_flavour_option(g, "--tau")
     g.add_argument("--seed", type=int, default=c.seed, help="run r uses seed SEED + r (initialisation, batching)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "runs")
     parser.set_defaults(interrupted="finished runs are kept in {out}; the same command resumes")
 
 
@@ -76,9 +77,11 @@ def configurations(args):
 def run(args) -> int:
     with usage_errors():
         data_config, base, overrides = configurations(args)
+        executor = executors.make_executor(args)
     results = ec.run(args.out, envs=args.envs, methods=args.methods, runs=args.runs, data_config=data_config,
                      base=base, total_examples=args.total_examples, max_agreement_envs=args.max_agreement_envs,
-                     overrides=overrides, fresh=args.fresh, progress=not args.no_progress)
+                     overrides=overrides, fresh=args.fresh, progress=not args.no_progress,
+                     executor=executor)
     print(ec.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     print(options.figures_line("plot", [ec.plot(results, args.out / "env_count.png")]))

@@ -35,7 +35,7 @@ import numpy as np
 
 from hardtovary.experiments import baselines as _bl
 from hardtovary.experiments.errors import UsageError
-from hardtovary.experiments.progress import note_resume, start_unit
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.reference import data as _data
 
@@ -91,17 +91,29 @@ def summarise(run_maxima) -> dict:
     return {"best": max(values), "mean": float(np.mean(values)), "runs": values}
 
 
+def train_unit(n: int, method: str, run: int, data_config: _data.SpiralsConfig, config: _bl.BaselineConfig, *,
+               on_step=None) -> dict:
+    """One run of ``method`` on the spirals task of ``data_config`` (its ``n`` environments built here, so that the
+    unit depends on its arguments only, in whatever process it runs): the unit stored as :func:`unit_name`."""
+    start = time.perf_counter()
+    history = _bl.train_baseline(method, _data.make_spirals_task(data_config), config, on_step=on_step)
+    tests = [h["test_acc"] for h in history]
+    return {"n_envs": n, "method": method, "run": run, "seed": config.seed, "max_test_acc": max(tests),
+            "best_epoch": int(np.argmax(tests)) + 1, "final_test_acc": tests[-1],
+            "final_train_acc": history[-1]["train_acc"], "seconds": time.perf_counter() - start,
+            "history": history}
+
+
 def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DEFAULT_RUNS,
         data_config: _data.SpiralsConfig = DEFAULT_DATA, base: _bl.BaselineConfig = DEFAULT_CONFIG,
         total_examples: int | None = None, max_agreement_envs: int = MAX_AGREEMENT_ENVS,
-        overrides: dict | None = None, fresh: bool = False, progress: bool = True) -> dict:
+        overrides: dict | None = None, fresh: bool = False, progress: bool = True, executor=None) -> dict:
     """Train every (envs, method, run) unit into the resumable run folder ``out`` and return (and write as
     ``out/results.json``) ``{"config", "envs": {str(n): {method: {"best", "mean", "runs", "examples_per_env",
-    "n_agreement_envs"}}}}``. ``data_config`` gives everything of the data but the number of environments and
+    "n_agreement_envs"}}}}``. The runs are units of :mod:`~hardtovary.experiments.executors` on ``executor``
+    (this process when None). ``data_config`` gives everything of the data but the number of environments and
     (with ``total_examples``) the examples per environment; ``base`` the training settings before each method's
     preset, with the run seed ``base.seed + r``."""
-    from tqdm import tqdm
-
     envs, methods, runs = _validate(envs, methods, runs)
     if total_examples is not None and total_examples < 1:
         raise UsageError(f"total_examples must be >= 1, got {total_examples}")
@@ -119,28 +131,15 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
               "data": dataclasses.asdict(data_config),
               "train": {m: _bl.method_config(base, m, overrides).to_dict() for m in methods}}
     folder = RunFolder(out, config, fresh=fresh)
-
-    units = [(n, m, r) for n in envs for m in methods for r in range(runs)]
-    todo = [u for u in units if folder.finished(unit_name(*u)) is None]
-    note_resume(len(units) - len(todo), len(units), "runs", folder.root)
-    total = sum(plans[n][2][m].epochs * _bl.steps_per_epoch(plans[n][0], plans[n][2][m]) for n, m, _ in todo)
-    tasks = {}
-    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for n, m, r in todo:
-            data_n, K, configs = plans[n]
-            if n not in tasks:
-                tasks.clear()  # one task in memory at a time
-                tasks[n] = _data.make_spirals_task(data_n)
-            cfg = dataclasses.replace(configs[m], seed=base.seed + r)
-            start_unit(bar, f"{n} envs {m} run {r}")
-            start = time.perf_counter()
-            history = _bl.train_baseline(m, tasks[n], cfg, on_step=lambda: bar.update(1))
-            tests = [h["test_acc"] for h in history]
-            folder.save(unit_name(n, m, r), {
-                "n_envs": n, "method": m, "run": r, "seed": cfg.seed, "max_test_acc": max(tests),
-                "best_epoch": int(np.argmax(tests)) + 1, "final_test_acc": tests[-1],
-                "final_train_acc": history[-1]["train_acc"], "seconds": time.perf_counter() - start,
-                "history": history})
+    units = []
+    for n in envs:
+        data_n, _, configs = plans[n]
+        for m in methods:
+            for r in range(runs):
+                cfg = dataclasses.replace(configs[m], seed=base.seed + r)
+                units.append(Unit(unit_name(n, m, r), train_unit, (n, m, r, data_n, cfg),
+                                  steps=cfg.epochs * _bl.steps_per_epoch(data_n, cfg), label=f"{n} envs {m} run {r}"))
+    run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)
 
     results = {"config": config, "envs": {}}
     for n in envs:

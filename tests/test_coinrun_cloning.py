@@ -314,7 +314,7 @@ def test_level_grid_titles_are_the_level_seeds(tmp_path, label_folder, monkeypat
     figures.plot_levels(label_folder, tmp_path / "lv.png", count=2)
     shown_axes = [ax for ax in shown[0].axes if ax.get_title()]
     assert [ax.get_title() for ax in shown_axes] == ["level 3", "level 5"]
-    middle = labels.read_level(labels.level_path(label_folder, "train", 5)).frames[3]  # 6 states: the middle one is the fourth
+    middle = labels.read_level(labels.level_path(label_folder, "train", 5)).frames[3]  # the 4th of 6: the middle
     np.testing.assert_array_equal(shown_axes[1].get_images()[0].get_array(), middle)
 
 

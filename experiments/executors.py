@@ -1,0 +1,212 @@
+"""Where the independent units of work of a command run: in this process, in a local process pool, or on a Ray
+cluster (``--executor``, ``--workers``, ``--ray-address``; :func:`add_executor_options`).
+
+The run folder stays the single source of truth, whatever the executor (:func:`run_units`):
+
+* the driver (the process that runs the command) lists the units and skips those the folder already holds;
+* it hands the others to the executor, and writes each result into the folder itself, atomically, as it
+  completes: one writer, so the workers need no shared filesystem;
+* a killed driver resumes from what the folder holds when started again;
+* a unit is a module-level function of its arguments only (its seed among them), so its result does not depend on
+  the executor, the number of workers or the order in which units finish.
+
+A unit's function is called as ``function(*args, on_step=callback)``. In this process the callback advances the
+progress bar step by step; in a pool or on Ray it is None and the bar advances by the unit's ``steps`` when it
+completes. A worker process that dies (killed, out of memory) is replaced and its unit run again, up to
+``retries`` times; an exception raised by the unit itself is not retried: it is a bug or bad input, and it stops
+the command with its traceback.
+
+Ray core is used rather than Ray Tune: the commands draw their own configurations and keep their own resumable
+run folder, so all they need from a cluster is to run functions where there are free CPUs and GPUs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hardtovary.experiments import runtime
+from hardtovary.experiments.errors import UsageError
+from hardtovary.experiments.options import positive_int
+from hardtovary.experiments.progress import note_resume, start_unit
+
+__all__ = ["EXECUTORS", "Unit", "Store", "LocalExecutor", "RayExecutor", "add_executor_options", "make_executor",
+           "run_units"]
+
+#: The executors ``--executor`` names.
+EXECUTORS = ("local", "ray")
+#: Times a unit is run again after its worker process died.
+RETRIES = 2
+RAY_INSTALL = "pip install 'hardtovary[ray]' (from a checkout: '.[ray]')"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of work: ``function(*args, on_step=...)`` returns its JSON-ready result, stored
+    under ``name``. ``steps`` weighs it on the progress bar; ``cpus`` and ``gpus`` (fractions allowed) are what it
+    asks of a Ray cluster, so that many small runs can share one GPU."""
+
+    name: str
+    function: Callable
+    args: tuple = ()
+    steps: int = 1
+    label: str = ""
+    cpus: float = 1.0
+    gpus: float = 0.0
+    options: dict = field(default_factory=dict)  # keyword arguments of ``function`` besides on_step
+
+
+class Store(Protocol):
+    """Where results live: :class:`~hardtovary.experiments.runfolder.RunFolder` is one."""
+
+    def finished(self, name: str) -> Any: ...
+
+    def save(self, name: str, result) -> None: ...
+
+
+def _call(function, args, options, threads):
+    """A unit in a worker process: bounded to the driver's threads, as every command bounds its own."""
+    with runtime.limited_threads(threads):
+        return function(*args, on_step=None, **options)
+
+
+class LocalExecutor:
+    """Units in this process (``workers == 1``, with step-by-step progress) or in a pool of ``workers``
+    processes started fresh (``spawn``: safe with torch and CUDA, which do not survive a fork)."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1, threads: int = runtime.DEFAULT_THREADS, retries: int = RETRIES):
+        if workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {workers}")
+        self.workers, self.threads, self.retries = workers, threads, retries
+
+    def run(self, units: list[Unit], on_step: Callable | None) -> Iterator[tuple[Unit, Any]]:
+        """Each unit with its result, as they complete."""
+        if self.workers == 1:
+            for unit in units:
+                yield unit, unit.function(*unit.args, on_step=on_step, **unit.options)
+            return
+        pending, attempts = list(units), {unit.name: 0 for unit in units}
+        while pending:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(self.workers, len(pending)), mp_context=context) as pool:
+                futures = {pool.submit(_call, u.function, u.args, u.options, self.threads): u for u in pending}
+                pending = []
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        unit = futures[future]
+                        try:
+                            result = future.result()
+                        except concurrent.futures.process.BrokenProcessPool:
+                            pending.append(self._again(unit, attempts))
+                            continue
+                        yield unit, result
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+
+    def _again(self, unit: Unit, attempts: dict) -> Unit:
+        attempts[unit.name] += 1
+        if attempts[unit.name] > self.retries:
+            raise RuntimeError(f"unit {unit.name}: its worker process died {attempts[unit.name]} times")
+        print(f"a worker process died; running {unit.name} again ({attempts[unit.name]} of {self.retries})",
+              file=sys.stderr)
+        return unit
+
+
+class RayExecutor:
+    """Units as Ray tasks on the cluster at ``address`` (``auto``: the one this machine belongs to), or on a local
+    cluster of ``workers`` CPUs started here when ``address`` is None. Ray re-runs a task whose worker died
+    (``max_retries``), not one that raised."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None,
+                 threads: int = runtime.DEFAULT_THREADS, retries: int = RETRIES):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError(f"--executor ray needs Ray, which is not installed; {RAY_INSTALL}") from None
+        self.ray, self.threads, self.retries = ray, threads, retries
+        if not ray.is_initialized():
+            try:
+                if address is None:
+                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
+                else:
+                    ray.init(address=address, log_to_driver=True)
+            except ConnectionError as exc:
+                raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from None
+
+    def run(self, units: list[Unit], on_step: Callable | None) -> Iterator[tuple[Unit, Any]]:
+        ray = self.ray
+        remote = ray.remote(_call)
+        refs = {remote.options(num_cpus=u.cpus, num_gpus=u.gpus, max_retries=self.retries)
+                .remote(u.function, u.args, u.options, self.threads): u for u in units}
+        try:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                unit = refs.pop(done[0])
+                yield unit, ray.get(done[0])
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
+
+
+def add_executor_options(parser, what: str) -> None:
+    """``--executor``, ``--workers``, ``--ray-address``: where the command's ``what`` (its units) run."""
+    g = parser.add_argument_group("executor")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help=f"where the {what} run: local (this machine) or ray (a Ray cluster) (default: local)")
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help=f"{what} run at once: local: processes (1: in this process, the default); ray: the CPUs of "
+                        f"the local cluster started when --ray-address is not given (default: every CPU)")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="with --executor ray: the cluster to join, e.g. 'auto' or 'ray://HOST:10001' (default: "
+                        "start a local cluster)")
+
+
+def make_executor(args):
+    """The executor the options ask for; --ray-address without --executor ray is an error, not ignored."""
+    threads = runtime.resolve_threads(getattr(args, "threads", None))
+    if args.executor == "ray":
+        return RayExecutor(args.ray_address, args.workers, threads)
+    if args.ray_address is not None:
+        raise UsageError("--ray-address needs --executor ray")
+    return LocalExecutor(args.workers or 1, threads)
+
+
+def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str = "units", progress: bool = True,
+              where=None) -> dict:
+    """Run the units ``store`` has not finished on ``executor`` (this process when None), saving each result in
+    ``store`` as it completes; returns every unit's stored result by name, in the order of ``units``. ``what``
+    names the units in messages; ``where`` is the folder named when a resumed run reuses units."""
+    from tqdm import tqdm
+
+    units = list(units)
+    names = [unit.name for unit in units]
+    if len(set(names)) != len(names):
+        raise ValueError(f"unit names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    executor = executor or LocalExecutor()
+    todo = [unit for unit in units if store.finished(unit.name) is None]
+    note_resume(len(units) - len(todo), len(units), what, where)
+    in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
+    with tqdm(total=sum(unit.steps for unit in todo), disable=not progress, unit="step", dynamic_ncols=True) as bar:
+        started = iter(todo)
+        if in_process and todo:
+            start_unit(bar, next(started).label)
+        for unit, result in executor.run(todo, (lambda: bar.update(1)) if in_process else None):
+            store.save(unit.name, result)
+            if in_process:
+                following = next(started, None)
+                if following is not None:
+                    start_unit(bar, following.label)
+            else:
+                bar.update(unit.steps)
+                bar.set_description(f"{unit.label} done")
+    return {name: store.finished(name) for name in names}
