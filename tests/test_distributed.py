@@ -493,6 +493,22 @@ def test_ddp_hook_equals_the_single_process_rule_also_after_buckets_are_rebuilt(
             np.testing.assert_array_equal(g1, _np(e))
 
 
+def _hook_non_finite():
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 1))
+    D.register_and_mask_hook(ddp, rule="and_mask", tau=1.0, rescale=True)
+    x = torch.ones(4, 3)
+    x[0, 1] = float("nan") if dist.get_rank() == 1 else 1.0  # rank 1: NaN in the weight's gradient column 1
+    ddp(x).sum().backward()
+    return [_np(p.grad) for p in ddp.parameters()]
+
+
+def test_ddp_hook_propagates_non_finite_gradients_as_nan_on_every_rank(ranks):
+    # a NaN's sign sum is NaN, which a mask test would silently drop; the hook cannot raise, so it gives NaN
+    for weight, bias in ranks(_hook_non_finite):
+        assert np.isnan(weight[0, 1]) and np.isfinite(np.delete(weight, 1)).all() and np.isfinite(bias).all()
+
+
 def _hook_refuses(options):
     model = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
     D.register_and_mask_hook(model, **options)

@@ -24,9 +24,11 @@ float32 up to 2^24 (float64: 2^53), so **masks are bit-identical** to the single
 same function of the same integers (:func:`.rules._and_mask_from`, :func:`.rules._geometric_mean_from`, the keep
 threshold of :class:`~hardtovary.reference.rules.RuleSpec`). Values are ``sum / K`` where the single-process rule
 takes ``mean`` (on the CPU torch's mean is that same division): the float sums add the environments in another order
-(within a rank, then across ranks), so values agree to rounding, ``|a - b| <= 1e-6 * mean_e|g_e|`` in float32, and
-are bit-identical for K = 2 (one addition, commutative). Per-tensor rescaling (paper App. B.3.1) needs no
-communication: the mask is identical on every rank.
+(within a rank, then across ranks), so values agree to rounding, ``|a - b| <= 1e-6 * (|b| + c * mean_e|g_e|)`` in
+float32 (c the rescaling factor, 1 without), and are bit-identical for K = 2 (one addition, commutative). One
+exception to the bound: the original geometric mean takes the sign of the arithmetic mean, which can differ where
+that mean is within rounding of 0 (as it can between two orders of the environments on one process). Per-tensor
+rescaling (paper App. B.3.1) needs no communication: the mask is identical on every rank.
 
 Exact mode (``exact=True``; always for a rule without packed statistics: the SAND-mask needs the variance, and any
 rule registered later). The shard sizes are all-gathered, then the stacks (padded to the largest shard), and the
@@ -47,13 +49,15 @@ DDP forward does with one environment per rank. Pooled statistics over all envir
 per-environment cross-rank backward), so ``semantics="pooled"`` with training-mode BatchNorm on more than one rank
 raises ValueError. Running statistics are each rank's own: every rank updates them with its own environments
 (``per_env``: one no-grad forward per environment), not with all K as one process would; DDP's default
-``broadcast_buffers=True`` overwrites them at every forward with rank 0's. Evaluate on one rank, or average them.
+``broadcast_buffers=True`` overwrites them at every forward with rank 0's. Evaluate on one rank, knowing that its
+running statistics are those of its own environments.
 
 Errors. Arguments are checked locally before any collective (a rank that raises there leaves the others waiting in
 the collective until the group's timeout, as any torch.distributed program). What depends on other ranks' data
-(non-finite gradients anywhere, K = 0 in total) is decided after the collective, on every rank alike, so all raise
-the same ValueError. The comm hook cannot raise (an exception in a DDP hook leaves the process group unusable):
-components whose reduced statistics are not finite come out NaN on every rank, as plain DDP propagates them.
+(non-finite gradients anywhere, K = 0 in total) is decided after the collective, on every rank alike, so every
+rank raises a ValueError (a rank with a non-finite entry names it; the others say how many ranks have one). The
+comm hook cannot raise (an exception in a DDP hook leaves the process group unusable): components whose reduced
+statistics are not finite come out NaN on every rank, as plain DDP propagates them.
 """
 
 import dataclasses
@@ -320,7 +324,7 @@ def broadcast_parameters(model: nn.Module, group=None, src: int = 0) -> nn.Modul
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src, group=group)
+        dist.broadcast(tensor, src, group=group)
     return model
 
 
