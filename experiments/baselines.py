@@ -32,7 +32,7 @@ from torch import nn
 
 from hardtovary.accel.torch.optim import and_mask_backward, make_optimizer
 from hardtovary.experiments.errors import UsageError, usage_errors
-from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data as _data
@@ -513,7 +513,7 @@ def steps_per_epoch(data_config: _data.SpiralsConfig, config: BaselineConfig) ->
 
 def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: BaselineConfig = DEFAULT_CONFIG,
         methods=DEFAULT_METHODS, overrides: dict | None = None, seeds: int = 1, fresh: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, executor=None) -> dict:
     """Train every method with seeds ``base.seed, ..., base.seed + seeds - 1`` (initialisation and batch order; the
     data stay those of ``data_config``), one unit per run saved atomically in ``out/units/<method>-seed<s>.json``,
     resuming from ``out`` where a previous run with the same configuration stopped. Returns and writes
@@ -522,9 +522,8 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
     the mean and sample standard deviation over seeds (0 for one seed) of the final ``train_acc`` and ``test_acc``
     (``train_acc``, ``train_acc_std``, ``test_acc``, ``test_acc_std``), ``test_acc_min``, ``aborted`` (how many runs
     stopped early), ``seconds`` (summed) and ``runs`` (per seed: ``seed``, final accuracies and loss,
-    ``epochs_run``, ``aborted``, ``seconds``, ``history``)."""
-    from tqdm import tqdm
-
+    ``epochs_run``, ``aborted``, ``seconds``, ``history``). The runs are units of
+    :mod:`~hardtovary.experiments.executors` on ``executor`` (this process when None)."""
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -540,31 +539,30 @@ def run(out: Path, *, data_config: _data.SpiralsConfig = DEFAULT_DATA, base: Bas
         for c in configs.values():
             _training.check_fits(task, _batching(c, data_config.n_train_envs))
     folder = RunFolder(out, config, fresh=fresh)
-    units = [(m, seed, f"{m}-seed{seed}") for m in methods for seed in seed_list]
-    todo = [(m, name) for m, _, name in units if folder.finished(name) is None]
-    note_resume(len(units) - len(todo), len(units), "runs", folder.root)
-    total = sum(configs[m].epochs * steps_per_epoch(data_config, configs[m]) for m, _ in todo)
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for m, seed, name in units:
-            stored = folder.finished(name)
-            if stored is None:
-                start_unit(bar, name)
-                start = time.perf_counter()
-                show = show_epoch(bar)
-                history = train_baseline(m, task, dataclasses.replace(configs[m], seed=seed),
-                                         on_step=lambda: bar.update(1), on_epoch=show)
-                final = history[-1]
-                stored = {"seed": seed, "train_acc": final["train_acc"], "test_acc": final["test_acc"],
-                          "train_loss": final["train_loss"], "epochs_run": len(history),
-                          "aborted": bool(final.get("aborted", False)),
-                          "seconds": time.perf_counter() - start, "history": history}
-                folder.save(name, stored)
-            runs[m].append(stored)
-            results = {"config": config, "methods": {k: _summarise(v) for k, v in runs.items() if v}}
-            folder.write_results(results)
+    units = [Unit(f"{m}-seed{seed}", train_unit, (m, data_config, dataclasses.replace(configs[m], seed=seed)),
+                  steps=configs[m].epochs * steps_per_epoch(data_config, configs[m]), label=f"{m}-seed{seed}",
+                  shows=("train_acc", "test_acc"))
+             for m in methods for seed in seed_list]
+    stored = run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)
+    runs = {m: [stored[f"{m}-seed{seed}"] for seed in seed_list] for m in methods}
+    results = {"config": config, "methods": {m: _summarise(v) for m, v in runs.items()}}
+    folder.write_results(results)
     write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
+
+
+def train_unit(method: str, data_config: _data.SpiralsConfig, config: BaselineConfig, *, on_step=None,
+               on_epoch=None) -> dict:
+    """One run of ``method`` with ``config`` (its seed included) on the spirals task of ``data_config``, built here
+    so that the unit depends on its arguments only: the record :func:`run` stores per seed."""
+    start = time.perf_counter()
+    history = train_baseline(method, _data.make_spirals_task(data_config), config, on_step=on_step,
+                             on_epoch=on_epoch)
+    final = history[-1]
+    return {"seed": config.seed, "train_acc": final["train_acc"], "test_acc": final["test_acc"],
+            "train_loss": final["train_loss"], "epochs_run": len(history),
+            "aborted": bool(final.get("aborted", False)), "seconds": time.perf_counter() - start,
+            "history": history}
 
 
 def _summarise(runs: list[dict]) -> dict:

@@ -47,7 +47,7 @@ import numpy as np
 
 from hardtovary.experiments import baselines as _bl
 from hardtovary.experiments.errors import UsageError
-from hardtovary.experiments.progress import note_resume, start_unit
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.experiments.sweep import RERUN_SEED_OFFSET, Architecture, _rank_key
@@ -147,32 +147,15 @@ def _check_int(name, value, low):
         raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def run(out: Path, **options) -> dict:
-    """:func:`_search` with subnormal floats flushed to zero during the search, and the setting restored after.
-
-    Table 2's lr = 1 drives some IRM runs into subnormal weights, which CPUs process ~25x slower (an epoch went from
-    0.25 s to 6 s); flushing them keeps a search's time predictable. The flag is process-wide in torch, so it is
-    switched off again when the search ends (hypothesis and NumPy code later in the process need subnormals).
-    """
-    import torch
-
-    torch.set_flush_denormal(True)
-    try:
-        return _search(out, **options)
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
+def run(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: int = 3, epochs: int = 40,
         seed: int = 0, arch: Architecture = SMALL_ARCH, data_config: _data.SpiralsConfig = _bl.DEFAULT_DATA,
         n_agreement_envs: int | None = None, flavour: str = "paper", fresh: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, executor=None) -> dict:
     """Search each method (``flavour``: the geometric mean's, see :func:`sample_trials`), re-run its best trial
     over ``seeds`` seeds; return and write ``out/results.json``:
     ``{"config", "methods": {method: {"search": [trial records, best first], "best": {trial, hyper,
-    search_test_acc, train_acc_mean/std, test_acc_mean/std, n_seeds, runs}}}}``; also ``out/table.txt``."""
-    from tqdm import tqdm
-
+    search_test_acc, train_acc_mean/std, test_acc_mean/std, n_seeds, runs}}}}``; also ``out/table.txt``. The
+    runs are units of :mod:`~hardtovary.experiments.executors` on ``executor`` (this process when None)."""
     methods = tuple(methods)
     bad = [m for m in methods if m not in KEYS]
     if bad or not methods or len(set(methods)) != len(methods):
@@ -191,61 +174,67 @@ def _search(out: Path, *, methods=_bl.DEFAULT_METHODS, budget: int = 4, seeds: i
               "n_agreement_envs": n_agreement_envs, "and_mask_taus": list(AND_MASK_TAUS), "flavour": flavour}
     trials = {m: sample_trials(m, budget, arch=arch, seed=seed, flavour=flavour) for m in methods}
     folder = RunFolder(out, config, fresh=fresh)
-    task = _data.make_spirals_task(data_config)
-    names = [f"{phase}-{m}-{i:03d}" for m in methods for phase, n in (("search", budget), ("seeds", seeds))
-             for i in range(n)]
-    note_resume(sum(folder.finished(name) is not None for name in names), len(names), "runs", folder.root)
 
-    def unit(bar, name, method, hyper, cfg, label):
-        stored = folder.finished(name)
-        if stored is not None:
-            bar.update(epochs)
-            return stored
-        start_unit(bar, name)
-        start = time.perf_counter()
+    def unit(name, method, hyper, cfg, label):
+        return Unit(name, search_unit, (method, data_config, hyper, cfg, label),
+                    steps=cfg.epochs * _bl.steps_per_epoch(data_config, cfg), label=name,
+                    shows=("train_acc", "test_acc"))
 
-        def on_epoch(r):
-            bar.update(1)
-            bar.set_postfix(train=f"{r['train_acc']:.3f}", test=f"{r['test_acc']:.3f}")
+    def configs(m):
+        return [trial_config(m, hyper, epochs=epochs, seed=seed + i, early_abort=True,
+                             n_agreement_envs=n_agreement_envs) for i, hyper in enumerate(trials[m])]
 
-        history = _bl.train_baseline(method, task, cfg, on_epoch=on_epoch)
-        bar.update(epochs - len(history))
-        final = history[-1]
-        stored = {**label, "hyper": hyper, "seed": cfg.seed, "train_acc": final["train_acc"],
-                  "test_acc": final["test_acc"], "train_loss": final["train_loss"],
-                  "aborted": bool(final.get("aborted", False)), "epochs_run": len(history),
-                  "seconds": time.perf_counter() - start, "history": history}
-        folder.save(name, stored)
-        return stored
-
+    # the search trials of every method, then the re-runs of each method's best: two rounds of independent units
+    search = run_units(folder, [unit(f"search-{m}-{i:03d}", m, hyper, cfg, {"trial": i}) for m in methods
+                                for i, (hyper, cfg) in enumerate(zip(trials[m], configs(m)))],
+                       executor, what="search runs", progress=progress, where=folder.root)
+    ranked = {m: sorted((search[f"search-{m}-{i:03d}"] for i in range(budget)), key=_rank_key) for m in methods}
+    reruns = run_units(folder, [unit(f"seeds-{m}-{s:03d}", m, ranked[m][0]["hyper"],
+                                     trial_config(m, ranked[m][0]["hyper"], epochs=epochs,
+                                                  seed=RERUN_SEED_OFFSET + seed + s, early_abort=False,
+                                                  n_agreement_envs=n_agreement_envs),
+                                     {"trial": ranked[m][0]["trial"]}) for m in methods for s in range(seeds)],
+                       executor, what="re-runs", progress=progress, where=folder.root)
     results = {"config": config, "methods": {}}
-    with tqdm(total=len(methods) * (budget + seeds) * epochs, disable=not progress, unit="epoch",
-              dynamic_ncols=True) as bar:
-        for m in methods:
-            search = []
-            for i, hyper in enumerate(trials[m]):
-                cfg = trial_config(m, hyper, epochs=epochs, seed=seed + i, early_abort=True,
-                                   n_agreement_envs=n_agreement_envs)
-                search.append(unit(bar, f"search-{m}-{i:03d}", m, hyper, cfg, {"trial": i}))
-            ranked = sorted(search, key=_rank_key)
-            best = ranked[0]
-            runs = []
-            for s in range(seeds):
-                cfg = trial_config(m, best["hyper"], epochs=epochs, seed=RERUN_SEED_OFFSET + seed + s,
-                                   early_abort=False, n_agreement_envs=n_agreement_envs)
-                runs.append(unit(bar, f"seeds-{m}-{s:03d}", m, best["hyper"], cfg, {"trial": best["trial"]}))
-            train_mean, train_std = mean_std([r["train_acc"] for r in runs])
-            test_mean, test_std = mean_std([r["test_acc"] for r in runs])
-            results["methods"][m] = {
-                "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
-                "best": {"trial": best["trial"], "hyper": best["hyper"], "search_test_acc": best["test_acc"],
-                         "train_acc_mean": train_mean, "train_acc_std": train_std,
-                         "test_acc_mean": test_mean, "test_acc_std": test_std, "n_seeds": len(runs),
-                         "runs": [{k: r[k] for k in ("seed", "train_acc", "test_acc")} for r in runs]}}
-            folder.write_results(results)
+    for m in methods:
+        best = ranked[m][0]
+        runs = [reruns[f"seeds-{m}-{s:03d}"] for s in range(seeds)]
+        train_mean, train_std = mean_std([r["train_acc"] for r in runs])
+        test_mean, test_std = mean_std([r["test_acc"] for r in runs])
+        results["methods"][m] = {
+            "search": [{k: v for k, v in r.items() if k != "history"} for r in ranked[m]],
+            "best": {"trial": best["trial"], "hyper": best["hyper"], "search_test_acc": best["test_acc"],
+                     "train_acc_mean": train_mean, "train_acc_std": train_std,
+                     "test_acc_mean": test_mean, "test_acc_std": test_std, "n_seeds": len(runs),
+                     "runs": [{k: r[k] for k in ("seed", "train_acc", "test_acc")} for r in runs]}}
     folder.write_results(results)
     write_atomic(folder.root / "table.txt", lambda f: f.write(format_table(results) + "\n"))
     return results
+
+
+def search_unit(method: str, data_config: _data.SpiralsConfig, hyper: dict, config: _bl.BaselineConfig,
+                label: dict, *, on_step=None, on_epoch=None) -> dict:
+    """One run of a search trial or a re-run: ``method`` with ``config`` (the trial's ``hyper`` resolved, its seed
+    included) on the spirals task of ``data_config``; ``label`` (the trial number) is stored with it.
+
+    Subnormal floats are flushed to zero during the run, and the setting restored after. Table 2's lr = 1 drives
+    some IRM runs into subnormal weights, which CPUs process ~25x slower (an epoch went from 0.25 s to 6 s). The
+    flag is per process in torch, so it is set here, in whatever process runs the unit, and switched off again
+    after (hypothesis and NumPy code later in the process need subnormals)."""
+    import torch
+
+    start = time.perf_counter()
+    torch.set_flush_denormal(True)
+    try:
+        history = _bl.train_baseline(method, _data.make_spirals_task(data_config), config, on_step=on_step,
+                                     on_epoch=on_epoch)
+    finally:
+        torch.set_flush_denormal(False)
+    final = history[-1]
+    return {**label, "hyper": hyper, "seed": config.seed, "train_acc": final["train_acc"],
+            "test_acc": final["test_acc"], "train_loss": final["train_loss"],
+            "aborted": bool(final.get("aborted", False)), "epochs_run": len(history),
+            "seconds": time.perf_counter() - start, "history": history}
 
 
 def _value(v) -> str:

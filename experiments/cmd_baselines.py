@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hardtovary.experiments import baselines, options
+from hardtovary.experiments import baselines, executors, options
 from hardtovary.experiments.errors import usage_errors
 from hardtovary.reference import optim
 
@@ -52,6 +52,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--early-abort", action="store_true",
                    help=f"stop a run when {options.early_abort_rule()} (paper App. B.3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "runs")
     parser.set_defaults(interrupted="finished runs are kept in {out}; the same command resumes")
 
 
@@ -77,8 +78,10 @@ def run(args) -> int:
 
     with usage_errors():
         data_config, base, overrides = configurations(args)
+        executor = executors.make_executor(args)
     results = baselines.run(args.out, data_config=data_config, base=base, methods=args.methods,
-                            overrides=overrides, seeds=args.seeds, fresh=args.fresh, progress=not args.no_progress)
+                            overrides=overrides, seeds=args.seeds, fresh=args.fresh, progress=not args.no_progress,
+                            executor=executor)
     print(baselines.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}")
     bars = baselines.plot_bars(results, args.out / "accuracy_bars.png")

@@ -3,7 +3,7 @@ re-run over seeds (:mod:`hardtovary.experiments.baselines_search`)."""
 
 from __future__ import annotations
 
-from hardtovary.experiments import baselines, options, sweep
+from hardtovary.experiments import baselines, executors, options, sweep
 from hardtovary.experiments import baselines_search as bs
 from hardtovary.experiments.errors import usage_errors
 
@@ -43,18 +43,21 @@ def add_arguments(parser) -> None:
                    help="environments per step (must divide --n-envs; default: all of them)")
     options.add_spirals_options(parser, d)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "runs")
     parser.set_defaults(interrupted="finished runs are kept in {out}; the same command resumes")
 
 
 def run(args) -> int:
     with usage_errors():
         options.check_flavour(args.methods, args.flavour)
+        executor = executors.make_executor(args)
         arch = sweep.PAPER_ARCHITECTURE if args.paper_space else sweep.Architecture(
             hidden_units=args.widths, layers=args.depths, batch_sizes=args.batch_sizes)
         data_config = options.spirals_config(args)
     results = bs.run(args.out, methods=args.methods, budget=args.budget, seeds=args.seeds, epochs=args.epochs,
                      seed=args.seed, arch=arch, data_config=data_config, n_agreement_envs=args.n_agreement_envs,
-                     flavour=args.flavour or "paper", fresh=args.fresh, progress=not args.no_progress)
+                     flavour=args.flavour or "paper", fresh=args.fresh, progress=not args.no_progress,
+                     executor=executor)
     print(bs.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     return 0

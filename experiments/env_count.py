@@ -92,11 +92,12 @@ def summarise(run_maxima) -> dict:
 
 
 def train_unit(n: int, method: str, run: int, data_config: _data.SpiralsConfig, config: _bl.BaselineConfig, *,
-               on_step=None) -> dict:
+               on_step=None, on_epoch=None) -> dict:
     """One run of ``method`` on the spirals task of ``data_config`` (its ``n`` environments built here, so that the
     unit depends on its arguments only, in whatever process it runs): the unit stored as :func:`unit_name`."""
     start = time.perf_counter()
-    history = _bl.train_baseline(method, _data.make_spirals_task(data_config), config, on_step=on_step)
+    history = _bl.train_baseline(method, _data.make_spirals_task(data_config), config, on_step=on_step,
+                                 on_epoch=on_epoch)
     tests = [h["test_acc"] for h in history]
     return {"n_envs": n, "method": method, "run": run, "seed": config.seed, "max_test_acc": max(tests),
             "best_epoch": int(np.argmax(tests)) + 1, "final_test_acc": tests[-1],
@@ -138,7 +139,8 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
             for r in range(runs):
                 cfg = dataclasses.replace(configs[m], seed=base.seed + r)
                 units.append(Unit(unit_name(n, m, r), train_unit, (n, m, r, data_n, cfg),
-                                  steps=cfg.epochs * _bl.steps_per_epoch(data_n, cfg), label=f"{n} envs {m} run {r}"))
+                                  steps=cfg.epochs * _bl.steps_per_epoch(data_n, cfg), label=f"{n} envs {m} run {r}",
+                                  shows=("train_acc", "test_acc")))
     run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)
 
     results = {"config": config, "envs": {}}

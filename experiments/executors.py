@@ -10,11 +10,11 @@ The run folder stays the single source of truth, whatever the executor (:func:`r
 * a unit is a module-level function of its arguments only (its seed among them), so its result does not depend on
   the executor, the number of workers or the order in which units finish.
 
-A unit's function is called as ``function(*args, on_step=callback)``. In this process the callback advances the
-progress bar step by step; in a pool or on Ray it is None and the bar advances by the unit's ``steps`` when it
-completes. A worker process that dies (killed, out of memory) is replaced and its unit run again, up to
-``retries`` times; an exception raised by the unit itself is not retried: it is a bug or bad input, and it stops
-the command with its traceback.
+A unit's function is called as ``function(*args, on_step=..., on_epoch=...)``. In this process the callbacks advance the
+progress bar step by step and show each epoch's record (its fields named by the unit's ``shows``); in a pool or on Ray
+they are None and the bar advances by the unit's ``steps`` when the unit completes. A worker process that dies (killed,
+out of memory) is replaced and its unit run again, up to ``retries`` times; an exception raised by the unit itself is
+not retried: it is a bug or bad input, and it stops the command with its traceback.
 
 Ray core is used rather than Ray Tune: the commands draw their own configurations and keep their own resumable
 run folder, so all they need from a cluster is to run functions where there are free CPUs and GPUs.
@@ -46,8 +46,9 @@ RAY_INSTALL = "pip install 'hardtovary[ray]' (from a checkout: '.[ray]')"
 
 @dataclass(frozen=True)
 class Unit:
-    """One independent piece of work: ``function(*args, on_step=...)`` returns its JSON-ready result, stored
-    under ``name``. ``steps`` weighs it on the progress bar; ``cpus`` and ``gpus`` (fractions allowed) are what it
+    """One independent piece of work: ``function(*args, on_step=..., on_epoch=..., **options)`` returns its
+    JSON-ready result, stored under ``name``. ``steps`` weighs it on the progress bar, where ``label`` names it and
+    the fields ``shows`` of each epoch's record are shown; ``cpus`` and ``gpus`` (fractions allowed) are what it
     asks of a Ray cluster, so that many small runs can share one GPU."""
 
     name: str
@@ -55,6 +56,7 @@ class Unit:
     args: tuple = ()
     steps: int = 1
     label: str = ""
+    shows: tuple = ()
     cpus: float = 1.0
     gpus: float = 0.0
     options: dict = field(default_factory=dict)  # keyword arguments of ``function`` besides on_step
@@ -71,7 +73,7 @@ class Store(Protocol):
 def _call(function, args, options, threads):
     """A unit in a worker process: bounded to the driver's threads, as every command bounds its own."""
     with runtime.limited_threads(threads):
-        return function(*args, on_step=None, **options)
+        return function(*args, on_step=None, on_epoch=None, **options)
 
 
 class LocalExecutor:
@@ -85,11 +87,12 @@ class LocalExecutor:
             raise UsageError(f"--workers must be >= 1, got {workers}")
         self.workers, self.threads, self.retries = workers, threads, retries
 
-    def run(self, units: list[Unit], on_step: Callable | None) -> Iterator[tuple[Unit, Any]]:
-        """Each unit with its result, as they complete."""
+    def run(self, units: list[Unit], on_step: Callable | None = None,
+            on_epoch: Callable | None = None) -> Iterator[tuple[Unit, Any]]:
+        """Each unit with its result, as they complete; the callbacks reach the units only in this process."""
         if self.workers == 1:
             for unit in units:
-                yield unit, unit.function(*unit.args, on_step=on_step, **unit.options)
+                yield unit, unit.function(*unit.args, on_step=on_step, on_epoch=on_epoch, **unit.options)
             return
         pending, attempts = list(units), {unit.name: 0 for unit in units}
         while pending:
@@ -142,7 +145,8 @@ class RayExecutor:
             except ConnectionError as exc:
                 raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from None
 
-    def run(self, units: list[Unit], on_step: Callable | None) -> Iterator[tuple[Unit, Any]]:
+    def run(self, units: list[Unit], on_step: Callable | None = None,
+            on_epoch: Callable | None = None) -> Iterator[tuple[Unit, Any]]:
         ray = self.ray
         remote = ray.remote(_call)
         refs = {remote.options(num_cpus=u.cpus, num_gpus=u.gpus, max_retries=self.retries)
@@ -162,7 +166,7 @@ def add_executor_options(parser, what: str) -> None:
     """``--executor``, ``--workers``, ``--ray-address``: where the command's ``what`` (its units) run."""
     g = parser.add_argument_group("executor")
     g.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help=f"where the {what} run: local (this machine) or ray (a Ray cluster) (default: local)")
+                   help=f"where the {what} run: local (this machine) or ray (a Ray cluster)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help=f"{what} run at once: local: processes (1: in this process, the default); ray: the CPUs of "
                         f"the local cluster started when --ray-address is not given (default: every CPU)")
@@ -198,15 +202,23 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
     in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
     with tqdm(total=sum(unit.steps for unit in todo), disable=not progress, unit="step", dynamic_ncols=True) as bar:
         started = iter(todo)
-        if in_process and todo:
-            start_unit(bar, next(started).label)
-        for unit, result in executor.run(todo, (lambda: bar.update(1)) if in_process else None):
+        current = next(started, None)
+        if in_process and current is not None:
+            start_unit(bar, current.label)
+
+        def show(record):
+            bar.set_postfix(epoch=record["epoch"], **{key: f"{record[key]:.3g}" for key in current.shows})
+
+        callbacks = ((lambda: bar.update(1)), show) if in_process else (None, None)
+        done_steps = 0
+        for unit, result in executor.run(todo, *callbacks):
             store.save(unit.name, result)
+            done_steps += unit.steps
+            bar.update(done_steps - bar.n)  # the rest of a unit that stopped early, or all of one done elsewhere
             if in_process:
-                following = next(started, None)
-                if following is not None:
-                    start_unit(bar, following.label)
+                current = next(started, None)
+                if current is not None:
+                    start_unit(bar, current.label)
             else:
-                bar.update(unit.steps)
                 bar.set_description(f"{unit.label} done")
     return {name: store.finished(name) for name in names}

@@ -13,13 +13,13 @@ from hardtovary.experiments.executors import LocalExecutor, Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder
 
 
-def square(x, *, on_step=None, offset=0):
+def square(x, *, on_step=None, on_epoch=None, offset=0):
     if on_step is not None:
         on_step()
     return {"value": x * x + offset, "pid": os.getpid()}
 
 
-def dies_once(marker, x, *, on_step=None):
+def dies_once(marker, x, *, on_step=None, on_epoch=None):
     """Kills its own process the first time it runs (as the OOM killer would), succeeds the next."""
     marker = Path(marker)
     if not marker.exists():
@@ -28,11 +28,11 @@ def dies_once(marker, x, *, on_step=None):
     return {"value": x}
 
 
-def always_dies(*, on_step=None):
+def always_dies(*, on_step=None, on_epoch=None):
     os._exit(1)
 
 
-def raises(*, on_step=None):
+def raises(*, on_step=None, on_epoch=None):
     raise ArithmeticError("a bug in the unit")
 
 
