@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from hardtovary.experiments import options, sweep
+from hardtovary.experiments import executors, options, sweep
 from hardtovary.experiments.errors import usage_errors
 
 
@@ -65,6 +65,7 @@ def add_arguments(parser) -> None:
                    help="precision of the batched training")
     options.add_array_backend_option(g)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "batches of runs")
     parser.set_defaults(interrupted="finished batches of runs are kept in {out}; the same command resumes")
 
 
@@ -72,6 +73,7 @@ def run(args) -> int:
     with usage_errors():
         options.check_flavour(args.methods, args.flavour)
         options.check_array_backend(args.backend)
+        executor = executors.make_executor(args)
         arch = (dataclasses.asdict(sweep.PAPER_ARCHITECTURE) if args.paper_space else
                 {"hidden_units": args.widths, "layers": args.depths, "batch_sizes": args.batch_sizes})
         space = sweep.SearchSpace(methods=args.methods, optimizers=args.optimizers, lrs=args.lrs,
@@ -81,7 +83,7 @@ def run(args) -> int:
     results = sweep.run(args.out, space=space, data_config=data_config, budget=args.budget, seeds=args.seeds,
                         top=args.top, epochs=args.epochs, seed=args.seed, runs_per_batch=args.runs_per_batch,
                         early_abort=args.early_abort, dtype=args.dtype, backend=args.backend, fresh=args.fresh,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, executor=executor)
     print(sweep.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     return 0

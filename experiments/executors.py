@@ -22,6 +22,7 @@ run folder, so all they need from a cluster is to run functions where there are 
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import multiprocessing
 import sys
@@ -29,9 +30,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tqdm import tqdm
+
 from hardtovary.experiments import runtime
 from hardtovary.experiments.errors import UsageError
-from hardtovary.experiments.options import positive_int
+from hardtovary.experiments.options import fraction, positive_int
 from hardtovary.experiments.progress import note_resume, start_unit
 
 __all__ = ["EXECUTORS", "Unit", "Store", "LocalExecutor", "RayExecutor", "add_executor_options", "make_executor",
@@ -41,6 +44,8 @@ __all__ = ["EXECUTORS", "Unit", "Store", "LocalExecutor", "RayExecutor", "add_ex
 EXECUTORS = ("local", "ray")
 #: Times a unit is run again after its worker process died.
 RETRIES = 2
+#: The share of a GPU a unit that computes on one asks of a Ray cluster: four small runs at once per GPU.
+GPUS_PER_UNIT = 0.25
 RAY_INSTALL = "pip install 'hardtovary[ray]' (from a checkout: '.[ray]')"
 
 
@@ -48,8 +53,9 @@ RAY_INSTALL = "pip install 'hardtovary[ray]' (from a checkout: '.[ray]')"
 class Unit:
     """One independent piece of work: ``function(*args, on_step=..., on_epoch=..., **options)`` returns its
     JSON-ready result, stored under ``name``. ``steps`` weighs it on the progress bar, where ``label`` names it and
-    the fields ``shows`` of each epoch's record are shown; ``cpus`` and ``gpus`` (fractions allowed) are what it
-    asks of a Ray cluster, so that many small runs can share one GPU."""
+    the fields ``shows`` of each epoch's record are shown. On a Ray cluster it asks for ``cpus`` CPUs and, when it
+    computes on a GPU (``gpu``), the executor's share of one (``--gpus-per-unit``), so that small runs share a
+    GPU."""
 
     name: str
     function: Callable
@@ -58,7 +64,7 @@ class Unit:
     label: str = ""
     shows: tuple = ()
     cpus: float = 1.0
-    gpus: float = 0.0
+    gpu: bool = False
     options: dict = field(default_factory=dict)  # keyword arguments of ``function`` besides on_step
 
 
@@ -130,12 +136,12 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None,
-                 threads: int = runtime.DEFAULT_THREADS, retries: int = RETRIES):
+                 threads: int = runtime.DEFAULT_THREADS, retries: int = RETRIES, gpus_per_unit: float = GPUS_PER_UNIT):
         try:
             import ray
         except ImportError:
             raise UsageError(f"--executor ray needs Ray, which is not installed; {RAY_INSTALL}") from None
-        self.ray, self.threads, self.retries = ray, threads, retries
+        self.ray, self.threads, self.retries, self.gpus_per_unit = ray, threads, retries, gpus_per_unit
         if not ray.is_initialized():
             try:
                 if address is None:
@@ -149,7 +155,8 @@ class RayExecutor:
             on_epoch: Callable | None = None) -> Iterator[tuple[Unit, Any]]:
         ray = self.ray
         remote = ray.remote(_call)
-        refs = {remote.options(num_cpus=u.cpus, num_gpus=u.gpus, max_retries=self.retries)
+        refs = {remote.options(num_cpus=u.cpus, num_gpus=self.gpus_per_unit if u.gpu else 0,
+                               max_retries=self.retries)
                 .remote(u.function, u.args, u.options, self.threads): u for u in units}
         try:
             while refs:
@@ -173,15 +180,27 @@ def add_executor_options(parser, what: str) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="with --executor ray: the cluster to join, e.g. 'auto' or 'ray://HOST:10001' (default: "
                         "start a local cluster)")
+    g.add_argument("--gpus-per-unit", type=_gpu_share, default=None, metavar="FRACTION",
+                   help=f"with --executor ray: the share of a GPU each of the {what} that computes on one asks for, "
+                        f"in (0, 1] (default: {GPUS_PER_UNIT})")
+
+
+def _gpu_share(text: str) -> float:
+    value = fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def make_executor(args):
     """The executor the options ask for; --ray-address without --executor ray is an error, not ignored."""
     threads = runtime.resolve_threads(getattr(args, "threads", None))
     if args.executor == "ray":
-        return RayExecutor(args.ray_address, args.workers, threads)
-    if args.ray_address is not None:
-        raise UsageError("--ray-address needs --executor ray")
+        share = GPUS_PER_UNIT if args.gpus_per_unit is None else args.gpus_per_unit
+        return RayExecutor(args.ray_address, args.workers, threads, gpus_per_unit=share)
+    for option, value in (("--ray-address", args.ray_address), ("--gpus-per-unit", args.gpus_per_unit)):
+        if value is not None:
+            raise UsageError(f"{option} needs --executor ray")
     return LocalExecutor(args.workers or 1, threads)
 
 
@@ -190,8 +209,6 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
     """Run the units ``store`` has not finished on ``executor`` (this process when None), saving each result in
     ``store`` as it completes; returns every unit's stored result by name, in the order of ``units``. ``what``
     names the units in messages; ``where`` is the folder named when a resumed run reuses units."""
-    from tqdm import tqdm
-
     units = list(units)
     names = [unit.name for unit in units]
     if len(set(names)) != len(names):

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from hardtovary.experiments.errors import UsageError
-from hardtovary.experiments.progress import note_resume, start_unit
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference import data, optim, rules, training
@@ -171,39 +170,45 @@ def _summary(config: training.TrainConfig) -> dict:
             "seed": config.seed}
 
 
-def _train_units(folder: RunFolder, phase: str, env_data, configs: list, labels: list[dict], *,
-                 runs_per_batch: int, early_abort: bool, backend, dtype: str, bar) -> list[dict]:
-    """Train ``configs`` in batches, each saved as unit ``<phase>-NNN``; finished units are read back, not
-    retrained (the bar counts their epochs as done). Returns one record per config (its label, final metrics, why
-    it stopped and its history)."""
+def train_batch(data_config: data.SpiralsConfig, configs: list, labels: list[dict], *, early_abort: bool, backend,
+                dtype: str, on_step=None, on_epoch=None) -> dict:
+    """One unit: ``configs`` trained together by :func:`hardtovary.accel.sweep.train_sweep` on the spirals task of
+    ``data_config`` (built here, so that the unit depends on its arguments only). Returns ``{"runs": one record per
+    config (its label, final metrics, why it stopped and its history), "seconds"}``; ``on_step`` is called once per
+    run-epoch."""
     from hardtovary.accel.sweep import train_sweep
 
-    records: list[dict | None] = [None] * len(configs)
+    task = data.make_spirals_task(data_config)
+    env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+    start = time.perf_counter()
+    outcomes = train_sweep(env_data, configs, backend=backend, dtype=dtype, early_abort=early_abort,
+                           on_epoch=(lambda i, r: on_step()) if on_step is not None else None)
+    runs = []
+    for config, label, out in zip(configs, labels, outcomes):
+        final = out.final if out.history else {}
+        runs.append({**label, **_summary(config), "stopped": out.stopped, "epochs_run": len(out.history),
+                     "train_acc": final.get("train_acc", math.nan), "test_acc": final.get("test_acc", math.nan),
+                     "train_loss": final.get("train_loss", math.nan), "test_loss": final.get("test_loss", math.nan),
+                     "history": out.history})
+    return {"runs": runs, "seconds": time.perf_counter() - start}
+
+
+def _train_units(folder: RunFolder, phase: str, data_config, configs: list, labels: list[dict], *,
+                 runs_per_batch: int, early_abort: bool, backend, dtype: str, executor, progress: bool) -> list[dict]:
+    """Train ``configs`` in batches, each the unit ``<phase>-NNN`` (:func:`train_batch`) on ``executor``;
+    finished units are read back, not retrained. Returns one record per config, in order."""
+    from hardtovary.accel.backend import get_backend
+
     batches = _batches(configs, runs_per_batch)
-    names = [f"{phase}-{b:03d}" for b in range(len(batches))]
-    note_resume(sum(folder.finished(name) is not None for name in names), len(names), f"{phase} batches",
-                folder.root)
-    for name, idx in zip(names, batches):
-        stored = folder.finished(name)
-        if stored is not None:
-            bar.update(sum(configs[i].epochs for i in idx))
-        else:
-            start_unit(bar, f"{name} ({len(idx)} runs)")
-            start = time.perf_counter()
-            outcomes = train_sweep(env_data, [configs[i] for i in idx], backend=backend, dtype=dtype,
-                                   early_abort=early_abort, on_epoch=lambda i, r: bar.update(1))
-            runs = []
-            for i, out in zip(idx, outcomes):
-                final = out.final if out.history else {}
-                runs.append({**labels[i], **_summary(configs[i]), "stopped": out.stopped,
-                             "epochs_run": len(out.history),
-                             "train_acc": final.get("train_acc", math.nan), "test_acc": final.get("test_acc", math.nan),
-                             "train_loss": final.get("train_loss", math.nan),
-                             "test_loss": final.get("test_loss", math.nan), "history": out.history})
-                bar.update(configs[i].epochs - len(out.history))
-            stored = {"runs": runs, "seconds": time.perf_counter() - start}
-            folder.save(name, stored)
-        for i, run in zip(idx, stored["runs"]):
+    on_gpu = get_backend(backend).name == "cupy"  # resolved where the driver runs: name cupy for GPU workers
+    units = [Unit(f"{phase}-{b:03d}", train_batch, (data_config, [configs[i] for i in idx], [labels[i] for i in idx]),
+                  steps=sum(configs[i].epochs for i in idx), label=f"{phase}-{b:03d} ({len(idx)} runs)", gpu=on_gpu,
+                  options={"early_abort": early_abort, "backend": backend, "dtype": dtype})
+             for b, idx in enumerate(batches)]
+    stored = run_units(folder, units, executor, what=f"{phase} batches", progress=progress, where=folder.root)
+    records: list[dict | None] = [None] * len(configs)
+    for unit, idx in zip(units, batches):
+        for i, run in zip(idx, stored[unit.name]["runs"]):
             records[i] = run
     return records
 
@@ -233,7 +238,7 @@ def _distinct_best(ranked: list[dict], trials: list, top: int) -> list[dict]:
 def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.SpiralsConfig = DEFAULT_DATA,
         budget: int = 32, seeds: int = 3, top: int = 3, epochs: int = 40, seed: int = 0,
         runs_per_batch: int = 32, early_abort: bool = True, dtype: str = "float64", backend=None,
-        fresh: bool = False, progress: bool = True) -> dict:
+        fresh: bool = False, progress: bool = True, executor=None) -> dict:
     """Search, re-run the best, and return (and write to ``out/results.json``) the results.
 
     Returns ``{"config", "search": [one record per trial, best first, without history], "best": [per re-run
@@ -254,26 +259,19 @@ def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.Spir
               "budget": budget, "seeds": seeds, "top": top, "top_distinct": True, "epochs": epochs, "seed": seed,
               "runs_per_batch": runs_per_batch, "early_abort": early_abort, "dtype": dtype}
     folder = RunFolder(out, config, fresh=fresh)
-    task = data.make_spirals_task(data_config)
-    env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
-
     trials = sample_trials(space, budget, epochs=epochs, n_agreement_envs=n_envs, seed=seed)
-    with tqdm(total=(budget + top * seeds) * epochs, disable=not progress, unit="run-epoch",
-              dynamic_ncols=True) as bar:
-        search = _train_units(folder, "search", env_data, trials, [{"trial": i} for i in range(budget)],
-                              runs_per_batch=runs_per_batch, early_abort=early_abort, backend=backend,
-                              dtype=dtype, bar=bar)
-        ranked = sorted(search, key=_rank_key)
-        best = _distinct_best(ranked, trials, top)
-        reruns, labels = [], []
-        for rank, record in enumerate(best):
-            for s in range(seeds):
-                reruns.append(dataclasses.replace(trials[record["trial"]], seed=RERUN_SEED_OFFSET + seed + s))
-                labels.append({"rank": rank + 1, "trial": record["trial"]})
-        bar.total = (budget + len(reruns)) * epochs  # fewer distinct configurations than top re-run fewer
-        bar.refresh()
-        repeated = _train_units(folder, "seeds", env_data, reruns, labels, runs_per_batch=runs_per_batch,
-                                early_abort=False, backend=backend, dtype=dtype, bar=bar)
+    settings = {"runs_per_batch": runs_per_batch, "backend": backend, "dtype": dtype, "executor": executor,
+                "progress": progress}
+    search = _train_units(folder, "search", data_config, trials, [{"trial": i} for i in range(budget)],
+                          early_abort=early_abort, **settings)
+    ranked = sorted(search, key=_rank_key)
+    best = _distinct_best(ranked, trials, top)
+    reruns, labels = [], []
+    for rank, record in enumerate(best):
+        for s in range(seeds):
+            reruns.append(dataclasses.replace(trials[record["trial"]], seed=RERUN_SEED_OFFSET + seed + s))
+            labels.append({"rank": rank + 1, "trial": record["trial"]})
+    repeated = _train_units(folder, "seeds", data_config, reruns, labels, early_abort=False, **settings)
 
     rows = []
     for rank, record in enumerate(best):

@@ -303,10 +303,10 @@ def test_mean_std_is_the_sample_deviation():
 
 def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, capsys, recording_bar):
     """A search that draws one configuration over and over re-runs it once (fewer than --top), and a resumed run
-    reads every batch back: the bar ends at 100% in both, so skipped units must advance it too."""
-    from hardtovary.experiments import sweep
+    reads every batch back: each round's bar (search, re-runs) ends at 100% in both."""
+    from hardtovary.experiments import executors, sweep
 
-    monkeypatch.setattr(sweep, "tqdm", recording_bar)
+    monkeypatch.setattr(executors, "tqdm", recording_bar)
     small = data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=40, n_dims=3)
     space = sweep.SearchSpace(hidden_units=(8,), layers=(1,), batch_sizes=(8,), optimizers=("adam",), lrs=(1e-2,),
                               l2=(0.0,), l1=(0.0,), taus=(1.0,), rescale=(True,), methods=("and_mask",))
@@ -315,6 +315,9 @@ def test_sweep_bar_reaches_its_total_fresh_and_resumed(tmp_path, monkeypatch, ca
     for attempt in ("fresh", "resumed"):
         recording_bar.made.clear()
         sweep.run(tmp_path / "s", **options)
-        (bar,) = recording_bar.made
-        assert bar.n == bar.total, (attempt, bar.n, bar.total)
+        search, reruns = recording_bar.made
+        # run-epochs: 3 trials, then 1 distinct configuration x 2 seeds, 2 epochs each
+        assert search.total == (6 if attempt == "fresh" else 0) and reruns.total == (4 if attempt == "fresh" else 0)
+        for bar in (search, reruns):
+            assert bar.n == bar.total, (attempt, bar.n, bar.total)
     assert "resuming: 2 of 2 search batches reused" in capsys.readouterr().err
