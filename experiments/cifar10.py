@@ -56,7 +56,8 @@ from typing import NamedTuple
 import numpy as np
 
 from hardtovary.experiments.errors import UsageError
-from hardtovary.experiments.progress import note_resume, show_epoch, start_unit
+from hardtovary.experiments.executors import Unit, run_units
+from hardtovary.experiments.progress import note_resume
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
 from hardtovary.reference.optim import multistep_lr
 
@@ -371,12 +372,14 @@ def write_random_cifar10(directory, *, n_train: int = 50_000, n_test: int = 10_0
 def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: int = 80, n_train=None,
         n_test=None, width: float = 1.0, batch_size: int = 80, lr: float | None = None, lr_milestones=None,
         weight_decay: float = 1e-6, rescale: bool = True, seed: int = 0, device: str | None = None,
-        fresh: bool = False, progress: bool = True) -> dict:
+        fresh: bool = False, progress: bool = True, executor=None) -> dict:
     """Run every trial of ``experiment`` (resuming from ``out``) and write ``out/results.json``:
     ``config`` and ``trials`` (per trial its settings, ``final`` record, ``history`` and ``seconds``).
-    ``lr_milestones`` None means one at 3/4 of the epochs (the authors' code)."""
+    ``lr_milestones`` None means one at 3/4 of the epochs (the authors' code). The trials are units of
+    :mod:`~hardtovary.experiments.executors` on ``executor`` (this process when None); each checkpoints every
+    epoch into ``out/trials/<trial>/``, which a worker on another machine reaches only through a shared
+    filesystem (without one, a trial interrupted there starts again from its first epoch)."""
     import torch
-    from tqdm import tqdm
 
     out = Path(out)
     trials = trials_for(experiment, taus, lr, seed)
@@ -397,28 +400,28 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
             ckpt = out / "trials" / name / "checkpoint.pt"
             done = torch.load(ckpt, map_location="cpu", weights_only=False)["epochs_done"] if ckpt.exists() else 0
             todo[name] = done
-    total = sum((epochs - done) * steps for done in todo.values())
-    note_resume(len(trials) - len(todo), len(trials), "trials", folder.root)
     for name, done in todo.items():
         if done:
             note_resume(done, epochs, f"epochs of trial {name}", folder.root)
-    results = {"config": config, "trials": {}}
-    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for name, trial in trials.items():
-            stored = folder.finished(name)
-            if stored is None:
-                start_unit(bar, name)
-
-                show = show_epoch(bar)
-                outcome = train_trial(out / "trials" / name, data, trial, epochs=epochs, width=width,
-                                      batch_size=batch_size, milestones=milestones, weight_decay=weight_decay,
-                                      rescale=rescale, device=device, on_step=lambda: bar.update(1),
-                                      on_epoch=show)
-                stored = {**trial, **outcome}
-                folder.save(name, stored)
-            results["trials"][name] = stored
-            folder.write_results(results)
+    options = {"data_dir": str(data_dir), "n_train": n_train, "n_test": n_test, "epochs": epochs, "width": width,
+               "batch_size": batch_size, "milestones": milestones, "weight_decay": weight_decay, "rescale": rescale,
+               "device": device}
+    units = [Unit(name, trial_unit, (str(out / "trials" / name), trial), steps=(epochs - todo.get(name, 0)) * steps,
+                  label=name, shows=("train_acc", "test_acc"), gpu=device.startswith("cuda"), options=options)
+             for name, trial in trials.items()]
+    stored = run_units(folder, units, executor, what="trials", progress=progress, where=folder.root)
+    results = {"config": config, "trials": stored}
+    folder.write_results(results)
     return results
+
+
+def trial_unit(folder: str, trial: dict, *, data_dir: str, n_train, n_test, on_step=None, on_epoch=None,
+               **settings) -> dict:
+    """One trial as a unit of :mod:`~hardtovary.experiments.executors`: the data read from ``data_dir`` where the
+    unit runs (so that a worker receives a path, not the arrays), :func:`train_trial` checkpointing into
+    ``folder``, and the record stored for the trial."""
+    data = load_cifar10(data_dir, n_train=n_train, n_test=n_test)
+    return {**trial, **train_trial(Path(folder), data, trial, on_step=on_step, on_epoch=on_epoch, **settings)}
 
 
 def _fmt(value) -> str:

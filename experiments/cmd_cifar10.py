@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hardtovary.experiments import cifar10, options
+from hardtovary.experiments import cifar10, executors, options
 from hardtovary.experiments.errors import UsageError
 
 
@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/cifar10-EXPERIMENT)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "trials")
     parser.set_defaults(interrupted="finished epochs of each trial are kept in {out}; the same command resumes at "
                                     "the last one")
 
@@ -54,12 +55,14 @@ def run(args) -> int:
         raise UsageError(f"--taus must lie in [0, 1], got {options.shown(args.taus)}")
     milestones = options.lr_milestones(args.lr_milestones, args.epochs)
     out = args.out = args.out or Path(f"runs/cifar10-{args.experiment}")  # the interrupt note names it too
+    executor = executors.make_executor(args)
     try:
         results = cifar10.run(out, args.data, experiment=args.experiment, taus=args.taus, epochs=args.epochs,
                               n_train=args.n_train, n_test=args.n_test, width=args.width,
                               batch_size=args.batch_size, lr=args.lr, lr_milestones=milestones,
                               weight_decay=args.weight_decay, rescale=args.rescale, seed=args.seed,
-                              device=args.device, fresh=args.fresh, progress=not args.no_progress)
+                              device=args.device, fresh=args.fresh, progress=not args.no_progress,
+                              executor=executor)
     except FileNotFoundError as exc:  # --data lacks the batches (load_cifar10 names them and where to get them)
         raise UsageError(str(exc)) from None
     print(cifar10.format_table(results))
