@@ -32,9 +32,21 @@ Choices where the paper is silent or ambiguous, all documented here and recorded
   mechanism block (or the whole shortcut block), drawn independently per environment and per seed.
 * **Data**: the authors' code defaults (d_S = 8 shortcut dimensions of scale 1, 3 revolutions), 16 environments,
   a batch of 1024 examples *per environment* (the whole environment).
-* **Network**: 3 x 256 LeakyReLU (slope 0.01) MLP with one logit and BCE-with-logits, the authors'
-  initialisation (Kaiming-normal weights, bias 0.01), float32; seeds ``0 .. n_seeds - 1`` seed the weights and the
-  permutations; the data are fixed (``data_seed``).
+* **Network**: 3 x 256 LeakyReLU (slope 0.01) MLP with one logit and BCE-with-logits, float32; seeds ``0 ..
+  n_seeds - 1`` seed the weights and the permutations; the data are fixed (``data_seed``). App. B.3.5 says only
+  "randomly initialized": ``init="authors"`` (default) is the authors' training initialisation (Kaiming-normal
+  weights, bias 0.01), ``init="torch"`` PyTorch's ``nn.Linear`` default, whose logits start near 0, so that the
+  label-independent part of the gradients (``(sigmoid(f) - 1/2) grad f``) is small from the start.
+* **Stage**: at the initialisation (App. B.3.5), or after ``train_steps`` full-batch Adam steps (the authors'
+  learning rate 1e-2) on all environments with the plain mean or the AND-mask at tau = 1 (``train_rule``).
+
+Why the shortcut correlation cannot fall much here (measured, not assumed): the shortcut-only data (ii) differ
+from the original data (i) only in the two mechanism columns, so ``m_tau(grad L) = g_short + D`` on the kept
+components, where ``D`` is what aligning the mechanism with the labels adds. With ``q = ||D|| / ||g_short||``
+(both centred over the kept components), Pearson's r between them is at least ``sqrt(1 - q^2)`` for ``q < 1``
+(:func:`pearson_floor`): ``g_short + D`` lies in a ball of radius ``q ||g_short||`` around ``g_short``, whose
+widest angle from ``g_short`` is ``arcsin q``. ``run`` records ``q`` and that floor for every tau.
+:func:`separability` measures why the mask does not find components where ``D`` dominates.
 """
 
 from __future__ import annotations
@@ -56,13 +68,20 @@ from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
 from hardtovary.reference.rules import TIE_TOLERANCE
 
-__all__ = ["DEFAULT_TAUS", "DEFAULT_DATA", "GradientCorrelationConfig", "threshold_mask", "xor_mask",
-           "pearson", "gradient_sets", "correlation_curves", "run", "format_table", "plot_curves"]
+__all__ = ["DEFAULT_TAUS", "DEFAULT_DATA", "INITS", "TRAIN_RULES", "TRAIN_LR", "GradientCorrelationConfig",
+           "threshold_mask", "xor_mask", "pearson", "pearson_floor", "gradient_sets", "correlation_curves",
+           "separability", "train", "run", "format_table", "format_separability", "plot_curves"]
 
 #: -1, -0.9, ..., 1.
 DEFAULT_TAUS = tuple(round(-1.0 + 0.1 * i, 10) for i in range(21))
 DEFAULT_DATA = _data.SpiralsConfig(n_train_envs=16, examples_per_env=1024, n_test=2, n_revolutions=3, n_dims=8,
                                    seed=0)
+#: Weight initialisations (module docstring): the authors' training code's, and PyTorch's ``nn.Linear`` default.
+INITS = ("authors", "torch")
+#: Rules of the optional training before the measurement: the plain mean, the AND-mask at tau = 1.
+TRAIN_RULES = ("mean", "and_mask")
+#: Adam's learning rate for that training: the authors' ``run_synthetic.py`` default.
+TRAIN_LR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -76,10 +95,22 @@ class GradientCorrelationConfig:
     #: Subtract the label-independent part of every average gradient (the average gradient on the data with all
     #: input columns permuted) before correlating; see :func:`correlation_curves`.
     remove_label_independent: bool = False
+    #: One of :data:`INITS`.
+    init: str = "authors"
+    #: Full-batch Adam steps before the measurement (0: at the initialisation, as App. B.3.5).
+    train_steps: int = 0
+    #: One of :data:`TRAIN_RULES`; used only when ``train_steps > 0``.
+    train_rule: str = "mean"
 
     def __post_init__(self):
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or self.train_steps < 0:
+            raise ValueError(f"train_steps must be an integer >= 0, got {self.train_steps!r}")
+        if self.train_rule not in TRAIN_RULES:
+            raise ValueError(f"train_rule must be one of {list(TRAIN_RULES)}, got {self.train_rule!r}")
         taus = tuple(float(t) for t in self.taus)
         if not taus or any(not -1.0 <= t <= 1.0 for t in taus):
             raise ValueError(f"taus must be non-empty values in [-1, 1], got {self.taus!r}")
@@ -113,6 +144,22 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = torch.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _centred_norm(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean()).norm()
+
+
+def pearson_floor(q: float) -> float:
+    """The least Pearson's r between ``g`` and ``g + D`` when ``D``'s centred norm is ``q`` times ``g``'s:
+    ``sqrt(1 - q^2)`` for ``0 <= q < 1`` (``g + D`` lies in a ball of radius ``q |g|`` around ``g``; the widest angle
+    is ``arcsin q``), and -1 for ``q >= 1`` (the ball holds ``-g``'s direction); NaN for NaN."""
+    if math.isnan(q):
+        return float("nan")
+    if q < 0:
+        raise ValueError(f"q must be >= 0, got {q}")
+    return math.sqrt(1.0 - q * q) if q < 1.0 else -1.0
 
 
 def _flat(grads: list) -> torch.Tensor:
@@ -150,7 +197,10 @@ def gradient_sets(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, n_me
 def correlation_curves(sets: dict, taus, *, remove_label_independent: bool = False) -> dict:
     """For each tau: Pearson r between the masked average gradient of ``sets['original']`` and the average
     gradients of ``sets['mechanism']`` and ``sets['shortcut']``, over the kept components with a nonzero masked
-    average; also the fraction kept. Returns ``{"mechanism": [...], "shortcut": [...], "kept": [...]}``.
+    average; the fraction kept; and, on those components, ``q = ||c(m - g_short)|| / ||c(g_short)||`` (``c``
+    centres over the kept components, ``m`` is the masked average) with the floor :func:`pearson_floor` ``(q)`` that
+    it puts under the shortcut correlation (module docstring). Returns ``{"mechanism": [...], "shortcut": [...],
+    "kept": [...], "shortcut_gap": [...], "shortcut_floor": [...]}``.
 
     With ``remove_label_independent`` the average gradient of ``sets['null']`` (inputs independent of the labels) is
     subtracted from all three averages first. At a random initialisation that shared part dominates every gradient
@@ -159,22 +209,63 @@ def correlation_curves(sets: dict, taus, *, remove_label_independent: bool = Fal
     base = sets["null"].mean(dim=0) if remove_label_independent else 0.0
     mean = G.mean(dim=0) - base
     g_mech, g_short = sets["mechanism"].mean(dim=0) - base, sets["shortcut"].mean(dim=0) - base
-    out = {"mechanism": [], "shortcut": [], "kept": []}
+    out = {"mechanism": [], "shortcut": [], "kept": [], "shortcut_gap": [], "shortcut_floor": []}
     for tau in taus:
         keep = threshold_mask(G, tau) & (mean != 0)
         out["mechanism"].append(pearson(mean[keep], g_mech[keep]))
         out["shortcut"].append(pearson(mean[keep], g_short[keep]))
         out["kept"].append(float(keep.double().mean()))
+        # Same domain as pearson: no gap without 3 points or with a constant shortcut gradient.
+        scale = _centred_norm(g_short[keep]) if keep.sum() >= 3 else torch.zeros(())
+        gap = float(_centred_norm(mean[keep] - g_short[keep]) / scale) if scale > 0 else float("nan")
+        out["shortcut_gap"].append(gap)
+        out["shortcut_floor"].append(pearson_floor(gap))
     return out
 
 
-def _model(in_features: int, hidden: tuple[int, ...], seed: int) -> torch.nn.Module:
+def separability(sets: dict) -> dict:
+    """How well sign agreement across environments can tell mechanism components from shortcut ones (§2.3's
+    AND-mask on Fig. 7's data). Per component j: ``r_j = |mean_e M[e, j]| / std_e S[e, j]`` with the label-dependent
+    per-environment gradients ``M = sets['mechanism'] - sets['null']`` and ``S = sets['shortcut'] - sets['null']``
+    (sample std over environments). If ``S[e, j]`` were Gaussian across environments around a mechanism part
+    ``mean_e M[e, j]``, all K signs would agree with probability ``Phi(r)^K + Phi(-r)^K``: at K = 16 that is
+    3e-5 for r = 0, 0.06 for r = 1 and 0.5 for r = 1.7. Returns the ``median`` of ``r`` and the fraction
+    ``r >= 1`` over the components where the std is positive."""
+    M = (sets["mechanism"] - sets["null"]).double()
+    S = (sets["shortcut"] - sets["null"]).double()
+    spread = S.std(dim=0)
+    positive = spread > 0
+    if not positive.any():
+        return {"median": float("nan"), "fraction_ge_1": float("nan")}
+    r = M.mean(dim=0)[positive].abs() / spread[positive]
+    # numpy's median: the mean of the two middle values (torch.median returns the lower one)
+    return {"median": float(np.median(r.numpy())), "fraction_ge_1": float((r >= 1).double().mean())}
+
+
+def _model(in_features: int, hidden: tuple[int, ...], seed: int, init: str = "authors") -> torch.nn.Module:
     torch.manual_seed(seed)
     model = mlp_from_spec(_mlp.MLPSpec(in_features=in_features, hidden=hidden), dtype=torch.float32)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.kaiming_normal_(m.weight)
-            torch.nn.init.constant_(m.bias, _mlp.BIAS_INIT)
+    if init == "authors":
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(m.weight)
+                torch.nn.init.constant_(m.bias, _mlp.BIAS_INIT)
+    return model
+
+
+def train(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, rule: str, steps: int) -> torch.nn.Module:
+    """``steps`` full-batch Adam steps (learning rate :data:`TRAIN_LR`) on the environments ``X[K, B, in]``,
+    ``y[K, B]``: the update direction is the mean of the per-environment gradients (``rule="mean"``) or their
+    AND-masked mean at tau = 1 (``"and_mask"``, paper §2.3, the best synthetic setting of App. B.3.1). Returns
+    ``model``, trained in place."""
+    if rule not in TRAIN_RULES:
+        raise ValueError(f"rule must be one of {list(TRAIN_RULES)}, got {rule!r}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN_LR)
+    for _ in range(steps):
+        grads = env_gradients(model, X, y, _loss).grads
+        for p, G in zip(model.parameters(), grads):
+            p.grad = G.mean(dim=0) if rule == "mean" else _rules.and_masked_mean(G, 1.0)
+        optimizer.step()
     return model
 
 
@@ -185,22 +276,27 @@ def run(config: GradientCorrelationConfig = GradientCorrelationConfig(), out: Pa
     task = _data.make_spirals_task(config.data)
     X = torch.as_tensor(task.X_train, dtype=torch.float32)
     y = torch.as_tensor(task.y_train, dtype=torch.float32)
-    per_seed = {"mechanism": [], "shortcut": [], "kept": []}
+    per_seed = {"mechanism": [], "shortcut": [], "kept": [], "shortcut_gap": [], "shortcut_floor": []}
+    separabilities = []
     seeds = range(config.n_seeds)
     if progress:
         from tqdm import tqdm
         seeds = tqdm(seeds, desc="seeds", dynamic_ncols=True)
     for seed in seeds:
-        model = _model(X.shape[2], config.hidden, seed)
+        model = train(_model(X.shape[2], config.hidden, seed, config.init), X, y, config.train_rule,
+                      config.train_steps)
         generator = torch.Generator().manual_seed(seed)
-        curves = correlation_curves(gradient_sets(model, X, y, 2, generator), config.taus,
-                                    remove_label_independent=config.remove_label_independent)
+        sets = gradient_sets(model, X, y, 2, generator)
+        curves = correlation_curves(sets, config.taus, remove_label_independent=config.remove_label_independent)
         for k in per_seed:
             per_seed[k].append(curves[k])
+        separabilities.append(separability(sets))
     results = {"config": {"hidden": list(config.hidden), "n_seeds": config.n_seeds, "taus": list(config.taus),
-                          "remove_label_independent": config.remove_label_independent,
-                          "data": dataclasses.asdict(config.data)},
-               "taus": list(config.taus)}
+                          "remove_label_independent": config.remove_label_independent, "init": config.init,
+                          "train_steps": config.train_steps, "train_rule": config.train_rule,
+                          "train_lr": TRAIN_LR, "data": dataclasses.asdict(config.data)},
+               "taus": list(config.taus),
+               "separability": {k: [s[k] for s in separabilities] for k in ("median", "fraction_ge_1")}}
     for k, values in per_seed.items():
         a = np.asarray(values, dtype=float)
         results[k] = {"per_seed": a.tolist(), "mean": np.nanmean(a, axis=0).tolist() if a.size else [],
@@ -221,19 +317,31 @@ def _json_safe(obj):
 
 
 def format_table(results: dict) -> str:
-    """One row per tau: mask kind, mean ± std of both correlations over seeds, and the fraction kept."""
-    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>8}"]
+    """One row per tau: mask kind, mean ± std of both correlations over seeds, the fraction kept, and the means of
+    the shortcut gap ``q`` and of the floor ``sqrt(1 - q^2)`` under rho(shortcut) (:func:`correlation_curves`)."""
+    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>8}{'q(short)':>10}"
+             f"{'floor':>8}"]
     m, s, k = results["mechanism"], results["shortcut"], results["kept"]
+    q, f = results["shortcut_gap"], results["shortcut_floor"]
     for i, tau in enumerate(results["taus"]):
         kind = "AND" if tau >= 0 else "XOR"
         lines.append(f"{tau:>6.2f}  {kind:<4}{m['mean'][i]:>10.3f} ± {m['std'][i]:<5.3f}"
-                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>8.3f}")
+                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>8.3f}{q['mean'][i]:>10.3f}"
+                     f"{f['mean'][i]:>8.3f}")
     return "\n".join(lines)
 
 
+def format_separability(results: dict) -> str:
+    """One line: :func:`separability`'s median ``r`` and fraction ``r >= 1``, mean ± std over seeds."""
+    sep = {k: np.asarray(v, dtype=float) for k, v in results["separability"].items()}
+    return (f"separability r = |mechanism| / (shortcut's spread over environments): median "
+            f"{sep['median'].mean():.3f} ± {sep['median'].std():.3f}, fraction r >= 1 "
+            f"{sep['fraction_ge_1'].mean():.2e} ± {sep['fraction_ge_1'].std():.2e}")
+
+
 def plot_curves(results: dict, path: Path) -> Path | None:
-    """Both correlations (mean over seeds, ± std band) against the threshold, Fig. 7 style; None without
-    matplotlib."""
+    """Both correlations (mean over seeds, ± std band) against the threshold, Fig. 7 style, with the floor under the
+    shortcut correlation (:func:`pearson_floor`, dashed); None without matplotlib."""
     from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
 
     plt = matplotlib_pyplot()
@@ -243,8 +351,11 @@ def plot_curves(results: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for key, label in (("mechanism", "corr(∇L_mech, m_τ(∇L))"), ("shortcut", "corr(∇L_shortcut, m_τ(∇L))")):
         mean, std = np.asarray(results[key]["mean"]), np.asarray(results[key]["std"])
-        ax.plot(taus, mean, marker="o", ms=3, label=label)
+        line, = ax.plot(taus, mean, marker="o", ms=3, label=label)
         ax.fill_between(taus, mean - std, mean + std, alpha=0.2)
+    # `line` is the shortcut curve's, the loop's last: its floor gets its colour.
+    ax.plot(taus, np.asarray(results["shortcut_floor"]["mean"]), ls="--", color=line.get_color(),
+            label="floor √(1 − q²) under the shortcut curve")
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("agreement threshold τ  (XOR-mask < 0 ≤ AND-mask)")
     ax.set_ylabel("correlation coefficient")
