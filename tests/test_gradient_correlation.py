@@ -169,6 +169,24 @@ def test_zero_training_steps_leave_the_model_and_a_bad_rule_is_refused():
         gc.train(model, X, y, "sum", 1)
 
 
+def test_run_measures_after_the_training_steps():
+    # run's curves are those of a model trained by `train` for train_steps, on the data of the config
+    from hardtovary.reference import data
+
+    config = gc.GradientCorrelationConfig(hidden=(8,), n_seeds=1, taus=(0.0, 0.5), init="torch", train_steps=3,
+                                          train_rule="and_mask", data=data.SpiralsConfig(
+                                              n_train_envs=3, examples_per_env=16, n_test=2, n_dims=2))
+    task = data.make_spirals_task(config.data)
+    X, y = torch.as_tensor(task.X_train), torch.as_tensor(task.y_train)
+    model = gc.train(gc._model(4, (8,), seed=0, init="torch"), X, y, "and_mask", 3)
+    by_hand = gc.correlation_curves(gc.gradient_sets(model, X, y, 2, torch.Generator().manual_seed(0)), (0.0, 0.5))
+    results = gc.run(config)
+    for key in ("mechanism", "shortcut", "shortcut_gap"):
+        assert results[key]["per_seed"][0] == pytest.approx(by_hand[key])
+    at_init = gc.run(gc.GradientCorrelationConfig(**{**config.__dict__, "train_steps": 0}))
+    assert at_init["shortcut"]["per_seed"][0] != pytest.approx(by_hand["shortcut"])
+
+
 @pytest.mark.parametrize("field, value", [("init", "xavier"), ("train_steps", -1), ("train_steps", 1.5),
                                           ("train_steps", True), ("train_rule", "sum")])
 def test_the_config_names_a_bad_field(field, value):
