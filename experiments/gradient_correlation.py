@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,8 +300,12 @@ def run(config: GradientCorrelationConfig = GradientCorrelationConfig(), out: Pa
                "separability": {k: [s[k] for s in separabilities] for k in ("median", "fraction_ge_1")}}
     for k, values in per_seed.items():
         a = np.asarray(values, dtype=float)
-        results[k] = {"per_seed": a.tolist(), "mean": np.nanmean(a, axis=0).tolist() if a.size else [],
-                      "std": np.nanstd(a, axis=0).tolist() if a.size else []}
+        with warnings.catch_warnings():
+            # A tau that keeps fewer than 3 components in every seed has no correlation: its mean is NaN, and the
+            # table says so.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            results[k] = {"per_seed": a.tolist(), "mean": np.nanmean(a, axis=0).tolist() if a.size else [],
+                          "std": np.nanstd(a, axis=0).tolist() if a.size else []}
     if out is not None:
         write_results(out, _json_safe(results))
     return results
@@ -317,16 +322,17 @@ def _json_safe(obj):
 
 
 def format_table(results: dict) -> str:
-    """One row per tau: mask kind, mean ± std of both correlations over seeds, the fraction kept, and the means of
-    the shortcut gap ``q`` and of the floor ``sqrt(1 - q^2)`` under rho(shortcut) (:func:`correlation_curves`)."""
-    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>8}{'q(short)':>10}"
+    """One row per tau: mask kind, mean ± std of both correlations over seeds, the fraction kept (3 significant
+    digits: a few components out of 1e5 still show), and the means of the shortcut gap ``q`` and of the floor
+    ``sqrt(1 - q^2)`` under rho(shortcut) (:func:`correlation_curves`)."""
+    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>9}{'q(short)':>10}"
              f"{'floor':>8}"]
     m, s, k = results["mechanism"], results["shortcut"], results["kept"]
     q, f = results["shortcut_gap"], results["shortcut_floor"]
     for i, tau in enumerate(results["taus"]):
         kind = "AND" if tau >= 0 else "XOR"
         lines.append(f"{tau:>6.2f}  {kind:<4}{m['mean'][i]:>10.3f} ± {m['std'][i]:<5.3f}"
-                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>8.3f}{q['mean'][i]:>10.3f}"
+                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>9.3g}{q['mean'][i]:>10.3f}"
                      f"{f['mean'][i]:>8.3f}")
     return "\n".join(lines)
 
@@ -339,28 +345,47 @@ def format_separability(results: dict) -> str:
             f"{sep['fraction_ge_1'].mean():.2e} ± {sep['fraction_ge_1'].std():.2e}")
 
 
+def _setting(config: dict) -> str:
+    """One line naming a run's setting, for a figure's title."""
+    data = config["data"]
+    stage = ("at initialisation" if config["train_steps"] == 0
+             else f"after {config['train_steps']} Adam steps ({config['train_rule']})")
+    removed = ", label-independent part removed" if config["remove_label_independent"] else ""
+    return (f"{data['n_train_envs']} envs × {data['examples_per_env']}, d_S {data['n_dims']} × "
+            f"{data['shortcut_scale']:g}, init {config['init']}, {stage}{removed}, {config['n_seeds']} seeds")
+
+
 def plot_curves(results: dict, path: Path) -> Path | None:
     """Both correlations (mean over seeds, ± std band) against the threshold, Fig. 7 style, with the floor under the
-    shortcut correlation (:func:`pearson_floor`, dashed); None without matplotlib."""
+    shortcut correlation (:func:`pearson_floor`, dashed) and the fraction of components kept (right axis, log
+    scale: few kept components make the correlations noisy); None without matplotlib."""
     from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
 
     plt = matplotlib_pyplot()
     if plt is None:
         return None
     taus = np.asarray(results["taus"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for key, label in (("mechanism", "corr(∇L_mech, m_τ(∇L))"), ("shortcut", "corr(∇L_shortcut, m_τ(∇L))")):
-        mean, std = np.asarray(results[key]["mean"]), np.asarray(results[key]["std"])
+        mean, std = np.asarray(results[key]["mean"], dtype=float), np.asarray(results[key]["std"], dtype=float)
         line, = ax.plot(taus, mean, marker="o", ms=3, label=label)
         ax.fill_between(taus, mean - std, mean + std, alpha=0.2)
     # `line` is the shortcut curve's, the loop's last: its floor gets its colour.
-    ax.plot(taus, np.asarray(results["shortcut_floor"]["mean"]), ls="--", color=line.get_color(),
+    ax.plot(taus, np.asarray(results["shortcut_floor"]["mean"], dtype=float), ls="--", color=line.get_color(),
             label="floor √(1 − q²) under the shortcut curve")
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("agreement threshold τ  (XOR-mask < 0 ≤ AND-mask)")
     ax.set_ylabel("correlation coefficient")
     ax.set_xlim(-1.02, 1.02)
+    ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    kept = np.asarray(results["kept"]["mean"], dtype=float)
+    right = ax.twinx()
+    right.plot(taus, np.where(kept > 0, kept, np.nan), color="grey", lw=1, label="fraction kept (right)")
+    right.set_yscale("log")
+    right.set_ylabel("fraction of components kept", color="grey")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
+    ax.set_title(_setting(results["config"]), fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
