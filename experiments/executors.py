@@ -169,14 +169,16 @@ class RayExecutor:
             raise
 
 
-def add_executor_options(parser, what: str) -> None:
-    """``--executor``, ``--workers``, ``--ray-address``: where the command's ``what`` (its units) run."""
+def add_executor_options(parser, what: str, local_workers: str = "1: in this process") -> None:
+    """``--executor``, ``--workers``, ``--ray-address``, ``--gpus-per-unit``: where the command's ``what`` (its
+    units) run; ``local_workers`` says the local default (:func:`make_executor` takes it)."""
     g = parser.add_argument_group("executor")
     g.add_argument("--executor", choices=EXECUTORS, default="local",
                    help=f"where the {what} run: local (this machine) or ray (a Ray cluster)")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help=f"{what} run at once: local: processes (1: in this process, the default); ray: the CPUs of "
-                        f"the local cluster started when --ray-address is not given (default: every CPU)")
+                   help=f"{what} run at once: with --executor local, processes ({local_workers} when not "
+                        f"given); with ray, the CPUs of the local cluster started when --ray-address is not given "
+                        f"(every CPU when not given)")
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="with --executor ray: the cluster to join, e.g. 'auto' or 'ray://HOST:10001' (default: "
                         "start a local cluster)")
@@ -192,8 +194,9 @@ def _gpu_share(text: str) -> float:
     return value
 
 
-def make_executor(args):
-    """The executor the options ask for; --ray-address without --executor ray is an error, not ignored."""
+def make_executor(args, local_workers: int = 1):
+    """The executor the options ask for (``local_workers`` processes when --workers is not given); the Ray options
+    without --executor ray are an error, not ignored."""
     threads = runtime.resolve_threads(getattr(args, "threads", None))
     if args.executor == "ray":
         share = GPUS_PER_UNIT if args.gpus_per_unit is None else args.gpus_per_unit
@@ -201,7 +204,7 @@ def make_executor(args):
     for option, value in (("--ray-address", args.ray_address), ("--gpus-per-unit", args.gpus_per_unit)):
         if value is not None:
             raise UsageError(f"{option} needs --executor ray")
-    return LocalExecutor(args.workers or 1, threads)
+    return LocalExecutor(args.workers or local_workers, threads)
 
 
 def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str = "units", progress: bool = True,

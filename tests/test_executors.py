@@ -97,14 +97,17 @@ ENV_COUNT = ["env-count", "--envs", "2,4", "--runs", "2", "--epochs", "2", "--ex
              "--n-test", "32", "--hidden", "8", "--no-progress"]
 
 
+def _timeless(record):
+    """A stored unit without its timings (the only part that differs between two runs of it)."""
+    if isinstance(record, dict):
+        return {k: _timeless(v) for k, v in record.items() if k != "seconds"}
+    if isinstance(record, list):
+        return [_timeless(v) for v in record]
+    return record
+
+
 def _units_of(out: Path) -> dict:
-    """Every stored unit without its timing."""
-    units = {}
-    for path in sorted((out / "units").glob("*.json")):
-        record = json.loads(path.read_text())
-        record.pop("seconds")
-        units[path.stem] = record
-    return units
+    return {path.stem: _timeless(json.loads(path.read_text())) for path in sorted((out / "units").glob("*.json"))}
 
 
 @pytest.mark.slow
@@ -114,6 +117,50 @@ def test_env_count_gives_the_same_units_with_one_and_two_workers(tmp_path):
     assert cli.main([*ENV_COUNT, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     one, two = _units_of(tmp_path / "one"), _units_of(tmp_path / "two")
     assert len(one) == 8 and one == two
+
+
+SPIRALS = ["--n-envs", "2", "--examples-per-env", "16", "--n-test", "32", "--no-progress"]
+
+
+def _command(name, tmp_path) -> list:
+    """A tiny run of each command that hands units to an executor."""
+    if name == "sweep":
+        return ["sweep", *SPIRALS, "--budget", "3", "--seeds", "2", "--top", "1", "--epochs", "2",
+                "--runs-per-batch", "2", "--widths", "8", "--depths", "1", "--batch-sizes", "8"]
+    if name == "baselines":
+        return ["baselines", *SPIRALS, "--methods", "erm,and_mask", "--seeds", "2", "--epochs", "2", "--hidden", "8",
+                "--batch-size", "8"]
+    if name == "baselines-search":
+        return ["baselines-search", *SPIRALS, "--methods", "erm,and_mask", "--budget", "2", "--seeds", "1",
+                "--epochs", "2", "--widths", "8", "--depths", "1", "--batch-sizes", "8"]
+    if name == "cifar10":
+        from test_cifar10 import write_tiny_cifar
+
+        return ["cifar10", "--data", str(write_tiny_cifar(tmp_path / "c")), "--experiment", "label-noise",
+                "--epochs", "1", "--n-train", "16", "--n-test", "8", "--width", "0.125", "--batch-size", "4",
+                "--no-progress"]
+    from hardtovary.experiments.coinrun import labels
+
+    folder = labels.write_random_labels(tmp_path / "labels", train_levels=[3, 5], test_levels=[100, 101],
+                                        states=4, test_states=1, seed=2)
+    tiny = ["--labels", str(folder), "--epochs", "1", "--batch-size", "2", "--width", "0.0625", "--no-progress"]
+    if name == "coinrun train":
+        return ["coinrun", "train", *tiny, "--seeds", "0,1"]
+    return ["coinrun", "search", *tiny, "--trials", "2", "--parallel-trials", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sweep", "baselines", "baselines-search", "cifar10", "coinrun train",
+                                  "coinrun search"])
+def test_every_command_gives_the_same_units_in_this_process_and_in_a_pool(tmp_path, name):
+    pytest.importorskip("torch")
+    if name.startswith("coinrun"):
+        pytest.importorskip("optuna")
+    command = _command(name, tmp_path)
+    assert cli.main([*command, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main([*command, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = _units_of(tmp_path / "one"), _units_of(tmp_path / "two")
+    assert one and one == two
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,6 +48,7 @@ CPU, ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -59,8 +60,9 @@ import numpy as np
 
 from hardtovary.experiments.coinrun import game, labels
 from hardtovary.experiments.errors import UsageError
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.options import install_hint
-from hardtovary.experiments.progress import note_resume, start_unit
+from hardtovary.experiments.progress import note_resume
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
 from hardtovary.experiments.stats import mean_std
 from hardtovary.reference.optim import multistep_lr, paper_milestones
@@ -69,8 +71,8 @@ from hardtovary.reference.validate import choice, in_range, integer, positive
 __all__ = ["METHODS", "DEFAULT_HYPERPARAMETERS", "EPOCHS", "BATCH_SIZE", "WIDTH", "CloningConfig", "Diverged",
            "CloningData", "method_config", "load_data", "to_input", "entropy", "kl_divergence", "class_accuracy",
            "epoch_batches", "lr_at", "decay_weights", "make_model", "make_optimizer", "train_step", "train_run",
-           "epochs_done", "require_torch", "resolve_device", "min_test_kl", "best_runs", "by_method", "show_kl",
-           "label_folder_config", "run", "summarize", "format_table", "steps_per_epoch"]
+           "epochs_done", "require_torch", "resolve_device", "min_test_kl", "best_runs", "by_method",
+           "label_folder_config", "run", "run_unit", "summarize", "format_table", "steps_per_epoch"]
 
 METHODS = ("adam", "and_mask")
 #: Each method's default hyperparameters. ``and_mask``: the best run of the paper's TPE search (Table 3, row 1).
@@ -438,16 +440,6 @@ def best_runs(runs, top: int | None = None) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def show_kl(bar):
-    """A per-epoch callback ``on_epoch(record)`` that shows the epoch and its train and test KL on ``bar``."""
-
-    def show(record):
-        bar.set_postfix(epoch=record["epoch"], train_kl=f"{record['train_kl']:.4g}",
-                        test_kl=f"{record['test_kl']:.4g}")
-
-    return show
-
-
 def label_folder_config(folder, data: CloningData) -> dict:
     """What a run folder records of the label folder it learns from: its ``labels.json`` and the levels read (a
     labelling still under way may have finished only some), not its path."""
@@ -460,37 +452,52 @@ def steps_per_epoch(data: CloningData, config: CloningConfig) -> int:
 
 
 def run(out, labels_folder, configs: dict, *, device: str | None = None, fresh: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, executor=None) -> dict:
     """Train every run of ``configs`` (``{name: CloningConfig}``) on the label folder ``labels_folder``, each a
-    unit of the run folder ``out`` (resumed: finished runs are reused, a killed one resumes at its last epoch), and
-    write ``out/results.json``: ``config``, ``runs`` (per name the :func:`train_run` outcome) and ``summary``
+    unit of the run folder ``out`` (resumed: finished runs are reused, a killed one resumes at its last epoch) on
+    ``executor`` (:mod:`~hardtovary.experiments.executors`; this process when None), and write
+    ``out/results.json``: ``config``, ``runs`` (per name the :func:`train_run` outcome) and ``summary``
     (:func:`summarize`). Returns the results."""
-    from tqdm import tqdm
-
     out = Path(out)
     device = resolve_device(device)
-    data = load_data(labels_folder)
+    data = _load_data_once(labels_folder)
     folder = RunFolder(out, {"labels": label_folder_config(labels_folder, data),
                              "runs": {name: config.to_dict() for name, config in configs.items()}}, fresh=fresh)
     todo = {name: epochs_done(out / "runs" / name) for name in configs if folder.finished(name) is None}
-    note_resume(len(configs) - len(todo), len(configs), "runs", folder.root)
     for name, done in todo.items():
         if done:
             note_resume(done, configs[name].epochs, f"epochs of run {name}", folder.root)
-    total = sum((configs[name].epochs - done) * steps_per_epoch(data, configs[name]) for name, done in todo.items())
-    results = {"config": folder.config, "runs": {}}
-    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-        for name, config in configs.items():
-            stored = folder.finished(name)
-            if stored is None:
-                start_unit(bar, name)
-                stored = train_run(out / "runs" / name, data, config, device=device, on_step=lambda: bar.update(1),
-                                   on_epoch=show_kl(bar))
-                folder.save(name, stored)
-            results["runs"][name] = stored
+    units = [Unit(name, run_unit, (str(out / "runs" / name), str(labels_folder), config),
+                  steps=(config.epochs - todo.get(name, 0)) * steps_per_epoch(data, config), label=name,
+                  shows=("train_kl", "test_kl"), gpu=device.startswith("cuda"), options={"device": device})
+             for name, config in configs.items()]
+    results = {"config": folder.config,
+               "runs": run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)}
     results["summary"] = summarize(results["runs"].values())
     folder.write_results(results)
     return results
+
+
+def run_unit(run_folder: str, labels_folder: str, config: CloningConfig, *, device: str, on_step=None,
+             on_epoch=None) -> dict:
+    """One run as a unit of :mod:`~hardtovary.experiments.executors`: the label folder read where the unit runs
+    (a path travels, not the frames), :func:`train_run` checkpointing into ``run_folder``."""
+    return train_run(run_folder, _load_data_once(labels_folder), config, device=device, on_step=on_step,
+                     on_epoch=on_epoch)
+
+
+def _load_data_once(folder) -> CloningData:
+    """:func:`load_data`, read once per process while the folder's level files stay as they are: the paper's
+    label folder holds about 0.8 GB of frames, and a process runs many units from it."""
+    paths = [Path(folder) / labels.CONFIG_FILE, *(path for split in labels.SPLITS
+                                                 for path in sorted((Path(folder) / split).glob("level_*.npz")))]
+    files = tuple((str(path), path.stat().st_mtime_ns) for path in paths if path.exists())
+    return _load_data_of(str(folder), files)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_data_of(folder: str, files: tuple) -> CloningData:
+    return load_data(folder)
 
 
 #: The columns of the summary: name -> (what of a run's history it holds, its format in the table).

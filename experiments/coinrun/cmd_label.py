@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 
-from hardtovary.experiments import options
+from hardtovary.experiments import executors, options
 from hardtovary.experiments.coinrun import labelling
 from hardtovary.experiments.coinrun.expert import ExpertSettings
 from hardtovary.experiments.errors import UsageError, usage_errors
@@ -44,10 +45,9 @@ def add_arguments(parser) -> None:
         kind, text = _EXPERT_HELP[field.name]
         expert.add_argument(f"--{field.name}", type=kind, default=getattr(defaults, field.name), help=text)
     parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the exploration")
-    parser.add_argument("--workers", type=options.positive_int, default=None,
-                        help="levels labelled at once, one process each (default: one per CPU)")
     options.add_run_folder_options(parser, "runs/coinrun-labels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "levels", local_workers="one per CPU")
     parser.set_defaults(interrupted="finished levels are kept in {out}; the same command resumes")
 
 
@@ -58,9 +58,10 @@ def run(args) -> int:
                          f"test levels must be unseen")
     with usage_errors():
         settings = ExpertSettings(**{f.name: getattr(args, f.name) for f in fields(ExpertSettings)})
+        executor = executors.make_executor(args, local_workers=os.cpu_count() or 1)
     results = labelling.run(args.out, train_levels=args.train_levels, test_levels=args.test_levels,
                             states=args.states, test_states=args.test_states, settings=settings, seed=args.seed,
-                            workers=args.workers, fresh=args.fresh, progress=not args.no_progress)
+                            executor=executor, fresh=args.fresh, progress=not args.no_progress)
     print(labelling.format_summary(results))
     print(f"\nlabels: {Path(args.out)}  (results: {Path(args.out) / 'results.json'})")
     return 0

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from hardtovary.experiments import options
+from hardtovary.experiments import executors, options
 from hardtovary.experiments.coinrun import cloning, figures, search
 from hardtovary.experiments.coinrun.cmd_train import add_cloning_options
+from hardtovary.experiments.errors import usage_errors
 
 
 def add_arguments(parser) -> None:
@@ -27,14 +28,20 @@ def add_arguments(parser) -> None:
                         help="best runs per method in the listing and the figures")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the TPE sampler and of every trial's run (initialisation, batch order), >= 0")
+    parser.add_argument("--parallel-trials", type=options.positive_int, default=1,
+                        help="trials TPE draws at a time, run at once by the executor (the draws depend on it, not "
+                             "on the executor or --workers; 1: the sequential search)")
     parser.set_defaults(interrupted="finished trials and the running trial's finished epochs are kept in {out}; the "
                                     "same command resumes")
 
 
 def run(args) -> int:
+    with usage_errors():
+        executor = executors.make_executor(args)
     results = search.run(args.out, args.labels, methods=args.methods, trials=args.trials, epochs=args.epochs,
                          width=args.width, batch_size=args.batch_size, top=args.top, seed=args.seed,
-                         device=args.device, fresh=args.fresh, progress=not args.no_progress)
+                         device=args.device, fresh=args.fresh, progress=not args.no_progress, executor=executor,
+                         parallel_trials=args.parallel_trials)
     print(search.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}, listing: {args.out / search.TABLE_FILE}")
     written = figures.write_figures(search.best_trials(results), args.out)

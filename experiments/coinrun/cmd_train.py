@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hardtovary.experiments import options
+from hardtovary.experiments import executors, options
 from hardtovary.experiments.coinrun import cloning, figures
 from hardtovary.experiments.errors import usage_errors
 
@@ -31,6 +31,7 @@ def add_cloning_options(parser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_executor_options(parser, "runs")
 
 
 def add_arguments(parser) -> None:
@@ -80,8 +81,9 @@ def configurations(args) -> dict:
 def run(args) -> int:
     with usage_errors():
         configs = configurations(args)
+        executor = executors.make_executor(args)
     results = cloning.run(args.out, args.labels, configs, device=args.device, fresh=args.fresh,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, executor=executor)
     print(cloning.format_table(results["summary"]))
     print(f"\nresults: {args.out / 'results.json'}")
     runs_by_method = cloning.by_method(results["runs"].values())

@@ -12,9 +12,7 @@ depend on the number of workers or on the order in which levels finish.
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
@@ -22,7 +20,7 @@ from hardtovary import __version__
 from hardtovary.experiments.coinrun import game
 from hardtovary.experiments.coinrun.expert import ExpertSettings, Planner, soft_targets
 from hardtovary.experiments.coinrun.labels import SPLITS, LevelLabels, level_path, open_folder, read_level, write_level
-from hardtovary.experiments.progress import note_resume
+from hardtovary.experiments.executors import Unit, run_units
 
 
 def _play_episode(env, planner: Planner, rng: np.random.Generator, epsilon: float, frames: list,
@@ -66,11 +64,30 @@ def label_level(level: int, states: int, settings: ExpertSettings, seed: int = 0
     return LevelLabels(int(level), np.stack(frames)[keep], targets, values, episodes, solved, greedy_solved, meta)
 
 
-def _label_unit(folder, split: str, level: int, states: int, settings: ExpertSettings, seed: int) -> dict:
-    """Label one level and write its file (in a worker process); its summary."""
-    labels = label_level(level, states, settings, seed)
-    write_level(level_path(folder, split, level), labels)
-    return _summary(split, labels)
+def label_unit(level: int, states: int, settings: ExpertSettings, seed: int, *, on_step=None,
+               on_epoch=None) -> LevelLabels:
+    """One level as a unit of :mod:`~hardtovary.experiments.executors`: its labels travel back to the driver, which
+    writes the level file (:class:`LevelStore`)."""
+    return label_level(level, states, settings, seed)
+
+
+class LevelStore:
+    """The label folder as the executors' store: unit ``<split>-<level>`` is finished when its level file exists,
+    and its stored result is the level's summary."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def _path(self, name: str):
+        split, level = name.rsplit("-", 1)
+        return split, level_path(self.root, split, int(level))
+
+    def finished(self, name: str):
+        split, path = self._path(name)
+        return _summary(split, read_level(path)) if path.exists() else None
+
+    def save(self, name: str, labels: LevelLabels) -> None:
+        write_level(self._path(name)[1], labels)
 
 
 def _summary(split: str, labels: LevelLabels) -> dict:
@@ -80,41 +97,22 @@ def _summary(split: str, labels: LevelLabels) -> dict:
 
 
 def run(out, *, train_levels, test_levels, states: int, test_states: int = 1, settings: ExpertSettings | None = None,
-        seed: int = 0, workers: int | None = None, fresh: bool = False, progress: bool = True) -> dict:
-    """Label every training and test level into the label folder ``out`` (:mod:`.labels`), ``workers`` levels
-    at a time in separate processes (default: one per CPU), resuming a killed run by skipping the levels whose
-    files exist. Returns the summary also written to ``out/results.json``: per split, the expert's success rate on
-    its greedy episodes and on all episodes, and the time per decision."""
-    from tqdm import tqdm
-
+        seed: int = 0, executor=None, fresh: bool = False, progress: bool = True) -> dict:
+    """Label every training and test level into the label folder ``out`` (:mod:`.labels`), each level a unit of
+    :mod:`~hardtovary.experiments.executors` on ``executor`` (this process when None), resuming a killed run by
+    skipping the levels whose files exist. Returns the summary also written to ``out/results.json``: per split, the
+    expert's success rate on its greedy episodes and on all episodes, and the time per decision."""
     game.require_procgen()
     settings = settings or ExpertSettings()
     train_levels, test_levels = [int(x) for x in train_levels], [int(x) for x in test_levels]
     folder = open_folder(out, {"package": game.PACKAGE, "version": game.package_version(), "hardtovary": __version__,
                                "train_levels": train_levels, "test_levels": test_levels, "states": states,
                                "test_states": test_states, "seed": seed, "expert": settings.to_dict()}, fresh=fresh)
-    units = [(split, level, count) for split, levels, count in (("train", train_levels, states),
-                                                                ("test", test_levels, test_states))
+    units = [Unit(f"{split}-{level}", label_unit, (level, count, settings, seed), label=f"{split} level {level}")
+             for split, levels, count in (("train", train_levels, states), ("test", test_levels, test_states))
              for level in levels]
-    summaries, todo = [], []
-    for split, level, count in units:
-        path = level_path(folder.root, split, level)
-        if path.exists():
-            summaries.append(_summary(split, read_level(path)))
-        else:
-            todo.append((split, level, count))
-    note_resume(len(summaries), len(units), "levels", folder.root)
-    workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(units), initial=len(summaries), desc="labelling levels", unit="level",
-              disable=not progress) as bar:
-        if todo:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-                futures = [pool.submit(_label_unit, folder.root, split, level, count, settings, seed)
-                           for split, level, count in todo]
-                for future in as_completed(futures):
-                    summaries.append(future.result())
-                    bar.set_postfix(greedy_solved=f"{np.mean([s['greedy_solved'] for s in summaries]):.2f}")
-                    bar.update()
+    summaries = list(run_units(LevelStore(folder.root), units, executor, what="levels", progress=progress,
+                               where=folder.root).values())
     results = summarise(summaries)
     folder.write_results(results)
     return results

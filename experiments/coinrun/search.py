@@ -31,18 +31,20 @@ of the best runs) and the figures of :func:`hardtovary.experiments.coinrun.figur
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 from hardtovary.experiments.coinrun import cloning
 from hardtovary.experiments.errors import UsageError, usage_errors
+from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.options import install_hint
 from hardtovary.experiments.progress import note_resume
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
+from hardtovary.reference.validate import integer
 
 __all__ = ["Range", "SPACE", "TOP", "STORAGE_FILE", "TABLE_FILE", "require_optuna", "study_name", "suggest",
            "sampler_seed", "recover", "run", "best_trials", "format_table"]
@@ -132,50 +134,67 @@ def _failed(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
 
-class _Objective:
-    """A trial: the configuration of its drawn hyperparameters, trained (or resumed, or reused when finished) in
-    its own folder; the value is the run's minimum test KL, NaN (a FAIL) when the run diverged."""
+def trial_unit(run_folder: str, labels_folder: str, config, *, device: str, on_step=None, on_epoch=None) -> dict:
+    """One trial's run as a unit of :mod:`~hardtovary.experiments.executors`
+    (:func:`hardtovary.experiments.coinrun.cloning.run_unit`); a run that diverged is the result
+    ``{"diverged": why}``, which the study records as a failed trial, rather than an error that stops the search."""
+    try:
+        return cloning.run_unit(run_folder, labels_folder, config, device=device, on_step=on_step,
+                                on_epoch=on_epoch)
+    except cloning.Diverged as exc:
+        return {"diverged": str(exc)}
 
-    def __init__(self, method, folder: RunFolder, data, settings: dict, device: str, trials_bar, progress: bool):
-        self.method, self.folder, self.data, self.settings = method, folder, data, settings
-        self.device, self.trials_bar, self.progress = device, trials_bar, progress
 
-    def __call__(self, trial) -> float:
-        from tqdm import tqdm
+def _run_batch(study, method: str, size: int, folder: RunFolder, labels_folder, data, settings: dict, device: str,
+               executor, progress: bool) -> None:
+    """Ask ``size`` trials of ``study`` at once, train their runs as units on ``executor``, tell their values.
+    Ctrl-C marks the asked trials FAIL and queues their parameters again; a kill leaves them RUNNING
+    (:func:`recover`)."""
+    from optuna.trial import TrialState
 
-        config = cloning.method_config(self.method, **suggest(trial, self.method), **self.settings)
+    asked = []
+    for _ in range(size):
+        trial = study.ask()
+        config = cloning.method_config(method, **suggest(trial, method), **settings)
+        trial.set_user_attr("run", config.key())
+        asked.append((trial, config))
+    units = {}
+    for trial, config in asked:
         key = config.key()
-        trial.set_user_attr("run", key)
-        outcome = self.folder.finished(key)
-        if outcome is None:
-            run_folder = self.folder.root / "trials" / key
-            total = (config.epochs - cloning.epochs_done(run_folder)) * cloning.steps_per_epoch(self.data, config)
-            try:
-                with tqdm(total=total, disable=not self.progress, unit="step", leave=False,
-                          dynamic_ncols=True) as bar:
-                    bar.set_description(f"trial {trial.number}")
-                    outcome = cloning.train_run(run_folder, self.data, config, device=self.device,
-                                                on_step=lambda: bar.update(1), on_epoch=cloning.show_kl(bar))
-            except cloning.Diverged as exc:
-                self.trials_bar.write(f"{self.method} trial {trial.number}: {exc}; recorded as failed", file=sys.stderr)
-                return math.nan
-            except KeyboardInterrupt:
-                trial.study.enqueue_trial(trial.params)
-                raise
-            self.folder.save(key, outcome)
-        self.trials_bar.update(1)
-        return outcome["min_test_kl"]
+        run_folder = folder.root / "trials" / key
+        epochs_left = config.epochs - cloning.epochs_done(run_folder)
+        units[key] = Unit(key, trial_unit, (str(run_folder), str(labels_folder), config),
+                          steps=epochs_left * cloning.steps_per_epoch(data, config),
+                          label=f"{method} trial {trial.number}", shows=("train_kl", "test_kl"),
+                          gpu=device.startswith("cuda"), options={"device": device})
+    try:
+        outcomes = run_units(folder, units.values(), executor, what="runs", progress=progress, where=folder.root)
+    except KeyboardInterrupt:
+        for trial, _ in asked:
+            study.enqueue_trial(trial.params)
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+    for trial, config in asked:
+        outcome = outcomes[config.key()]
+        if "diverged" in outcome:
+            tqdm.write(f"{method} trial {trial.number}: {outcome['diverged']}; recorded as failed", file=sys.stderr)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, outcome["min_test_kl"])
 
 
 def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int = cloning.EPOCHS,
         width: float = cloning.WIDTH, batch_size: int = cloning.BATCH_SIZE, top: int = TOP, seed: int = 0,
-        device: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
+        device: str | None = None, fresh: bool = False, progress: bool = True, executor=None,
+        parallel_trials: int = 1) -> dict:
     """Search each of ``methods`` until its study holds ``trials`` COMPLETE trials (resuming ``out``), then write
     ``out/results.json`` and ``out/table.txt``. Returns the results: ``config``, and per method ``complete``,
     ``failed``, ``trials`` (every COMPLETE trial, in trial order) and ``best`` (the ``top`` best trials' numbers).
-    UsageError when a round of trials completes none (every run diverged)."""
-    from tqdm import tqdm
+    UsageError when a round of trials completes none (every run diverged).
 
+    TPE draws ``parallel_trials`` trials at a time, before it knows the values of any of them (optuna's "constant
+    liar" keeps them apart), and their runs are units on ``executor`` (this process when None). The draws depend on
+    ``parallel_trials``, not on the executor or its workers; 1, the default, is the sequential search."""
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     out = Path(out)
@@ -184,6 +203,7 @@ def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int
     with usage_errors():  # refuse bad settings before anything runs
         for method in methods:
             cloning.method_config(method, **settings)
+        parallel_trials = integer(parallel_trials, "parallel_trials", low=1)
     data = cloning.load_data(labels_folder)
     folder = RunFolder(out, {"labels": cloning.label_folder_config(labels_folder, data), **settings,
                              "space": {name: r._asdict() for name, r in SPACE.items()}}, fresh=fresh)
@@ -191,23 +211,22 @@ def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int
     studies = {method: optuna.create_study(storage=storage, study_name=study_name(method), direction="minimize",
                                            load_if_exists=True) for method in methods}
     for method, study in studies.items():
-        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, method, len(study.trials)))
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, method, len(study.trials)),
+                                                   constant_liar=True)
     requeued = sum(recover(study) for study in studies.values())
     done = sum(min(len(_complete(study)), trials) for study in studies.values())
     note_resume(done, trials * len(methods), "trials", folder.root)
     if requeued:
         tqdm.write(f"resuming: {requeued} trial(s) left running by a killed search, queued again", file=sys.stderr)
-    with tqdm(total=trials * len(methods), initial=done, disable=not progress, unit="trial",
-              dynamic_ncols=True) as bar:
-        for method, study in studies.items():
-            bar.set_description(method)
-            objective = _Objective(method, folder, data, settings, device, bar, progress)
-            while len(_complete(study)) < trials:
-                before = len(_complete(study))
-                study.optimize(objective, n_trials=trials - before)
-                if len(_complete(study)) == before:
-                    raise UsageError(f"no {method} trial of the last {trials - before} completed (every run "
-                                     f"diverged); see {out / STORAGE_FILE}")
+    for method, study in studies.items():
+        while len(_complete(study)) < trials:
+            before = len(_complete(study))
+            for start in range(0, trials - before, parallel_trials):
+                _run_batch(study, method, min(parallel_trials, trials - before - start), folder, labels_folder, data,
+                           settings, device, executor, progress)
+            if len(_complete(study)) == before:
+                raise UsageError(f"no {method} trial of the last {trials - before} completed (every run "
+                                 f"diverged); see {out / STORAGE_FILE}")
     results = {"config": folder.config,
                "methods": {method: _method_results(study, folder, top) for method, study in studies.items()}}
     folder.write_results(results)
