@@ -7,6 +7,7 @@ README's test command (and so CI) installs it, and tests/test_packaging.py check
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import math
 
@@ -269,6 +270,8 @@ def test_label_command_writes_resumes_and_does_not_depend_on_workers(tmp_path, c
             # 4 steps an epoch: the first keeps nothing (tau 0.36 > 1 - beta3), later ones keep some
             assert (epoch["kept_fraction"] is None) == key.startswith("adam")
     assert 0 < runs["and_mask-seed0"]["history"][1]["kept_fraction"] <= 1
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots are optional ('hardtovary[plot]')
+        assert {p.name for p in (tmp_path / "t").glob("*.png")} == {"fig18_kl_curves.png", "min_test_kl.png"}
 
 
 def test_label_folder_of_another_procgen_version_is_refused(tmp_path, capsys):
