@@ -345,6 +345,7 @@ def _train_single(spec, params, data, steps, options, lr=0.1):
     ([3, 2], {"rule": "geometric_mean", "rescale": True}, False),
     ([2, 2], {"rule": "geometric_mean", "flavour": "original", "tau": 0.5}, False),
     ([1, 3], {"rule": "and_mask", "tau": 0.5, "exact": True}, True),
+    ([0, 3], {"rule": "and_mask", "tau": 0.5, "rescale": True}, False),
     ([4, 0], {"rule": "sand_mask", "tau": 0.5, "rescale": True}, True),
 ])
 def test_sharded_training_reaches_the_single_process_parameters(ranks, sizes, options, bitwise):
