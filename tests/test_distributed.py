@@ -276,6 +276,17 @@ def test_non_finite_on_one_rank_raises_on_every_rank(ranks, exact):
         assert m0.startswith("grads must be finite on every rank, but 1 other rank(s) of the group hold non-finite")
 
 
+def _too_many_environments():
+    return D.all_reduce_aggregate([torch.ones(2**23 + 1, 1)], rule="and_mask")
+
+
+def test_more_environments_than_float32_counts_exactly_raises_on_every_rank(ranks):
+    # 2 x (2^23 + 1) > 2^24 environments: float32 sign sums could round, so the packed mode refuses
+    for name, message in _errors(ranks.outcomes(_too_many_environments)):
+        assert name == "ValueError" and message.startswith("grads: K = 16777218 environments exceed the integers "
+                                                           "torch.float32 holds exactly"), message
+
+
 @pytest.mark.parametrize("stacks, options, kind, message", [
     ([np.ones((2, 3), np.float32), np.ones((1, 2), np.float32)], {"rule": "mean"}, "ValueError",
      "every gradient stack must have the same number of environments K on axis 0: grads[0] has K=2, grads[1] has K=1"),

@@ -209,6 +209,9 @@ def _reduce(stacks, spec: RuleSpec, rescale: bool, group, losses):
         _raise_non_finite(stacks, int(n_bad))
     if K == 0:
         raise _no_environment()
+    if K > 2 / torch.finfo(dtype).eps:  # 2^24 (float32): beyond it sums of signs may round, masks would not be exact
+        raise ValueError(f"grads: K = {K} environments exceed the integers {dtype} holds exactly (sign sums); use "
+                         "exact=True or float64 gradients")
 
     aggregated, masks, offset = [], [], 0
     for G, per_parameter in zip(stacks, sums):
