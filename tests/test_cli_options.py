@@ -245,12 +245,10 @@ def test_a_new_unit_clears_what_the_previous_one_showed():
 def test_cifar10_bar_shows_no_accuracies_of_the_previous_trial_under_the_next_name(tmp_path, monkeypatch,
                                                                                  recording_bar):
     pytest.importorskip("torch")
-    import tqdm
-
-    from hardtovary.experiments import cifar10
+    from hardtovary.experiments import cifar10, executors
 
     data = cifar10.write_random_cifar10(tmp_path / "data", n_train=10, n_test=5)
-    monkeypatch.setattr(tqdm, "tqdm", recording_bar)
+    monkeypatch.setattr(executors, "tqdm", recording_bar)
     cifar10.run(tmp_path / "run", data, experiment="label-noise", epochs=1, width=0.125, batch_size=5,
                 device="cpu", progress=True)
     (bar,) = recording_bar.made

@@ -134,9 +134,10 @@ def _command(name, tmp_path) -> list:
         return ["baselines-search", *SPIRALS, "--methods", "erm,and_mask", "--budget", "2", "--seeds", "1",
                 "--epochs", "2", "--widths", "8", "--depths", "1", "--batch-sizes", "8"]
     if name == "cifar10":
-        from test_cifar10 import write_tiny_cifar
+        from hardtovary.experiments.cifar10 import write_random_cifar10
 
-        return ["cifar10", "--data", str(write_tiny_cifar(tmp_path / "c")), "--experiment", "label-noise",
+        data = write_random_cifar10(tmp_path / "c", n_train=16, n_test=8)
+        return ["cifar10", "--data", str(data), "--experiment", "label-noise",
                 "--epochs", "1", "--n-train", "16", "--n-test", "8", "--width", "0.125", "--batch-size", "4",
                 "--no-progress"]
     from hardtovary.experiments.coinrun import labels
