@@ -30,13 +30,33 @@ def add_arguments(parser) -> None:
                              "original")
     options.add_flavour_option(parser, "--tau")
     options.add_spirals_options(parser, d)
+    add_training_options(parser, t)
+    parser.add_argument("--implementation", choices=synthetic.IMPLEMENTATIONS, default="reference",
+                        help="reference: the NumPy oracle, one method after another; accel: all methods trained "
+                             "together as one batched sweep on the array --backend (float64, same results to "
+                             "rounding; no --batch-norm)")
+    options.add_array_backend_option(parser, "with --implementation accel: ")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(interrupted="finished methods are kept in {out}; the same command resumes")
+
+
+def add_training_options(parser, t, *, sharded: bool = False) -> None:
+    """The model and training options of the synthetic task (paper Table 1), with defaults from the
+    ``TrainConfig`` ``t``: for ``hardtovary synthetic`` and, ``sharded``, for the torchrun entry point
+    (:mod:`~hardtovary.experiments.distributed_synthetic`), whose environments are split across ranks and whose
+    BatchNorm statistics can only be per environment."""
     g = parser.add_argument_group("model and training (paper Table 1)")
     g.add_argument("--hidden", type=options.widths, default=t.hidden, help=options.HIDDEN_HELP)
     g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation,
                    help="hidden-layer nonlinearity (LeakyReLU slope 0.01)")
-    g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear")
-    g.add_argument("--bn-semantics", choices=("pooled", "per_env"), default=t.bn_semantics,
-                   help="BatchNorm statistics over all environments of a step, or per environment")
+    if sharded:
+        g.add_argument("--batch-norm", action="store_true",
+                       help="BatchNorm1d after each hidden Linear, statistics per environment (pooled statistics "
+                            "across ranks are not offered)")
+    else:
+        g.add_argument("--batch-norm", action="store_true", help="BatchNorm1d after each hidden Linear")
+        g.add_argument("--bn-semantics", choices=("pooled", "per_env"), default=t.bn_semantics,
+                       help="BatchNorm statistics over all environments of a step, or per environment")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=t.optimizer,
                    help="Adam (betas 0.9, 0.999) or SGD with momentum")
     g.add_argument("--lr", type=float, default=t.lr, help="learning rate")
@@ -50,19 +70,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--batch-size", type=options.positive_int, default=t.batch_size,
                    help="examples per environment")
     g.add_argument("--n-agreement-envs", type=options.positive_int, default=None,
-                   help="environments per step (must divide --n-envs; default: all of them)")
+                   help="environments per step" + (", sharded across the ranks" if sharded else "")
+                        + " (must divide --n-envs; default: all of them)")
     g.add_argument("--epochs", type=options.positive_int, default=t.epochs, help="passes over the training data")
     g.add_argument("--lr-milestones", type=options.int_list, default=None,
                    help="epochs where the learning rate drops x0.1 (default: one at 3/4 of the epochs)"
                         + options.MILESTONES_HELP)
     g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation and batching")
-    parser.add_argument("--implementation", choices=synthetic.IMPLEMENTATIONS, default="reference",
-                        help="reference: the NumPy oracle, one method after another; accel: all methods trained "
-                             "together as one batched sweep on the array --backend (float64, same results to "
-                             "rounding; no --batch-norm)")
-    options.add_array_backend_option(parser, "with --implementation accel: ")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(interrupted="finished methods are kept in {out}; the same command resumes")
 
 
 def configurations(args):

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from hardtovary.experiments import options, runtime, synthetic
+from hardtovary.experiments import cmd_synthetic, options, runtime, synthetic
 from hardtovary.experiments.errors import UsageError, usage_errors
 
 PROG = "hardtovary.experiments.distributed_synthetic"
@@ -59,32 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all-gather the gradient stacks and apply the single-process rule (bit-identical, K "
                              "times the bytes; the SAND-mask always does)")
     options.add_spirals_options(parser, d)
-    g = parser.add_argument_group("model and training (paper Table 1)")
-    g.add_argument("--hidden", type=options.widths, default=t.hidden, help=options.HIDDEN_HELP)
-    g.add_argument("--activation", choices=("leaky_relu", "relu", "tanh"), default=t.activation,
-                   help="hidden-layer nonlinearity (LeakyReLU slope 0.01)")
-    g.add_argument("--batch-norm", action="store_true",
-                   help="BatchNorm1d after each hidden Linear, statistics per environment (pooled statistics across "
-                        "ranks are not offered)")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default=t.optimizer,
-                   help="Adam (betas 0.9, 0.999) or SGD with momentum")
-    g.add_argument("--lr", type=options.positive_float, default=t.lr, help="learning rate")
-    g.add_argument("--momentum", type=float, default=t.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=options.nonnegative, default=t.weight_decay, help="L2 coefficient")
-    g.add_argument("--weight-decay-order", choices=("before", "after"), default=t.weight_decay_order,
-                   help="before: added to the masked gradient before the moments; after: decoupled")
-    g.add_argument("--l1", type=options.nonnegative, default=t.l1, help="L1 coefficient (added after masking)")
-    g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=t.rescale,
-                   help="inverse-sparsity rescaling per parameter tensor (not applied to mean)")
-    g.add_argument("--batch-size", type=options.positive_int, default=t.batch_size,
-                   help="examples per environment")
-    g.add_argument("--n-agreement-envs", type=options.positive_int, default=None,
-                   help="environments per step, sharded across the ranks (must divide --n-envs; default: all)")
-    g.add_argument("--epochs", type=options.positive_int, default=t.epochs, help="passes over the training data")
-    g.add_argument("--lr-milestones", type=options.int_list, default=None,
-                   help="epochs where the learning rate drops x0.1 (default: one at 3/4 of the epochs)"
-                        + options.MILESTONES_HELP)
-    g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation and batching")
+    cmd_synthetic.add_training_options(parser, t, sharded=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (gloo) or cuda (nccl; rank r on GPU LOCAL_RANK)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameters' dtype")
@@ -99,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configurations(args):
     """The data and training configuration of the options, validated as ``hardtovary synthetic`` does."""
-    from hardtovary.experiments import cmd_synthetic
     from hardtovary.reference import data, training
 
     args.methods = args.method
