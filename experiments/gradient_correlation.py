@@ -67,11 +67,11 @@ from hardtovary.accel.torch.models import mlp_from_spec
 from hardtovary.experiments.runfolder import write_results
 from hardtovary.reference import data as _data
 from hardtovary.reference import mlp as _mlp
-from hardtovary.reference.rules import TIE_TOLERANCE
+from hardtovary.reference.rules import TIE_TOLERANCE, agreement_threshold_count
 
 __all__ = ["DEFAULT_TAUS", "DEFAULT_DATA", "INITS", "TRAIN_RULES", "TRAIN_LR", "GradientCorrelationConfig",
-           "threshold_mask", "xor_mask", "pearson", "pearson_floor", "gradient_sets", "correlation_curves",
-           "separability", "train", "run", "format_table", "format_separability", "plot_curves"]
+           "threshold_mask", "xor_mask", "coin_keep_fraction", "pearson", "pearson_floor", "gradient_sets",
+           "correlation_curves", "separability", "train", "run", "format_table", "format_separability", "plot_curves"]
 
 #: -1, -0.9, ..., 1.
 DEFAULT_TAUS = tuple(round(-1.0 + 0.1 * i, 10) for i in range(21))
@@ -124,9 +124,13 @@ def xor_mask(G: torch.Tensor, tau: float) -> torch.Tensor:
     |tau|`` with ``a_j = S_j / K`` (module docstring). ``G[K, ...]``; returns bool of shape ``G.shape[1:]``."""
     if not -1.0 <= tau <= 0.0:
         raise ValueError(f"tau must lie in [-1, 0] for the XOR mask, got {tau}")
-    K = G.shape[0]
     S = _rules.sign_agreement(G)
-    return S.abs() <= math.floor((1.0 - abs(tau)) * K + TIE_TOLERANCE)
+    return S.abs() <= _xor_limit(tau, G.shape[0])
+
+
+def _xor_limit(tau: float, K: int) -> int:
+    """The largest ``|S_j|`` the XOR mask keeps (module docstring)."""
+    return math.floor((1.0 - abs(tau)) * K + TIE_TOLERANCE)
 
 
 def threshold_mask(G: torch.Tensor, tau: float) -> torch.Tensor:
@@ -135,6 +139,24 @@ def threshold_mask(G: torch.Tensor, tau: float) -> torch.Tensor:
     if not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [-1, 1], got {tau}")
     return _rules.and_mask(G, tau) if tau >= 0 else xor_mask(G, tau)
+
+
+def coin_keep_fraction(tau: float, K: int) -> float:
+    """The fraction of components :func:`threshold_mask` keeps when each component's K signs are independent fair
+    coins (no zeros), as the environment-specific shortcut gradients' signs are: with ``S = 2p - K`` and ``p`` a
+    Binomial(K, 1/2) count, ``P(|S| >= agreement_threshold_count(tau, K))`` for tau >= 0 (``2^(1 - K)`` at tau = 1)
+    and ``P(|S| <= floor((1 - |tau|) K + 1e-9))`` for tau < 0. Comparing it with the fraction kept tells how much
+    of what the mask keeps chance alone would keep."""
+    tau = float(tau)
+    if not -1.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [-1, 1], got {tau}")
+    if tau >= 0:
+        threshold = agreement_threshold_count(tau, K)
+        counts = (p for p in range(K + 1) if abs(2 * p - K) >= threshold)
+    else:
+        limit = _xor_limit(tau, K)
+        counts = (p for p in range(K + 1) if abs(2 * p - K) <= limit)
+    return sum(math.comb(K, p) for p in counts) / 2 ** K
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -297,6 +319,7 @@ def run(config: GradientCorrelationConfig = GradientCorrelationConfig(), out: Pa
                           "train_steps": config.train_steps, "train_rule": config.train_rule,
                           "train_lr": TRAIN_LR, "data": dataclasses.asdict(config.data)},
                "taus": list(config.taus),
+               "coin": [coin_keep_fraction(tau, config.data.n_train_envs) for tau in config.taus],
                "separability": {k: [s[k] for s in separabilities] for k in ("median", "fraction_ge_1")}}
     for k, values in per_seed.items():
         a = np.asarray(values, dtype=float)
@@ -323,16 +346,18 @@ def _json_safe(obj):
 
 def format_table(results: dict) -> str:
     """One row per tau: mask kind, mean ± std of both correlations over seeds, the fraction kept (3 significant
-    digits: a few components out of 1e5 still show), and the means of the shortcut gap ``q`` and of the floor
-    ``sqrt(1 - q^2)`` under rho(shortcut) (:func:`correlation_curves`)."""
-    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>9}{'q(short)':>10}"
-             f"{'floor':>8}"]
+    digits: a few components out of 1e5 still show), the fraction fair-coin signs would keep
+    (:func:`coin_keep_fraction`), and the means of the shortcut gap ``q`` and of the floor ``sqrt(1 - q^2)`` under
+    rho(shortcut) (:func:`correlation_curves`)."""
+    lines = [f"{'tau':>6}  {'mask':<4}{'rho(mechanism)':>18}{'rho(shortcut)':>18}{'kept':>9}{'coin':>9}"
+             f"{'q(short)':>10}{'floor':>8}"]
     m, s, k = results["mechanism"], results["shortcut"], results["kept"]
     q, f = results["shortcut_gap"], results["shortcut_floor"]
     for i, tau in enumerate(results["taus"]):
         kind = "AND" if tau >= 0 else "XOR"
         lines.append(f"{tau:>6.2f}  {kind:<4}{m['mean'][i]:>10.3f} ± {m['std'][i]:<5.3f}"
-                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>9.3g}{q['mean'][i]:>10.3f}"
+                     f"{s['mean'][i]:>10.3f} ± {s['std'][i]:<5.3f}{k['mean'][i]:>9.3g}{results['coin'][i]:>9.3g}"
+                     f"{q['mean'][i]:>10.3f}"
                      f"{f['mean'][i]:>8.3f}")
     return "\n".join(lines)
 

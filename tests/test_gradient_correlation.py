@@ -93,6 +93,29 @@ def test_the_floor_holds_on_real_gradients_for_every_tau():
                 assert rho >= floor - 1e-9
 
 
+# ---- what fair-coin signs would keep ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K", [5, 8])
+def test_coin_keep_fraction_is_the_mask_applied_to_every_sign_pattern(K):
+    # Brute force: all 2^K sign patterns, equally likely, each a column of G; the mask itself judges them.
+    patterns = torch.tensor([[1.0 if (n >> e) & 1 else -1.0 for n in range(2 ** K)] for e in range(K)])
+    taus = [-1.0, -0.75, -0.6, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.8, 1.0]
+    for tau in taus:
+        kept = float(gc.threshold_mask(patterns, tau).double().mean())
+        assert gc.coin_keep_fraction(tau, K) == pytest.approx(kept, abs=1e-15), tau
+
+
+def test_coin_keep_fraction_by_hand():
+    assert gc.coin_keep_fraction(1.0, 16) == 2.0 ** -15  # all 16 signs equal: 2 of 2^16 patterns
+    assert gc.coin_keep_fraction(0.0, 16) == 1.0
+    # tau = 0.5, K = 16: |2p - 16| >= 8, i.e. p <= 4 or p >= 12: 2 (1 + 16 + 120 + 560 + 1820) = 5034 patterns
+    assert gc.coin_keep_fraction(0.5, 16) == 5034 / 2 ** 16
+    assert gc.coin_keep_fraction(-1.0, 16) == math.comb(16, 8) / 2 ** 16  # XOR at -1: exactly S = 0
+    assert gc.coin_keep_fraction(-1.0, 5) == 0.0  # odd K: S is never 0
+    with pytest.raises(ValueError, match="tau must lie in"):
+        gc.coin_keep_fraction(1.5, 4)
+
+
 # ---- separability --------------------------------------------------------------------------------------------------
 
 def test_separability_by_hand():
@@ -202,8 +225,9 @@ def test_the_command_reports_gap_floor_and_separability_and_records_init_and_tra
     assert cli.main(["gradient-correlation", "--out", str(out), *TINY, "--init", "torch", "--train-steps", "2",
                      "--train-rule", "and_mask"]) == 0
     printed = capsys.readouterr().out
-    assert "q(short)" in printed and "floor" in printed and "separability r" in printed
+    assert "q(short)" in printed and "floor" in printed and "coin" in printed and "separability r" in printed
     results = json.loads((out / "results.json").read_text())
+    assert results["coin"] == [gc.coin_keep_fraction(tau, 4) for tau in (-1.0, 0.0, 1.0)]
     assert {k: results["config"][k] for k in ("init", "train_steps", "train_rule", "train_lr")} == {
         "init": "torch", "train_steps": 2, "train_rule": "and_mask", "train_lr": gc.TRAIN_LR}
     assert len(results["separability"]["median"]) == 2
