@@ -114,7 +114,7 @@ def test_the_test_command_installs_procgen_as_the_coinrun_errors_say():
     from hardtovary.experiments.coinrun import game
 
     command = quick_start_commands()[1]
-    assert '".[test,torch,coinrun,plot,ray]"' in command
+    assert '".[test,torch,coinrun,plot,ray,digits]"' in command
     no_deps = re.search(r"pip install --no-deps [^&]+", command).group(0).strip()
     assert no_deps in game.INSTALL and f"procgen2=={game.PACKAGE_VERSION}" in no_deps
 
