@@ -1,9 +1,16 @@
-"""CIFAR-10 memorization and label noise (paper §3.2, Figs. 8, 9, 16, App. B.5).
+"""CIFAR-10 memorization and label noise (paper §3.2, Figs. 8, 9, 16, App. B.5), on CIFAR-10 or on scikit-learn's
+8x8 digits.
 
 ``hardtovary cifar10 --data DIR --experiment memorization`` trains FastResNet for every tau of the grid on the
 original labels and on random labels (Fig. 8: train accuracy vs tau; Fig. 16: test accuracy vs tau).
-``--experiment label-noise`` trains on labels of which 25% were re-drawn (Fig. 9: accuracy on the mislabeled
-portion, against the noisy labels, and test accuracy per epoch, with the chance line).
+``--experiment label-noise`` trains on labels of which 25% were re-drawn (Fig. 9: train accuracy, accuracy on the
+mislabeled portion against the noisy labels, and test accuracy per epoch, with the chance line).
+
+``--dataset digits`` runs the same experiments, commands and run folders on the 1797 8x8 digits that scikit-learn
+ships (:mod:`hardtovary.experiments.digits`: split, normalisation) with :class:`~hardtovary.accel.torch.models.
+DigitsResNet`, FastResNet sized for 8x8 images, and defaults that fit a CPU (:data:`PROFILES`): CIFAR-10's grid
+takes GPU-days, the digits' minutes. ``--seeds N`` trains every trial for N seeds in one run folder; the table and
+the figures then give the mean and standard deviation over seeds.
 
 Every example is its own environment (K = batch size = 80). The forward pass runs in train mode on the whole
 batch, so BatchNorm statistics are pooled over the 80 "environments" (the authors' code), and the per-example
@@ -41,7 +48,9 @@ mislabeled portion and the test set; the learning rate of epoch ``e`` (0-based) 
 
 Each trial has its own folder ``OUT/trials/<name>/`` with ``checkpoint.pt`` (model, optimizer state, history,
 epochs done) and ``history.json``, both written atomically at the end of every epoch, so a killed run resumes at
-the last finished epoch; a finished trial is ``OUT/units/<name>.json``. The loader uses :mod:`pickle`, as the
+the last finished epoch; a finished trial is ``OUT/units/<name>.json``. Each epoch's record also holds
+``kept_fraction``, the mean over the epoch's steps of the fraction of gradient components the AND-mask kept (None
+at tau = 0). The loader uses :mod:`pickle`, as the
 official "python version" of the data set requires: only load files from a source you trust.
 """
 
@@ -59,11 +68,12 @@ from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.progress import note_resume
 from hardtovary.experiments.runfolder import RunFolder, write_atomic, write_json_atomic
+from hardtovary.experiments.stats import mean_std
 from hardtovary.reference.optim import multistep_lr
 
-__all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD",
-           "load_cifar10", "write_random_cifar10", "randomize_labels", "trials_for", "train_step", "train_trial", "run",
-           "format_table", "plot_results"]
+__all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD", "DATASETS",
+           "Profile", "PROFILES", "load_cifar10", "load_data", "write_random_cifar10", "randomize_labels", "trials_for",
+           "train_step", "train_trial", "run", "summarize", "format_table", "plot_results"]
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -82,8 +92,37 @@ LABEL_NOISE_LR = {"baseline": 1e-3, "and_mask": 5e-3}
 MEMORIZATION_LR = 5e-4
 
 
+class Profile(NamedTuple):
+    """What differs between the data sets of the experiments: the network (a class of
+    :mod:`hardtovary.accel.torch.models`, built as ``model(10, width=width)``) and the defaults of the options."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    width: float
+    n_train: int | None        # None: every training image
+    memorization_lr: float
+    label_noise_taus: tuple
+    label_noise_lr: dict       # {"baseline": tau = 0, "and_mask": tau > 0}
+
+
+#: CIFAR-10: the paper's settings (App. B.5). Digits: sized so that the memorization grid of one seed takes minutes
+#: on one CPU core (docs/results.md, "Memorization on the digits", says how they were chosen). 32 examples per step
+#: instead of 80, since the exact per-example gradients through pooled BatchNorm cost a backward pass per example
+#: over the whole batch (O(K^2) per step); the first 512 training images; one learning rate for every trial, so
+#: that the label-noise comparison isolates the mask (the paper's 5x larger rate for the AND-mask came from its own
+#: search); tau 0.4 besides the paper's 0.2, since with K = 32 agreement by chance is likelier (random signs pass
+#: tau = 0.2 at K = 32 with probability 0.22, at K = 80 with 0.09; tau = 0.4 at K = 32 with 0.02).
+PROFILES = {
+    "cifar10": Profile("FastResNet", 80, 80, 1.0, None, MEMORIZATION_LR, LABEL_NOISE_TAUS, LABEL_NOISE_LR),
+    "digits": Profile("DigitsResNet", 40, 32, 0.5, 512, 5e-3, (0.0, 0.2, 0.4), {"baseline": 5e-3, "and_mask": 5e-3}),
+}
+DATASETS = tuple(PROFILES)
+
+
 class CIFAR10(NamedTuple):
-    """``X_*`` float32 ``[N, 3, 32, 32]`` (normalised), ``y_*`` int64 ``[N]``, ``classes`` the label names."""
+    """``X_*`` float32 ``[N, 3, 32, 32]`` (normalised; ``[N, 1, 8, 8]`` for the digits), ``y_*`` int64 ``[N]``,
+    ``classes`` the label names."""
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -187,6 +226,22 @@ def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = 
     return CIFAR10(_normalise(train_data), y_train, _normalise(test_data), y_test, classes)
 
 
+def load_data(dataset: str, data_dir=None, *, n_train: int | None = None, n_test: int | None = None) -> CIFAR10:
+    """The data of ``dataset``: CIFAR-10 from ``data_dir`` (:func:`load_cifar10`), or the digits, which need no
+    ``data_dir`` (:func:`hardtovary.experiments.digits.load_digits`)."""
+    if dataset not in PROFILES:
+        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    if dataset == "digits":
+        if data_dir is not None:
+            raise UsageError("the digits come with scikit-learn: give no data directory (--data) with them")
+        from hardtovary.experiments.digits import load_digits
+
+        return load_digits(n_train=n_train, n_test=n_test)
+    if data_dir is None:
+        raise UsageError("CIFAR-10 needs its data directory (--data DIR, the unpacked cifar-10-batches-py/)")
+    return load_cifar10(data_dir, n_train=n_train, n_test=n_test)
+
+
 def randomize_labels(labels, fraction: float, rng: np.random.Generator, num_classes: int = NUM_CLASSES):
     """The authors' label randomisation: ``round(fraction * N)`` indices, drawn without replacement, get a label
     drawn uniformly from ``0..num_classes-1`` (which may equal the true one). Returns ``(new_labels,
@@ -212,13 +267,17 @@ def randomize_labels(labels, fraction: float, rng: np.random.Generator, num_clas
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 0) -> dict:
+def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 0, dataset: str = "cifar10") -> dict:
     """The trials of an experiment: ``{name: {"labels", "noise_fraction", "tau", "lr", "seed"}}``.
-    memorization: every tau x {original, random} labels, lr 5e-4; label-noise: every tau (default 0 and
-    0.2) on 25%-noisy labels, lr 1e-3 for tau = 0 and 5e-3 otherwise (the paper's best). ``lr`` overrides."""
+    memorization: every tau x {original, random} labels; label-noise: every tau on 25%-noisy labels. The default
+    taus and learning rates are the data set's (:data:`PROFILES`; CIFAR-10: lr 5e-4 for memorization, label noise
+    at tau 0 and 0.2 with lr 1e-3 for tau = 0 and 5e-3 otherwise, the paper's best). ``lr`` overrides."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
-    taus = tuple(TAUS if experiment == "memorization" else LABEL_NOISE_TAUS) if taus is None else tuple(taus)
+    if dataset not in PROFILES:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    profile = PROFILES[dataset]
+    taus = tuple(TAUS if experiment == "memorization" else profile.label_noise_taus) if taus is None else tuple(taus)
     if not taus or any(not 0.0 <= float(t) <= 1.0 for t in taus):
         raise ValueError(f"taus must be a non-empty list of values in [0, 1], got {taus!r}")
     if seed < 0:
@@ -229,10 +288,10 @@ def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 
             for tau in taus:
                 trials[f"{labels}-tau{float(tau):g}-seed{seed}"] = {
                     "labels": labels, "noise_fraction": fraction, "tau": float(tau),
-                    "lr": MEMORIZATION_LR if lr is None else float(lr), "seed": int(seed)}
+                    "lr": profile.memorization_lr if lr is None else float(lr), "seed": int(seed)}
     else:
         for tau in taus:
-            default = LABEL_NOISE_LR["baseline" if float(tau) == 0 else "and_mask"]
+            default = profile.label_noise_lr["baseline" if float(tau) == 0 else "and_mask"]
             trials[f"noisy-tau{float(tau):g}-seed{seed}"] = {
                 "labels": "noisy", "noise_fraction": NOISE_FRACTION, "tau": float(tau),
                 "lr": default if lr is None else float(lr), "seed": int(seed)}
@@ -240,22 +299,24 @@ def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 
 
 
 def train_step(model, optimizer, X, Y, *, tau: float, rescale: bool):
-    """One step on a batch ``X[B, 3, 32, 32]``, ``Y[B]``: every example its own environment, BatchNorm pooled
-    over the batch. tau = 0: plain backward of the mean loss; tau > 0: per-example AND-mask. Returns the mean
-    loss (float)."""
+    """One step on a batch of images ``X[B, C, H, W]``, ``Y[B]``: every example its own environment, BatchNorm
+    pooled over the batch. tau = 0: plain backward of the mean loss; tau > 0: per-example AND-mask. Returns the mean
+    loss (float) and the fraction of gradient components the mask kept (None at tau = 0)."""
     import torch.nn.functional as F
 
     from hardtovary.accel.torch.optim import and_mask_backward
 
     optimizer.zero_grad(set_to_none=True)
+    kept = None
     if tau == 0:
         loss = F.cross_entropy(model(X), Y)
         loss.backward()
     else:
-        loss, _ = and_mask_backward(model, X[:, None], Y[:, None], F.cross_entropy, rule="and_mask", tau=tau,
-                                    rescale=rescale, semantics="pooled")
+        loss, masks = and_mask_backward(model, X[:, None], Y[:, None], F.cross_entropy, rule="and_mask", tau=tau,
+                                        rescale=rescale, semantics="pooled")
+        kept = float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
     optimizer.step()
-    return float(loss.detach())
+    return float(loss.detach()), kept
 
 
 def _accuracy(model, X, y, device, batch: int = 500) -> float | None:
@@ -284,15 +345,16 @@ def lr_at(base: float, epoch: int, milestones) -> float:
 
 
 def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width: float, batch_size: int,
-                milestones, weight_decay: float, rescale: bool, device: str = "cpu", on_step=None,
-                on_epoch=None) -> dict:
-    """Train one trial, resuming from ``folder/checkpoint.pt``. Returns ``{"history", "final", "seconds"}``.
-    ``history`` has one record per epoch: ``epoch`` (1-based), ``lr``, ``train_loss``, ``train_acc`` (against
-    the labels trained on), ``mislabeled_acc`` (against the noisy labels; None without mislabeled examples),
-    ``mislabeled_true_acc`` (against the true labels), ``test_acc``."""
+                milestones, weight_decay: float, rescale: bool, device: str = "cpu", dataset: str = "cifar10",
+                on_step=None, on_epoch=None) -> dict:
+    """Train one trial, resuming from ``folder/checkpoint.pt``, with the network of ``dataset``'s profile. Returns
+    ``{"history", "final", "seconds", "n_mislabeled"}``. ``history`` has one record per epoch: ``epoch`` (1-based),
+    ``lr``, ``train_loss``, ``train_acc`` (against the labels trained on), ``mislabeled_acc`` (against the noisy
+    labels; None without mislabeled examples), ``mislabeled_true_acc`` (against the true labels), ``test_acc``,
+    ``kept_fraction`` (mean over the epoch's steps; None at tau = 0)."""
     import torch
 
-    from hardtovary.accel.torch.models import FastResNet
+    from hardtovary.accel.torch import models
     from hardtovary.accel.torch.optim import make_optimizer
 
     folder = Path(folder)
@@ -303,7 +365,7 @@ def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width:
     seed = trial["seed"]
     labels, changed = randomize_labels(data.y_train, trial["noise_fraction"], np.random.default_rng(seed))
     torch.manual_seed(seed)
-    model = FastResNet(NUM_CLASSES, width=width).to(device)
+    model = getattr(models, PROFILES[dataset].model)(NUM_CLASSES, width=width).to(device)
     optimizer = make_optimizer(model.parameters(), "adam", lr=trial["lr"], weight_decay=weight_decay,
                                weight_decay_order="before")
     history, seconds, done = [], 0.0, 0
@@ -323,11 +385,14 @@ def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width:
             group["lr"] = lr
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         model.train()
-        losses = []
+        losses, kept = [], []
         for s in range(steps):
             idx = order[s * batch_size:(s + 1) * batch_size]
-            losses.append(train_step(model, optimizer, X_train[idx].to(device), Y_train[idx].to(device),
-                                     tau=trial["tau"], rescale=rescale))
+            loss, kept_step = train_step(model, optimizer, X_train[idx].to(device), Y_train[idx].to(device),
+                                         tau=trial["tau"], rescale=rescale)
+            losses.append(loss)
+            if kept_step is not None:
+                kept.append(kept_step)
             if on_step is not None:
                 on_step()
         model.eval()
@@ -335,7 +400,8 @@ def train_trial(folder: Path, data: CIFAR10, trial: dict, *, epochs: int, width:
                   "train_acc": _accuracy(model, data.X_train, labels, device),
                   "mislabeled_acc": _accuracy(model, data.X_train[changed], labels[changed], device),
                   "mislabeled_true_acc": _accuracy(model, data.X_train[changed], data.y_train[changed], device),
-                  "test_acc": _accuracy(model, data.X_test, data.y_test, device)}
+                  "test_acc": _accuracy(model, data.X_test, data.y_test, device),
+                  "kept_fraction": float(np.mean(kept)) if kept else None}
         history.append(record)
         seconds += time.perf_counter() - start
         _save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -369,12 +435,15 @@ def write_random_cifar10(directory, *, n_train: int = 50_000, n_test: int = 10_0
     return directory
 
 
-def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: int = 80, n_train=None,
-        n_test=None, width: float = 1.0, batch_size: int = 80, lr: float | None = None, lr_milestones=None,
-        weight_decay: float = 1e-6, rescale: bool = True, seed: int = 0, device: str | None = None,
-        fresh: bool = False, progress: bool = True, executor=None) -> dict:
-    """Run every trial of ``experiment`` (resuming from ``out``) and write ``out/results.json``:
-    ``config`` and ``trials`` (per trial its settings, ``final`` record, ``history`` and ``seconds``).
+def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memorization", taus=None,
+        epochs: int | None = None, n_train=None, n_test=None, width: float | None = None,
+        batch_size: int | None = None, lr: float | None = None, lr_milestones=None, weight_decay: float = 1e-6,
+        rescale: bool = True, seed: int = 0, seeds: int = 1, device: str | None = None, fresh: bool = False,
+        progress: bool = True, executor=None) -> dict:
+    """Run every trial of ``experiment`` on ``dataset`` for the seeds ``seed .. seed + seeds - 1`` (resuming from
+    ``out``) and write ``out/results.json``: ``config`` and ``trials`` (per trial its settings, ``final`` record,
+    ``history`` and ``seconds``). ``data_dir`` is CIFAR-10's folder (None for the digits). ``epochs``,
+    ``n_train``, ``width``, ``batch_size`` None take the data set's defaults (:data:`PROFILES`).
     ``lr_milestones`` None means one at 3/4 of the epochs (the authors' code). The trials are units of
     :mod:`~hardtovary.experiments.executors` on ``executor`` (this process when None); each checkpoints every
     epoch into ``out/trials/<trial>/``, which a worker on another machine reaches only through a shared
@@ -382,16 +451,26 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
     import torch
 
     out = Path(out)
-    trials = trials_for(experiment, taus, lr, seed)
+    if dataset not in PROFILES:
+        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"seeds must be an integer >= 1, got {seeds!r}")
+    profile = PROFILES[dataset]
+    epochs = profile.epochs if epochs is None else epochs
+    n_train = profile.n_train if n_train is None else n_train
+    width = profile.width if width is None else width
+    batch_size = profile.batch_size if batch_size is None else batch_size
+    trials = {name: trial for s in range(seed, seed + seeds)
+              for name, trial in trials_for(experiment, taus, lr, s, dataset).items()}
     milestones = tuple(int(m) for m in ((3 * epochs // 4,) if lr_milestones is None else lr_milestones)
                        if int(m) >= 1)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = {"epochs": int(epochs), "width": float(width), "batch_size": int(batch_size),
+    settings = {"dataset": dataset, "epochs": int(epochs), "width": float(width), "batch_size": int(batch_size),
                 "lr_milestones": list(milestones), "weight_decay": float(weight_decay), "rescale": bool(rescale),
                 "n_train": n_train, "n_test": n_test}
     config = {"experiment": experiment, **settings, "trials": trials}
-    data = load_cifar10(data_dir, n_train=n_train, n_test=n_test)
+    data = load_data(dataset, data_dir, n_train=n_train, n_test=n_test)
     folder = RunFolder(out, config, fresh=fresh)
     steps = len(data.y_train) // batch_size
     todo = {}
@@ -403,9 +482,9 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
     for name, done in todo.items():
         if done:
             note_resume(done, epochs, f"epochs of trial {name}", folder.root)
-    options = {"data_dir": str(data_dir), "n_train": n_train, "n_test": n_test, "epochs": epochs, "width": width,
-               "batch_size": batch_size, "milestones": milestones, "weight_decay": weight_decay, "rescale": rescale,
-               "device": device}
+    options = {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir), "n_train": n_train,
+               "n_test": n_test, "epochs": epochs, "width": width, "batch_size": batch_size, "milestones": milestones,
+               "weight_decay": weight_decay, "rescale": rescale, "device": device}
     units = [Unit(name, trial_unit, (str(out / "trials" / name), trial), steps=(epochs - todo.get(name, 0)) * steps,
                   label=name, shows=("train_acc", "test_acc"), gpu=device.startswith("cuda"), options=options)
              for name, trial in trials.items()]
@@ -415,27 +494,67 @@ def run(out, data_dir, *, experiment: str = "memorization", taus=None, epochs: i
     return results
 
 
-def trial_unit(folder: str, trial: dict, *, data_dir: str, n_train, n_test, on_step=None, on_epoch=None,
-               **settings) -> dict:
-    """One trial as a unit of :mod:`~hardtovary.experiments.executors`: the data read from ``data_dir`` where the
-    unit runs (so that a worker receives a path, not the arrays), :func:`train_trial` checkpointing into
-    ``folder``, and the record stored for the trial."""
-    data = load_cifar10(data_dir, n_train=n_train, n_test=n_test)
-    return {**trial, **train_trial(Path(folder), data, trial, on_step=on_step, on_epoch=on_epoch, **settings)}
+def trial_unit(folder: str, trial: dict, *, dataset: str, data_dir: str | None, n_train, n_test, on_step=None,
+               on_epoch=None, **settings) -> dict:
+    """One trial as a unit of :mod:`~hardtovary.experiments.executors`: the data loaded where the unit runs (so
+    that a worker receives a path, not the arrays), :func:`train_trial` checkpointing into ``folder``, and the
+    record stored for the trial."""
+    data = load_data(dataset, data_dir, n_train=n_train, n_test=n_test)
+    return {**trial, **train_trial(Path(folder), data, trial, dataset=dataset, on_step=on_step, on_epoch=on_epoch,
+                                   **settings)}
+
+
+#: The final-record fields summarised over seeds.
+SUMMARY_KEYS = ("train_acc", "mislabeled_acc", "test_acc", "kept_fraction")
+
+
+def summarize(results: dict) -> list[dict]:
+    """The trials grouped over seeds: one row per (labels, tau, lr), in the order of the trials, with ``seeds``
+    (how many), and per field of :data:`SUMMARY_KEYS` the mean and sample standard deviation of the final records
+    (``{key}_mean``, ``{key}_std``; None where the field is None, e.g. no mislabeled examples, tau = 0's
+    kept fraction), ``seconds_mean`` and ``histories`` (the seeds' per-epoch records)."""
+    groups: dict = {}
+    for r in results["trials"].values():
+        groups.setdefault((r["labels"], r["tau"], r["lr"]), []).append(r)
+    rows = []
+    for (labels, tau, lr), runs in groups.items():
+        row = {"labels": labels, "tau": tau, "lr": lr, "seeds": len(runs),
+               "seconds_mean": mean_std([r["seconds"] for r in runs])[0],
+               "histories": [r["history"] for r in runs]}
+        for key in SUMMARY_KEYS:
+            values = [(r["final"] or {}).get(key) for r in runs]
+            mean, std = (None, None) if None in values else mean_std(values)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        rows.append(row)
+    return rows
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _fmt_mean_std(row: dict, key: str) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+
 def format_table(results: dict) -> str:
-    """Final accuracies, one row per trial."""
+    """Final accuracies, one row per trial; with several seeds, then their mean ± std per setting."""
     lines = [f"{'trial':<26}{'labels':>9}{'tau':>6}{'lr':>9}{'train acc':>11}{'mislabeled acc':>16}"
-             f"{'test acc':>10}{'seconds':>9}"]
+             f"{'test acc':>10}{'kept':>7}{'seconds':>9}"]
     for name, r in results["trials"].items():
         f = r["final"] or {}
         lines.append(f"{name:<26}{r['labels']:>9}{r['tau']:>6.2f}{r['lr']:>9.0e}{_fmt(f.get('train_acc')):>11}"
-                     f"{_fmt(f.get('mislabeled_acc')):>16}{_fmt(f.get('test_acc')):>10}{r['seconds']:>9.1f}")
+                     f"{_fmt(f.get('mislabeled_acc')):>16}{_fmt(f.get('test_acc')):>10}"
+                     f"{_fmt(f.get('kept_fraction')):>7}{r['seconds']:>9.1f}")
+    rows = summarize(results)
+    if any(row["seeds"] > 1 for row in rows):
+        lines += ["", "mean ± std over seeds (sample std)",
+                  f"{'labels':<9}{'tau':>6}{'lr':>9}{'seeds':>6}{'train acc':>16}{'mislabeled acc':>16}"
+                  f"{'test acc':>16}{'kept':>16}"]
+        for row in rows:
+            lines.append(f"{row['labels']:<9}{row['tau']:>6.2f}{row['lr']:>9.0e}{row['seeds']:>6}"
+                         + "".join(f"{_fmt_mean_std(row, key):>16}" for key in SUMMARY_KEYS))
     return "\n".join(lines)
 
 
@@ -444,55 +563,68 @@ def format_table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-
-
 def plot_results(results: dict, out) -> list[Path]:
     """Figures in the manner of the paper, as PNGs in ``out``: memorization -> ``fig8_train_acc_vs_tau.png``
     (train accuracy vs tau, original and random labels) and ``fig16_test_acc_vs_tau.png``; label-noise ->
-    ``fig9_label_noise.png`` (accuracy on the mislabeled portion and test accuracy vs epoch, chance line).
-    Returns the paths written ([] without matplotlib)."""
+    ``fig9_label_noise.png`` (train accuracy, accuracy on the mislabeled portion against the noisy labels and test
+    accuracy per epoch, chance line). With several seeds: their mean, with error bars (memorization) or a band
+    (label noise) of one standard deviation. Returns the paths written ([] without matplotlib)."""
     from hardtovary.experiments.plots import matplotlib_pyplot, save_figure
 
     plt = matplotlib_pyplot()
     if plt is None:
         return []
     out = Path(out)
-    trials = results["trials"]
+    rows = summarize(results)
+    seeds = max(row["seeds"] for row in rows)
+    where = f"{results['config'].get('dataset', 'cifar10')}, " + (f"mean ± std over {seeds} seeds" if seeds > 1
+                                                                  else "one seed")
     written = []
     if results["config"]["experiment"] == "memorization":
-        taus = sorted({r["tau"] for r in trials.values()})
+        taus = sorted({row["tau"] for row in rows})
         for key, filename, title in (("train_acc", "fig8_train_acc_vs_tau.png", "training accuracy"),
                                      ("test_acc", "fig16_test_acc_vs_tau.png", "test accuracy")):
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             for labels in ("original", "random"):
-                points = {r["tau"]: r["final"][key] for r in trials.values() if r["labels"] == labels}
-                ax.plot([str(t) for t in taus], [points.get(t, math.nan) for t in taus], marker="o",
-                        label=f"{labels} labels")
+                points = {row["tau"]: row for row in rows if row["labels"] == labels}
+                ax.errorbar([str(t) for t in taus], [points[t][f"{key}_mean"] if t in points else math.nan
+                                                     for t in taus],
+                            yerr=[points[t][f"{key}_std"] if t in points else math.nan for t in taus], marker="o",
+                            capsize=3, label=f"{labels} labels")
             ax.axhline(1 / NUM_CLASSES, color="grey", lw=0.8, ls=":")
             ax.set_xlabel("tau")
             ax.set_ylabel(title)
+            ax.set_title(where, fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
             written.append(save_figure(fig, out / filename))
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, key, title in ((axes[0], "mislabeled_acc", "accuracy on the mislabeled portion (noisy labels)"),
-                               (axes[1], "test_acc", "test accuracy")):
-            last = 1
-            for r in trials.values():
-                epochs = [h["epoch"] for h in r["history"]]
-                last = max([last, *epochs])
-                name = "Adam" if r["tau"] == 0 else f"AND-mask (tau={r['tau']:g})"
-                ax.plot(epochs, [math.nan if h[key] is None else h[key] for h in r["history"]], label=name)
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
+        panels = (("train_acc", "training accuracy (noisy labels)"),
+                  ("mislabeled_acc", "mislabeled portion (noisy labels)"), ("test_acc", "test accuracy"))
+        last = 1
+        for row in rows:
+            n = min(len(h) for h in row["histories"])
+            epochs = [record["epoch"] for record in row["histories"][0][:n]]
+            last = max([last, *epochs])
+            name = "Adam" if row["tau"] == 0 else f"AND-mask (tau={row['tau']:g})"
+            for ax, (key, _) in zip(axes, panels):
+                values = np.array([[math.nan if record[key] is None else record[key] for record in h[:n]]
+                                   for h in row["histories"]])
+                (line,) = ax.plot(epochs, values.mean(axis=0), label=name)
+                if row["seeds"] > 1:
+                    mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
+                    ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        for ax, (_, title) in zip(axes, panels):
             ax.plot([0, last], [1 / NUM_CLASSES] * 2, color="grey", ls="--", lw=1, label="Random")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy")
-        axes[1].legend(loc="best")
+        axes[0].set_ylabel(f"accuracy ({where})")
+        axes[2].legend(loc="best")
         fig.tight_layout()
         written.append(save_figure(fig, out / "fig9_label_noise.png"))
     return written

@@ -57,7 +57,8 @@ COMMANDS = {
                                     "with the mechanism and shortcut signals against the threshold (Fig. 7)",
                                     torch=True),
     "cifar10": Command("hardtovary.experiments.cmd_cifar10", "CIFAR-10 memorization (Figs. 8, 16) and label noise "
-                       "(Fig. 9) with the per-example AND-mask", torch=True),
+                       "(Fig. 9) with the per-example AND-mask; --dataset digits: the same on the 8x8 digits",
+                       torch=True),
     "env-count": Command("hardtovary.experiments.cmd_env_count", "max o.o.d. test accuracy against the number of "
                          "training environments (Fig. 15, App. B.4)", torch=True),
     "coinrun": Command("hardtovary.experiments.cmd_coinrun", "CoinRun behavioural cloning: label with a planning "

@@ -1,5 +1,6 @@
-"""Models of the experiments: the reference MLP as a torch ``nn.Sequential``, FastResNet (CIFAR-10), and any
-convolutional network of :mod:`hardtovary.reference.convnet` (:func:`from_spec`: FastResNet, the CoinRun ResNet-18).
+"""Models of the experiments: the reference MLP as a torch ``nn.Sequential``, FastResNet (CIFAR-10) and its 8x8
+sibling (the digits), and any convolutional network of :mod:`hardtovary.reference.convnet` (:func:`from_spec`:
+FastResNet, the CoinRun ResNet-18).
 
 - :func:`mlp_from_spec` builds ``Linear -> [BatchNorm1d] -> activation`` per hidden layer and a final ``Linear``
   from a :class:`hardtovary.reference.mlp.MLPSpec`; its ``state_dict`` keys are
@@ -7,6 +8,8 @@ convolutional network of :mod:`hardtovary.reference.convnet` (:func:`from_spec`:
   copies the oracle's parameter list 1:1.
 - :class:`FastResNet` is the Page cifar10-fast network of the PyTorch-Ignite CIFAR-10 example (paper App. B.5),
   with a width multiplier for small tests. No module uses ``inplace=True``, so it runs under ``torch.func``.
+- :class:`DigitsResNet` is FastResNet sized for scikit-learn's 8x8 one-channel digits (its first two stages), for
+  the memorization experiments at a CPU's scale.
 - :func:`from_spec` builds a :class:`SpecNet` from a :class:`hardtovary.reference.convnet.NetSpec`: one torch
   module per parameterised layer, registered under the layer's name, so ``state_dict`` keys and parameter order
   are :func:`hardtovary.reference.convnet.param_names` and :func:`load_reference_params` copies the oracle's
@@ -23,7 +26,8 @@ from torch import nn
 from hardtovary.reference import convnet as _convnet
 from hardtovary.reference import mlp as _mlp
 
-__all__ = ["mlp_from_spec", "load_reference_params", "FastResNet", "conv_bn", "Residual", "SpecNet", "from_spec"]
+__all__ = ["mlp_from_spec", "load_reference_params", "FastResNet", "DigitsResNet", "conv_bn", "Residual", "SpecNet",
+           "from_spec"]
 
 
 def _activation(spec: _mlp.MLPSpec) -> nn.Module:
@@ -126,6 +130,34 @@ class FastResNet(nn.Module):
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         x = self.pool(x).flatten(1)
+        return self.linear(x) * self.scale
+
+
+class DigitsResNet(nn.Module):
+    """FastResNet sized for scikit-learn's 8x8 one-channel digits (the memorization experiments of paper §3.2, Figs.
+    8, 9, 16, at a CPU's scale): prep conv 16 (8x8); layer1 conv 32 + maxpool (4x4) + residual(32); layer2 conv 64
+    + maxpool (2x2) + residual(64); adaptive max-pool; ``Linear(64, num_classes, bias=False)``; logits times
+    ``scale`` (0.125). BatchNorm + ReLU throughout, built from FastResNet's own blocks.
+
+    FastResNet's third stage is left out: on 8x8 inputs it would convolve 1x1 maps, where a 3x3 kernel is its centre
+    tap alone. ``width`` multiplies every channel count (rounded, at least 1). Input ``[N, 1, H, W]`` with H, W
+    divisible by 4; output ``[N, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int = 10, *, width: float = 1.0, scale: float = 0.125):
+        super().__init__()
+        if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+            raise ValueError(f"width must be a real > 0, got {width!r}")
+        c = [max(1, int(round(n * width))) for n in (16, 32, 64)]
+        self.scale = float(scale)
+        self.prep = conv_bn(1, c[0])
+        self.layer1 = nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1]))
+        self.layer2 = nn.Sequential(conv_bn(c[1], c[2]), nn.MaxPool2d(2), Residual(c[2]))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.linear = nn.Linear(c[2], num_classes, bias=False)
+
+    def forward(self, x):
+        x = self.pool(self.layer2(self.layer1(self.prep(x)))).flatten(1)
         return self.linear(x) * self.scale
 
 
