@@ -36,7 +36,8 @@ Choices where the paper is silent or ambiguous, all documented here and recorded
   n_seeds - 1`` seed the weights and the permutations; the data are fixed (``data_seed``). App. B.3.5 says only
   "randomly initialized": ``init="authors"`` (default) is the authors' training initialisation (Kaiming-normal
   weights, bias 0.01), ``init="torch"`` PyTorch's ``nn.Linear`` default, whose logits start near 0, so that the
-  label-independent part of the gradients (``(sigmoid(f) - 1/2) grad f``) is small from the start.
+  label-independent part of the gradients (the ``(sigmoid(f) - 1/2) grad f`` term of ``(sigmoid(f) - y) grad f``)
+  is small from the start.
 * **Stage**: at the initialisation (App. B.3.5), or after ``train_steps`` full-batch Adam steps (the authors'
   learning rate 1e-2) on all environments with the plain mean or the AND-mask at tau = 1 (``train_rule``).
 
@@ -46,7 +47,9 @@ components, where ``D`` is what aligning the mechanism with the labels adds. Wit
 (both centred over the kept components), Pearson's r between them is at least ``sqrt(1 - q^2)`` for ``q < 1``
 (:func:`pearson_floor`): ``g_short + D`` lies in a ball of radius ``q ||g_short||`` around ``g_short``, whose
 widest angle from ``g_short`` is ``arcsin q``. ``run`` records ``q`` and that floor for every tau.
-:func:`separability` measures why the mask does not find components where ``D`` dominates.
+:func:`separability` and :func:`coin_keep_fraction` measure why the mask does not find components where ``D``
+dominates: the shortcut gradients' signs are fair coins across environments and much larger than the mechanism's,
+so with few environments the mask keeps about what chance keeps (docs/results.md, "Gradient correlations").
 """
 
 from __future__ import annotations
