@@ -158,17 +158,19 @@ def per_example_gradients(model, X, Y):
     return [torch.stack([g[i] for g in per_example]).numpy() for i in range(len(params))]
 
 
+@pytest.mark.parametrize("network, image", [("FastResNet", (3, 32, 32)), ("DigitsResNet", (1, 8, 8))])
 @pytest.mark.parametrize("tau, rescale", [(0.0, False), (0.5, False), (0.5, True), (1.0, False), (1.0, True)])
-def test_train_step_is_the_oracle_rule_on_the_per_example_gradients(tau, rescale):
+def test_train_step_is_the_oracle_rule_on_the_per_example_gradients(tau, rescale, network, image):
     """One SGD step of train_step (float64, every example its own environment) equals theta - lr * the oracle's
     rule on per-example gradients computed here: the mean gradient at tau = 0, the AND-mask otherwise, rescaled
-    per tensor by n / n_kept exactly when asked."""
-    from hardtovary.accel.torch.models import FastResNet
+    per tensor by n / n_kept exactly when asked. The kept fraction it reports is the oracle masks' share of all
+    components. For the networks of CIFAR-10 and of the digits."""
+    from hardtovary.accel.torch import models
     from hardtovary.reference import rules
 
     torch.manual_seed(0)
-    initial = FastResNet(width=0.125).double()
-    X, Y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    initial = getattr(models, network)(width=0.125).double()
+    X, Y = torch.randn(4, *image, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     G = per_example_gradients(copy.deepcopy(initial), X, Y)
     if tau == 0:
         update, masks = rules.aggregate(G, rule="mean")
@@ -177,7 +179,11 @@ def test_train_step_is_the_oracle_rule_on_the_per_example_gradients(tau, rescale
         # the case discriminates: some tensors are partly masked, so rescaling changes them
         assert any(0 < m.sum() < m.size for m in masks)
     model, lr = copy.deepcopy(initial), 0.5
-    cifar10.train_step(model, torch.optim.SGD(model.parameters(), lr=lr), X, Y, tau=tau, rescale=rescale)
+    _, kept = cifar10.train_step(model, torch.optim.SGD(model.parameters(), lr=lr), X, Y, tau=tau, rescale=rescale)
+    if tau == 0:
+        assert kept is None
+    else:
+        assert kept == pytest.approx(np.concatenate([m.ravel() for m in masks]).mean(), rel=1e-12)
     for after, before, u in zip(model.parameters(), initial.parameters(), update):
         expected = before.detach() - lr * torch.as_tensor(u)
         torch.testing.assert_close(after.detach(), expected, rtol=1e-9, atol=1e-12)
