@@ -1,22 +1,30 @@
 """The AND-mask step in torch: the authors' per-environment loop against accel/torch, measured side by side.
 
-(a) Synthetic MLP (K = 16 environments of 256 examples, 18 inputs, 3 hidden layers of 256, BCE with logits):
-    authors' pattern = one forward over the stacked batch, then one ``torch.autograd.grad(env_loss, params,
-    retain_graph=True)`` per environment, then the AND-mask (float mask of ``|mean sign| >= tau``) and the masked
-    mean; ours = ``env_gradients`` (vmap over the environment axis; pooled == per_env without BatchNorm) +
-    ``rules.aggregate``. Target: ratio >= 10 on CPU.
+(a) Synthetic MLP (K = 16 environments of 256 examples, 18 inputs, 3 hidden layers of 256, BCE with logits).
+    Baseline, the authors' loop: one forward over the stacked batch, then one ``torch.autograd.grad(env_loss,
+    params, retain_graph=True)`` per environment, then the AND-mask (float mask of ``|mean sign| >= tau``) and the
+    masked mean. Ours: ``env_gradients`` + ``rules.aggregate`` with each engine (``vmap``; ``linear``, what
+    ``engine="auto"`` picks for this model; ``linear`` into preallocated ``out`` stacks; ``linear`` under each
+    ``torch.compile`` mode asked, whose first call, the compile, is timed apart). ``plain backward`` is one pooled
+    forward and backward of the mean loss, the floor of any exact engine here. Every variant's ``.grad`` is checked
+    against the baseline's before it is timed. The variants alternate within each repeat and the best time of each
+    is kept (the machine is shared). Target: ours / authors >= 10 on the CPU and on a GPU.
 (b) FastResNet, batch of 80 CIFAR-sized images, every example its own environment, pooled BatchNorm statistics
     (the authors' CIFAR-10 setting): the same loop pattern vs ``example_gradients`` with each exact pooled engine
     (``loop``, ``batched``). On CPU with few repeats (slow); on the GPU as well when ``torch.cuda.is_available()``.
 
-Run: ``python bench/bench_torch_env_gradients.py [--repeats 5] [--resnet-repeats 1] [--resnet-width 1.0]
-[--skip-resnet] [--threads N] [--devices cpu,cuda]``. Prints best-of-N times (ms) and the ratio authors / ours.
+Run: ``python bench/bench_torch_env_gradients.py [--repeats 20] [--threads 1,2] [--compile MODES]
+[--cuda-compile reduce-overhead] [--resnet-repeats 1] [--resnet-width 1.0] [--skip-resnet] [--devices cpu,cuda]``.
+Prints best-of-N wall times (ms) and, on the CPU, process CPU times, each with the ratio authors / variant, the
+load average, and a closing summary with the ratios of (a) on every device and thread count of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,22 +34,40 @@ from hardtovary.accel.torch import rules as R
 from hardtovary.accel.torch.models import FastResNet, mlp_from_spec
 from hardtovary.reference.mlp import MLPSpec
 
+BASELINE = "authors' loop"
+
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats: int, device) -> float:
-    fn()  # warm-up
+def _timed(fn, device) -> tuple:
+    """(wall, CPU) seconds of ``fn()``; CPU time is the process's, over all its threads."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
     _sync(device)
-    times = []
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_times(fns: dict, repeats: int, device) -> dict:
+    """Best (wall, CPU) times of each of ``fns`` over ``repeats`` rounds (each minimum taken on its own); within a
+    round every function runs once, in turn, so that a busy spell of the shared machine hits all of them. On a
+    loaded machine the wall time of a long call is more likely to include time the process waited for a core than
+    a short call's, which favours the short one; the CPU time counts only the time it ran (at 1 thread the most
+    robust measure; with more threads it includes threads that spin waiting for each other)."""
+    for fn in fns.values():
+        _timed(fn, device)  # warm-up
+    best = {name: (float("inf"), float("inf")) for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            wall, cpu = _timed(fn, device)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def authors_step(model, X, Y, env_loss, tau):
@@ -65,7 +91,21 @@ def our_step(model, X, Y, loss_fn, tau, **options):
         p.grad = v
 
 
-def bench_mlp(device, repeats: int):
+def plain_step(model, X, Y, loss_fn):
+    """One pooled forward and backward of the mean loss: the work every exact per-environment engine repeats."""
+    K, B = X.shape[:2]
+    model.zero_grad()
+    loss_fn(model(X.reshape(K * B, *X.shape[2:])).view(K * B, -1), Y.reshape(K * B)).backward()
+
+
+def _check_grads(model, fn, expected, name):
+    fn()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def bench_mlp(device, repeats: int, compile_modes) -> dict:
+    """Times (a) on ``device``; returns the ratio authors / variant of each variant of ours."""
     torch.manual_seed(0)
     model = mlp_from_spec(MLPSpec(in_features=18, hidden=(256, 256, 256))).to(device)
     X = torch.randn(16, 256, 18, device=device)
@@ -74,10 +114,42 @@ def bench_mlp(device, repeats: int):
     def bce(z, y):
         return F.binary_cross_entropy_with_logits(z.squeeze(-1), y)
 
-    t_auth = best_time(lambda: authors_step(model, X, Y, bce, 1.0), repeats, device)
-    t_ours = best_time(lambda: our_step(model, X, Y, bce, 1.0), repeats, device)
-    print(f"(a) MLP K=16 B=256 [{device}]: authors {t_auth * 1e3:8.1f} ms   ours {t_ours * 1e3:8.1f} ms   "
-          f"ratio {t_auth / t_ours:5.1f}x")
+    out = [torch.empty(16, *p.shape, device=device) for p in model.parameters()]
+    fns = {
+        BASELINE: lambda: authors_step(model, X, Y, bce, 1.0),
+        "ours, engine vmap": lambda: our_step(model, X, Y, bce, 1.0, engine="vmap"),
+        "ours, engine linear (auto)": lambda: our_step(model, X, Y, bce, 1.0),
+        "ours, linear, preallocated out": lambda: our_step(model, X, Y, bce, 1.0, out=out),
+    }
+    fns[BASELINE]()
+    expected = [p.grad.clone() for p in model.parameters()]
+    notes = []
+    for mode in compile_modes:
+        name = f"ours, linear, compile={mode}"
+        fns[name] = fn = (lambda mode=mode: our_step(model, X, Y, bce, 1.0, compile=mode))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            seconds = _timed(fn, device)[0]
+        unavailable = [str(w.message) for w in caught if "unavailable" in str(w.message)]
+        notes.append(f"    {name}: first call (compiles) {seconds:.1f} s" + (f"; {unavailable[0]}" if unavailable
+                                                                                 else ""))
+    for name, fn in fns.items():
+        if name != BASELINE:
+            _check_grads(model, fn, expected, name)
+    fns["plain backward (floor)"] = lambda: plain_step(model, X, Y, bce)
+    best = best_times(fns, repeats, device)
+    cpu = device.type == "cpu"
+    threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if cpu else ""
+    print(f"(a) MLP K=16 B=256 3x256 [{device}{threads}], best of {repeats}, {_load()}")
+    print(f"    {'':34s} {'wall ms':>9s} {'ratio':>7s}" + (f" {'CPU ms':>9s} {'ratio':>7s}" if cpu else ""))
+    (base_wall, base_cpu) = best[BASELINE]
+    for name, (wall, cpu_s) in best.items():
+        print(f"    {name:34s} {wall * 1e3:9.2f} {base_wall / wall:6.2f}x"
+              + (f" {cpu_s * 1e3:9.2f} {base_cpu / cpu_s:6.2f}x" if cpu else ""))
+    for note in notes:
+        print(note)
+    return {name: (base_wall / wall, base_cpu / cpu_s if cpu else None) for name, (wall, cpu_s) in best.items()
+            if name.startswith("ours")}
 
 
 def bench_resnet(device, repeats: int, width: float):
@@ -86,35 +158,51 @@ def bench_resnet(device, repeats: int, width: float):
     X = torch.randn(80, 3, 32, 32, device=device)
     Y = torch.randint(0, 10, (80,), device=device)
     Xe, Ye = X[:, None], Y[:, None]
-    t_auth = best_time(lambda: authors_step(net, Xe, Ye, F.cross_entropy, 1.0), repeats, device)
-    line = f"(b) FastResNet(width={width}) N=80 per-example pooled [{device}]: authors {t_auth * 1e3:9.1f} ms"
+    fns = {BASELINE: lambda: authors_step(net, Xe, Ye, F.cross_entropy, 1.0)}
     for method in ("loop", "batched"):
-        t = best_time(lambda method=method: our_step(net, Xe, Ye, F.cross_entropy, 1.0, pooled_method=method),
-                      repeats, device)
-        line += f"   ours[{method}] {t * 1e3:9.1f} ms ({t_auth / t:4.2f}x)"
-    print(line)
+        fns[f"ours[{method}]"] = (lambda method=method: our_step(net, Xe, Ye, F.cross_entropy, 1.0,
+                                                                 pooled_method=method))
+    best = {name: wall for name, (wall, _) in best_times(fns, repeats, device).items()}
+    print(f"(b) FastResNet(width={width}) N=80 per-example pooled [{device}]: "
+          + "   ".join(f"{name} {t * 1e3:9.1f} ms ({best[BASELINE] / t:4.2f}x)" for name, t in best.items()))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20, help="rounds of (a); (b) takes --resnet-repeats on CPU")
     parser.add_argument("--resnet-repeats", type=int, default=1)
     parser.add_argument("--resnet-width", type=float, default=1.0)
     parser.add_argument("--skip-resnet", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}",
+                        help="comma-separated CPU thread counts (torch.set_num_threads) to time (a) at on the CPU; "
+                             "the last one is kept for the rest")
+    parser.add_argument("--compile", default="", help="comma-separated torch.compile modes of (a) on the CPU")
+    parser.add_argument("--cuda-compile", default="reduce-overhead",
+                        help="comma-separated torch.compile modes of (a) on CUDA (reduce-overhead: CUDA graphs)")
     parser.add_argument("--devices", default="cpu,cuda",
                         help="comma-separated torch devices to time on (cuda is skipped where unavailable)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {_load()}")
     devices = [torch.device(d) for d in args.devices.split(",")
                if d.strip() and (not d.startswith("cuda") or torch.cuda.is_available())]
+    summary = []
     for device in devices:
-        bench_mlp(device, args.repeats)
+        modes = [m for m in (args.cuda_compile if device.type == "cuda" else args.compile).split(",") if m.strip()]
+        for n in threads if device.type == "cpu" else [None]:
+            if n is not None:
+                torch.set_num_threads(n)
+            ratios = bench_mlp(device, args.repeats, modes)
+            where = f"{device}" + (f" {n} thread{'s' if n > 1 else ''}" if n is not None else "")
+            summary.append(f"{where}: " + ", ".join(
+                f"{name.removeprefix('ours, ')} {wall:.2f}x" + (f" (CPU time {cpu:.2f}x)" if cpu else "")
+                for name, (wall, cpu) in ratios.items()))
         if not args.skip_resnet:
             bench_resnet(device, args.resnet_repeats if device.type == "cpu" else max(args.repeats, 3),
                          args.resnet_width)
+    print(f"summary (a), ours against the authors' loop ({_load()}):")
+    for line in summary:
+        print(f"    {line}")
 
 
 if __name__ == "__main__":

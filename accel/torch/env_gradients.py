@@ -32,11 +32,37 @@ B = 1; the authors' CIFAR-10 setting, ``pooled`` BatchNorm statistics over the N
 
 Models with other row-coupling layers than BatchNorm are not detected: pass ``force_coupled=True`` to run the exact
 pooled engine for them.
+
+Engines for rows that do not interact (no training-mode BatchNorm), chosen by ``engine``:
+
+``"vmap"``
+    the ``vmap(grad)`` above, for any model.
+``"linear"``
+    for an ``nn.Sequential`` of ``nn.Linear`` and ReLU / LeakyReLU / Tanh modules (exactly those types, without
+    hooks) and ``X[K, B, features]``: one forward over the stacked batch, the cotangent of each environment's
+    logits (``vmap(grad(loss_fn))``), then a hand-written backward: ``d @ W`` down the layers, the per-environment
+    weight gradients as one ``bmm`` of each layer's cotangents and inputs (``[K, out, B] @ [K, B, in]``), the bias
+    gradients as sums over B. That is the work of one plain backward, with no autograd graph or vmap in the loop;
+    the activations' backward kernels are those autograd runs, so the stacks equal a backward pass's bit for bit.
+    The intermediates live in a workspace kept per model (and thread) while the model lives and reused by the
+    next call of the same shapes: fresh multi-megabyte buffers cost page faults on every step otherwise. It
+    holds about two forward passes' activations.
+``"auto"``
+    ``linear`` where it applies and ``chunk_size`` is None, else ``vmap``.
+
+``compile`` (None, or a ``torch.compile`` mode) compiles the linear engine (its intermediates are then left to the
+compiler, not the workspace); on a GPU ``"reduce-overhead"`` replays the step as a CUDA graph, which removes the
+kernel-launch latency that bounds a small step there (``docs/benchmarks.md``; with CUDA graphs a call's results
+are overwritten by the next call: clone what you keep). Where ``torch.compile`` is unavailable the engine runs
+eagerly, with a ``RuntimeWarning`` that says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,8 +72,8 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 
 SEMANTICS = ("pooled", "per_env")
 
-__all__ = ["EnvGradients", "env_gradients", "example_gradients", "has_training_batch_norm", "SEMANTICS",
-           "POOLED_METHODS"]
+__all__ = ["EnvGradients", "env_gradients", "example_gradients", "has_training_batch_norm", "linear_plan", "SEMANTICS",
+           "POOLED_METHODS", "ENGINES", "COMPILE_MODES"]
 
 
 class EnvGradients(NamedTuple):
@@ -202,6 +228,202 @@ def _pooled(model, X, Y, loss_fn, named, *, chunk_size, method: str = "batched")
     return EnvGradients(stacks, losses.detach())
 
 
+ENGINES = ("auto", "linear", "vmap")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+_aten = torch.ops.aten
+
+
+# The activations of the linear engine: forward ``(z, slope, out) -> a`` and backward ``(grad, x, slope,
+# x_is_output, out) -> grad_z`` from the activation's output ``x = a`` or, where that does not determine the
+# derivative (LeakyReLU with a negative slope), its input ``x = z``; each writes into ``out`` (which may be its
+# first argument: elementwise, in place) or, with ``out=None``, a new tensor. The kernels are those autograd runs
+# for these modules (torch's derivatives.yaml; ATen's relu is clamp_min(z, 0)), and from the output they give the
+# same numbers as from the input (a > 0 exactly where z > 0 for a slope >= 0), so the engine's stacks are
+# autograd's.
+def _relu(z, slope, out):
+    return torch.clamp_min(z, 0, out=out)
+
+
+def _relu_backward(grad, x, slope, x_is_output, out):
+    if out is None:
+        return _aten.threshold_backward(grad, x, 0)
+    return _aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
+
+
+def _leaky_relu(z, slope, out):
+    return _aten.leaky_relu(z, slope) if out is None else _aten.leaky_relu.out(z, slope, out=out)
+
+
+def _leaky_relu_backward(grad, x, slope, x_is_output, out):
+    if out is None:
+        return _aten.leaky_relu_backward(grad, x, slope, x_is_output)
+    return _aten.leaky_relu_backward.grad_input(grad, x, slope, x_is_output, grad_input=out)
+
+
+def _tanh(z, slope, out):
+    return torch.tanh(z, out=out)
+
+
+def _tanh_backward(grad, x, slope, x_is_output, out):
+    return _aten.tanh_backward(grad, x) if out is None else _aten.tanh_backward.grad_input(grad, x, grad_input=out)
+
+
+_ACTIVATIONS = {"relu": (_relu, _relu_backward), "leaky_relu": (_leaky_relu, _leaky_relu_backward),
+                "tanh": (_tanh, _tanh_backward)}
+_ACTIVATION_KINDS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh"}
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def linear_plan(model: nn.Module):
+    """The layers of ``model`` as the linear engine runs them, ``(kind, negative_slope)`` per module (kind
+    ``"linear"``, ``"relu"``, ``"leaky_relu"`` or ``"tanh"``), or None where that engine does not apply: ``model``
+    is not an ``nn.Sequential`` of exactly those module types, or a module hook would be bypassed (the engine calls
+    no module, so subclasses, parametrizations and hooks are left to the vmap engine)."""
+    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+                    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
+    if type(model) is not nn.Sequential or _has_hooks(model) or any(global_hooks):
+        return None
+    plan = []
+    for module in model:
+        if _has_hooks(module):
+            return None
+        if type(module) is nn.Linear:
+            plan.append(("linear", 0.0))
+        elif type(module) in _ACTIVATION_KINDS:
+            plan.append((_ACTIVATION_KINDS[type(module)], float(getattr(module, "negative_slope", 0.0))))
+        else:
+            return None
+    return tuple(plan) if any(kind == "linear" for kind, _ in plan) else None
+
+
+def _linear_engine(plan, weights, biases, trainable, X, Y, loss_fn, buffer, out):
+    """Per-environment gradients of the ``nn.Sequential`` described by ``plan`` (module docstring, ``"linear"``):
+    ``weights[l]``, ``biases[l]`` (or None) of its l-th Linear, ``trainable[l]`` = (weight, bias) requires grad.
+    ``buffer(tag, shape)`` gives the tensor an intermediate is written into, or None for a new one; ``out`` the
+    stacks to write into (parameter order), or None. Returns ``(stacks, losses)``, the stacks in parameter order.
+
+    Memory: each Linear's output, overwritten by the activation that follows where the activation's backward
+    needs only its output, and two cotangent buffers used in turn."""
+    K, B = X.shape[:2]
+    positions = [i for i, (kind, _) in enumerate(plan) if kind == "linear"]  # module index of each Linear
+    h = X.reshape(K * B, X.shape[2])
+    saved = []  # per module: its input (Linear), or what its backward reads and whether that is its output
+    for i, (kind, slope) in enumerate(plan):
+        if kind == "linear":
+            saved.append(h)
+            layer = positions.index(i)
+            W, b = weights[layer], biases[layer]
+            target = buffer(("forward", i), (K * B, W.shape[0]))
+            h = torch.mm(h, W.t(), out=target) if b is None else torch.addmm(b, h, W.t(), out=target)
+        else:
+            from_output = kind != "leaky_relu" or slope >= 0
+            # in place over a Linear's output, which only the backward of this activation reads; never over X
+            in_place = from_output and i > positions[0]
+            a = _ACTIVATIONS[kind][0](h, slope, h if in_place else buffer(("forward", i), h.shape))
+            saved.append((a if from_output else h, from_output))
+            h = a
+    d, losses = vmap(grad_and_value(loss_fn))(h.reshape(K, B, *h.shape[1:]), Y)
+    d = d.reshape(K * B, -1)
+    n_stacks = sum(map(sum, trainable))
+    stacks = []  # filled from the last parameter back
+    lowest = positions[min(layer for layer, flags in enumerate(trainable) if any(flags))]  # no cotangent below it
+    for i in range(len(plan) - 1, lowest - 1, -1):
+        kind, slope = plan[i]
+        if kind != "linear":
+            x, from_output = saved[i]
+            d = _ACTIVATIONS[kind][1](d, x, slope, from_output, d)  # in place: d is the engine's own
+            continue
+        layer = positions.index(i)
+        per_env = d.view(K, B, d.shape[1])
+        if trainable[layer][1]:
+            target = None if out is None else out[n_stacks - 1 - len(stacks)]
+            stacks.append(torch.sum(per_env, dim=1, out=target))
+        if trainable[layer][0]:
+            target = None if out is None else out[n_stacks - 1 - len(stacks)]
+            x = saved[i]
+            stacks.append(torch.bmm(per_env.transpose(1, 2), x.view(K, B, x.shape[1]), out=target))
+        if i > lowest:
+            d = torch.mm(d, weights[layer], out=buffer(("backward", layer % 2), (K * B, weights[layer].shape[1])))
+    return stacks[::-1], losses
+
+
+# Workspaces of the eager linear engine: per thread (two threads may run one model), per model while it lives, the
+# buffers of the last call's shapes, dtype and device (another call signature replaces them).
+_workspaces = threading.local()
+
+
+def _workspace_buffers(model: nn.Module, X: torch.Tensor, dtype: torch.dtype):
+    table = getattr(_workspaces, "table", None)
+    if table is None:
+        table = _workspaces.table = weakref.WeakKeyDictionary()
+    signature = (tuple(X.shape), dtype, X.device)
+    entry = table.get(model)
+    if entry is None or entry[0] != signature:
+        entry = table[model] = (signature, {})
+    buffers = entry[1]
+
+    def buffer(tag, shape):
+        key = (tag, tuple(shape))
+        if key not in buffers:
+            buffers[key] = torch.empty(shape, dtype=dtype, device=X.device)
+        return buffers[key]
+
+    return buffer
+
+
+def _no_buffer(tag, shape):
+    return None
+
+
+# torch.compile'd linear engines by mode; False where compiling failed (the eager engine runs, once warned)
+_compiled: dict = {}
+
+
+def _compile_unavailable(mode: str, reason: str) -> None:
+    _compiled[mode] = False
+    warnings.warn(f"compile={mode!r} is unavailable here ({reason}); the linear engine runs eagerly",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _run_compiled(mode: str, *args):
+    """The compiled linear engine's result, or None where torch.compile is unavailable (warned once per mode)."""
+    if mode not in _compiled:
+        if not torch._dynamo.is_dynamo_supported():
+            _compile_unavailable(mode, "torch.compile does not support this Python or platform")
+        else:
+            _compiled[mode] = torch.compile(_linear_engine, mode=mode)
+    if _compiled[mode] is False:
+        return None
+    try:
+        return _compiled[mode](*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler, no triton, ...
+        inner = error.inner_exception
+        _compile_unavailable(mode, f"{type(inner).__name__}: {next(iter(str(inner).splitlines()), '')}")
+        return None
+
+
+def _linear(model, X, Y, loss_fn, plan, *, compile, out) -> EnvGradients:
+    linears = [m for m in model if type(m) is nn.Linear]
+    weights = [m.weight.detach() for m in linears]
+    biases = [None if m.bias is None else m.bias.detach() for m in linears]
+    trainable = [(m.weight.requires_grad, m.bias is not None and m.bias.requires_grad) for m in linears]
+    args = (plan, weights, biases, trainable, X, Y, loss_fn)
+    with torch.no_grad():
+        result = None if compile is None else _run_compiled(compile, *args, _no_buffer, None)
+        if result is None:
+            stacks, losses = _linear_engine(*args, _workspace_buffers(model, X, weights[0].dtype), out)
+        else:
+            stacks, losses = result
+            if out is not None:
+                stacks = [target.copy_(g) for target, g in zip(out, stacks)]
+    return EnvGradients(stacks, losses.detach())
+
+
 def env_gradients(
     model: nn.Module,
     X: torch.Tensor,
@@ -213,6 +435,9 @@ def env_gradients(
     chunk_size: int | None = None,
     force_coupled: bool = False,
     pooled_method: str = "auto",
+    engine: str = "auto",
+    compile: str | None = None,
+    out: list | None = None,
 ) -> EnvGradients:
     """Per-environment gradients ``G[e] = dL_e/dtheta`` of environment batches ``X[K, B, ...]``, ``Y[K, B, ...]``
     (module docstring). ``loss_fn(logits, targets)`` must mean-reduce over the batch and be vmap-compatible (e.g.
@@ -221,16 +446,75 @@ def env_gradients(
     ``chunk_size`` bounds how many environments one vmap call processes (memory); ``pooled_method`` chooses the
     exact engine for pooled BatchNorm (module docstring); ``update_running_stats``
     (per_env only) updates BatchNorm running statistics as K separate forwards would; ``force_coupled`` runs the
-    exact pooled engine even without training-mode BatchNorm.
+    exact pooled engine even without training-mode BatchNorm. ``engine`` (``"auto"``, ``"linear"``, ``"vmap"``)
+    chooses the engine where rows do not interact, ``compile`` a ``torch.compile`` mode for the linear engine
+    (module docstring). ``out``: preallocated stacks, one per parameter that requires grad, each ``[K,
+    *param.shape]``, contiguous, in the parameter's dtype and device; the result is written into them (the linear
+    engine writes there directly, the others copy) and they are the returned ``grads``.
     """
     _check(model, X, Y, loss_fn, semantics)
     named = _params(model)
-    if semantics == "pooled" and (force_coupled or has_training_batch_norm(model)):
+    resolved = _resolve_engine(model, X, semantics, engine, compile, chunk_size, force_coupled)
+    if out is not None:
+        _check_out(out, named, X.shape[0])
+    if resolved == "linear":
+        return _linear(model, X, Y, loss_fn, linear_plan(model), compile=compile, out=out)
+    if resolved == "pooled":
         if pooled_method not in POOLED_METHODS:
             raise ValueError(f"pooled_method must be one of {list(POOLED_METHODS)}, got {pooled_method!r}")
         method = _resolve_pooled_method(pooled_method, X.device)
-        return _pooled(model, X, Y, loss_fn, named, chunk_size=chunk_size, method=method)
-    return _per_env(model, X, Y, loss_fn, named, update_running_stats=update_running_stats, chunk_size=chunk_size)
+        result = _pooled(model, X, Y, loss_fn, named, chunk_size=chunk_size, method=method)
+    else:
+        result = _per_env(model, X, Y, loss_fn, named, update_running_stats=update_running_stats,
+                          chunk_size=chunk_size)
+    if out is None:
+        return result
+    return EnvGradients([target.copy_(g) for target, g in zip(out, result.grads)], result.losses)
+
+
+def _resolve_engine(model, X, semantics, engine, compile, chunk_size, force_coupled) -> str:
+    """The engine a call runs: ``"pooled"`` (training-mode BatchNorm pooled, or ``force_coupled``), ``"linear"``
+    or ``"vmap"``; validates ``engine`` and ``compile`` (the one place that does)."""
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if compile is not None and (not isinstance(compile, str) or compile not in COMPILE_MODES):
+        raise ValueError(f"compile must be None or one of {list(COMPILE_MODES)}, got {compile!r}")
+    if semantics == "pooled" and (force_coupled or has_training_batch_norm(model)):
+        coupled = "force_coupled=True" if force_coupled else "training-mode BatchNorm (pooled)"
+        if engine != "auto" or compile is not None:
+            option = f"engine={engine!r}" if engine != "auto" else f"compile={compile!r}"
+            raise ValueError(f"{option} applies to rows that do not interact, but this call has {coupled}; its "
+                             "engine is chosen by pooled_method")
+        return "pooled"
+    linear = linear_plan(model) is not None and X.ndim == 3
+    if engine == "linear" or compile is not None:
+        option = f"engine={engine!r}" if engine == "linear" else f"compile={compile!r}"
+        if not linear:
+            raise ValueError(f"{option} needs an nn.Sequential of nn.Linear, ReLU, LeakyReLU and Tanh modules "
+                             f"without hooks and X of shape [K, B, features], got {type(model).__name__} and X of "
+                             f"shape {tuple(X.shape)}")
+        if engine == "vmap":
+            raise ValueError(f"compile={compile!r} compiles the linear engine, but engine='vmap' was asked")
+        if chunk_size is not None:
+            raise ValueError(f"chunk_size bounds the vmap engines' memory; {option} runs the linear engine, which "
+                             f"has no chunks (got chunk_size={chunk_size!r})")
+        return "linear"
+    return "linear" if engine == "auto" and linear and chunk_size is None else "vmap"
+
+
+def _check_out(out, named, K: int) -> None:
+    if not isinstance(out, (list, tuple)) or len(out) != len(named):
+        raise ValueError(f"out must be a list of {len(named)} tensors (one per parameter that requires grad), got "
+                         f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (list, tuple)) else ""))
+    for i, (target, (name, p)) in enumerate(zip(out, named)):
+        shape = (K, *p.shape)
+        if (not isinstance(target, torch.Tensor) or tuple(target.shape) != shape or target.dtype != p.dtype
+                or target.device != p.device or not target.is_contiguous()):
+            got = (f"{tuple(target.shape)} {target.dtype} on {target.device}"
+                   f"{'' if target.is_contiguous() else ', not contiguous'}" if isinstance(target, torch.Tensor)
+                   else type(target).__name__)
+            raise ValueError(f"out[{i}] ({name}) must be a contiguous tensor {shape} {p.dtype} on {p.device}, "
+                             f"got {got}")
 
 
 def example_gradients(
