@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU machine, in one go (for a device session of a few minutes).
 #
-#   OUT=/some/folder [STEPS="checks coinrun"] bash bench/gpu_session.sh
+#   OUT=/some/folder [STEPS="checks speed coinrun"] bash bench/gpu_session.sh
 #
 # Installs the working tree (no dependencies: the machine's NumPy, SciPy, CuPy, torch, hypothesis and pytest are
 # used), then runs the steps named in STEPS (default: all), each part with its own time limit and log under $OUT:
@@ -10,6 +10,12 @@
 #     pytest_cupy.txt          the CuPy-only tests (skipped in CI) with the rest of their modules
 #     cifar10_epoch.txt        bench/bench_cifar10_epoch.py: one epoch of the CIFAR-10 loop, plain vs AND-mask
 #     torch_env_gradients.txt  bench/bench_torch_env_gradients.py on cuda: per-environment gradients vs the authors'
+#                              (eager engines; the MLP's compiled engine is the speed step's)
+#   speed:
+#     torch_env_speed.txt      bench/bench_torch_env_gradients.py (a) on the CPU (1 thread and all cores) and on cuda
+#                              in one run: the MLP AND-mask step of every engine against the authors' loop, eager and
+#                              compiled (reduce-overhead: CUDA graphs; default), with the compile times and a closing
+#                              summary of the ratios (target: 10x on both)
 #   coinrun:
 #     coinrun_label.txt        labelling on the machine's cores, only where Procgen imports there (procgen2 0.10.7
 #                              ships a CPython 3.11 wheel only); otherwise the labels come with the working tree:
@@ -19,7 +25,7 @@
 #                              cuda: the per-epoch cost and the KL curves; coinrun_results.json its results.json
 set -u
 OUT=${OUT:-/tmp/gpu_session}
-STEPS=${STEPS:-checks coinrun}
+STEPS=${STEPS:-checks speed coinrun}
 COINRUN_LABELS=${COINRUN_LABELS:-bench/coinrun-labels}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -36,8 +42,12 @@ if wants checks; then
       tests/test_sweep.py 2>&1 | tee "$OUT/pytest_cupy.txt"
   timeout 100 python3 bench/bench_cifar10_epoch.py --device cuda --n-train 8000 --n-test 1000 2>&1 \
       | tee "$OUT/cifar10_epoch.txt"
-  timeout 60 python3 bench/bench_torch_env_gradients.py --devices cuda --repeats 5 2>&1 \
+  timeout 60 python3 bench/bench_torch_env_gradients.py --devices cuda --repeats 5 --cuda-compile "" 2>&1 \
       | tee "$OUT/torch_env_gradients.txt"
+fi
+if wants speed; then
+  timeout 300 python3 bench/bench_torch_env_gradients.py --devices cpu,cuda --skip-resnet --repeats 30 \
+      --cuda-compile reduce-overhead,default 2>&1 | tee "$OUT/torch_env_speed.txt"
 fi
 if wants coinrun; then
   if python3 -c "import procgen" 2>/dev/null; then

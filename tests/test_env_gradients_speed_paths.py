@@ -263,7 +263,7 @@ def test_compile_falls_back_when_the_backend_fails(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp_leaky_relu", "mixed_frozen_no_bias"])
+@pytest.mark.parametrize("name", ["mlp_tanh", "mixed_frozen_no_bias"])
 def test_compiled_engine_equals_eager(name):
     net, X, Y, loss_fn = _case(name, K=4, B=6, dtype=torch.float32)
     eager = EG.env_gradients(net, X, Y, loss_fn)

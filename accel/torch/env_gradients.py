@@ -42,19 +42,21 @@ Engines for rows that do not interact (no training-mode BatchNorm), chosen by ``
     hooks) and ``X[K, B, features]``: one forward over the stacked batch, the cotangent of each environment's
     logits (``vmap(grad(loss_fn))``), then a hand-written backward: ``d @ W`` down the layers, the per-environment
     weight gradients as one ``bmm`` of each layer's cotangents and inputs (``[K, out, B] @ [K, B, in]``), the bias
-    gradients as sums over B. That is the work of one plain backward, with no autograd graph or vmap in the loop;
-    the activations' backward kernels are those autograd runs, so the stacks equal a backward pass's bit for bit.
-    The intermediates live in a workspace kept per model (and thread) while the model lives and reused by the
-    next call of the same shapes: fresh multi-megabyte buffers cost page faults on every step otherwise. It
-    holds about two forward passes' activations.
+    gradients as sums over B. That is the work of one plain backward, with no autograd graph or vmap in the loop.
+    The activations' backward kernels are those autograd runs, so the cotangents are autograd's; the stacks differ
+    from the other engines' only by the order of the sums inside the matrix products. The intermediates live in a
+    workspace kept per model (and thread) while the model lives, reused by the next call of the same shapes
+    (fresh multi-megabyte buffers cost page faults on every step otherwise): one forward pass's activations and
+    two cotangent buffers.
 ``"auto"``
     ``linear`` where it applies and ``chunk_size`` is None, else ``vmap``.
 
 ``compile`` (None, or a ``torch.compile`` mode) compiles the linear engine (its intermediates are then left to the
-compiler, not the workspace); on a GPU ``"reduce-overhead"`` replays the step as a CUDA graph, which removes the
-kernel-launch latency that bounds a small step there (``docs/benchmarks.md``; with CUDA graphs a call's results
-are overwritten by the next call: clone what you keep). Where ``torch.compile`` is unavailable the engine runs
-eagerly, with a ``RuntimeWarning`` that says why.
+compiler, not the workspace). The first call compiles (seconds), and every new architecture, loss function, dtype
+or shape compiles again, within torch.compile's limit of recompiles. On a GPU ``"reduce-overhead"`` replays the
+step as a CUDA graph, which removes the kernel-launch latency that bounds a small step there
+(``docs/benchmarks.md``); a call's results are then overwritten by the next call: clone what you keep. Where
+``torch.compile`` is unavailable the engine runs eagerly, with a ``RuntimeWarning`` that says why.
 """
 
 from __future__ import annotations
