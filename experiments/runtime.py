@@ -90,8 +90,8 @@ def limited_threads(threads: int):
 
 
 #: Optional libraries whose versions are recorded when the command imported them: module -> the name recorded
-#: (procgen's distribution is procgen2).
-_OPTIONAL = {"cupy": "cupy", "procgen": "procgen2", "optuna": "optuna"}
+#: (procgen's distribution is procgen2; scikit-learn supplies the digits of ``cifar10 --dataset digits``).
+_OPTIONAL = {"cupy": "cupy", "procgen": "procgen2", "optuna": "optuna", "sklearn": "scikit-learn"}
 
 
 def _distribution_version(name: str) -> str | None:

@@ -2,6 +2,7 @@
 Figs. 8, 9, 16 at a CPU's scale): the loader, the network, the summary over seeds and a small run of the command."""
 
 import builtins
+import importlib.metadata
 import importlib.util
 import json
 
@@ -171,6 +172,7 @@ def test_cli_run_on_the_digits_writes_results_and_figures_and_resumes(tmp_path, 
     assert len(calls) == 3 + 3 * 2 * 3  # the rest of the first trial, then three more trials of two epochs
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["dataset"] == "digits" and results["config"]["n_train"] == 48
+    assert results["runtime"]["versions"]["scikit-learn"] == importlib.metadata.version("scikit-learn")
     assert sorted(results["trials"]) == ["noisy-tau0-seed0", "noisy-tau0-seed1", "noisy-tau0.4-seed0",
                                          "noisy-tau0.4-seed1"]
     for name, r in results["trials"].items():
