@@ -109,6 +109,16 @@ def test_results_do_not_alias_the_workspace_and_shapes_may_change():
     _assert_stacks(second.grads, _loop_of_backward_passes(net, X2, Y2, loss_fn), rtol=1e-12, atol=1e-14)
 
 
+def test_inference_mode_and_back():
+    net, X, Y, loss_fn = _case("mlp_relu")
+    expected = _loop_of_backward_passes(net, X, Y, loss_fn)
+    with torch.inference_mode():
+        inside = EG.env_gradients(net, X, Y, loss_fn, engine="linear")
+    outside = EG.env_gradients(net, X, Y, loss_fn, engine="linear")  # the workspace of inference mode is not reused
+    _assert_stacks(inside.grads, expected, rtol=1e-12, atol=1e-14)
+    _assert_stacks(outside.grads, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_threads_share_a_model():
     net, X, Y, loss_fn = _case("mlp_tanh", K=6, B=5)
     expected = EG.env_gradients(net, X, Y, loss_fn, engine="vmap").grads

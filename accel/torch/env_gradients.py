@@ -363,7 +363,8 @@ def _workspace_buffers(model: nn.Module, X: torch.Tensor, dtype: torch.dtype):
     table = getattr(_workspaces, "table", None)
     if table is None:
         table = _workspaces.table = weakref.WeakKeyDictionary()
-    signature = (tuple(X.shape), dtype, X.device)
+    # buffers made in inference mode cannot be written outside it (nor, in place, the other way round)
+    signature = (tuple(X.shape), dtype, X.device, torch.is_inference_mode_enabled())
     entry = table.get(model)
     if entry is None or entry[0] != signature:
         entry = table[model] = (signature, {})
