@@ -203,8 +203,8 @@ def main():
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {_load()}")
-    devices = [torch.device(d) for d in args.devices.split(",")
-               if d.strip() and (not d.startswith("cuda") or torch.cuda.is_available())]
+    requested = [d.strip() for d in args.devices.split(",") if d.strip()]
+    devices = [torch.device(d) for d in requested if not d.startswith("cuda") or torch.cuda.is_available()]
     summary = []
     for device in devices:
         modes = [m for m in (args.cuda_compile if device.type == "cuda" else args.compile).split(",") if m.strip()]
@@ -219,6 +219,7 @@ def main():
         if not args.skip_resnet:
             bench_resnet(device, args.resnet_repeats if device.type == "cpu" else max(args.repeats, 3),
                          args.resnet_width)
+    summary += [f"{d}: not available here" for d in requested if torch.device(d) not in devices]
     print(f"summary (a), ours against the authors' loop ({_load()}):")
     for line in summary:
         print(f"    {line}")
