@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
         "OUT/units/<trial>.json, OUT/trials/<trial>/{checkpoint.pt,history.json} (every epoch, atomically) "
         "and the figures; a killed run resumes at the last finished epoch when started again with the same "
         "options. Needs the 'CIFAR-10 python version' batches (cifar-10-batches-py/) in --data. "
-        "--dataset digits runs the same experiments in minutes on a CPU, on the 1797 8x8 digits that scikit-learn "
+        "--dataset digits runs the same experiments on a CPU, on the 1797 8x8 digits that scikit-learn "
         "ships (no download; the 'digits' extra), with FastResNet sized for 8x8 and its own defaults: 40 epochs, "
         "batches of 32, width 0.5, the first 512 of 1438 training images, lr 5e-3 for every trial, label-noise "
         "taus 0, 0.2, 0.4."))
