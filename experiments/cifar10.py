@@ -8,8 +8,8 @@ mislabeled portion against the noisy labels, and test accuracy per epoch, with t
 
 ``--dataset digits`` runs the same experiments, commands and run folders on the 1797 8x8 digits that scikit-learn
 ships (:mod:`hardtovary.experiments.digits`: split, normalisation) with :class:`~hardtovary.accel.torch.models.
-DigitsResNet`, FastResNet sized for 8x8 images, and defaults that fit a CPU (:data:`PROFILES`): CIFAR-10's grid
-takes GPU-days, the digits' minutes. ``--seeds N`` trains every trial for N seeds in one run folder; the table and
+DigitsResNet`, FastResNet sized for 8x8 images, and defaults that fit a CPU (:data:`PROFILES`), where CIFAR-10's
+grid is GPU work. ``--seeds N`` trains every trial for N seeds in one run folder; the table and
 the figures then give the mean and standard deviation over seeds.
 
 Every example is its own environment (K = batch size = 80). The forward pass runs in train mode on the whole
@@ -50,8 +50,8 @@ Each trial has its own folder ``OUT/trials/<name>/`` with ``checkpoint.pt`` (mod
 epochs done) and ``history.json``, both written atomically at the end of every epoch, so a killed run resumes at
 the last finished epoch; a finished trial is ``OUT/units/<name>.json``. Each epoch's record also holds
 ``kept_fraction``, the mean over the epoch's steps of the fraction of gradient components the AND-mask kept (None
-at tau = 0). The loader uses :mod:`pickle`, as the
-official "python version" of the data set requires: only load files from a source you trust.
+at tau = 0). The loader uses :mod:`pickle`, as the official "python version" of the data set requires: only load
+files from a source you trust.
 """
 
 from __future__ import annotations
