@@ -16,6 +16,8 @@
 #                              in one run: the MLP AND-mask step of every engine against the authors' loop, eager and
 #                              compiled (reduce-overhead: CUDA graphs; default), with the compile times and a closing
 #                              summary of the ratios (target: 10x on both)
+#     per_example_floor.txt    bench/bench_per_example_floor.py on cuda, FastResNet at full width, batch 80: the
+#                              per-example engines against their floor (a forward and 80 backward passes)
 #   coinrun:
 #     coinrun_label.txt        labelling on the machine's cores, only where Procgen imports there (procgen2 0.10.7
 #                              ships a CPython 3.11 wheel only); otherwise the labels come with the working tree:
@@ -48,6 +50,8 @@ fi
 if wants speed; then
   timeout 300 python3 bench/bench_torch_env_gradients.py --devices cpu,cuda --skip-resnet --repeats 30 \
       --cuda-compile reduce-overhead,default 2>&1 | tee "$OUT/torch_env_speed.txt"
+  timeout 120 python3 bench/bench_per_example_floor.py --device cuda --width 1 --batch 80 --repeats 5 2>&1 \
+      | tee "$OUT/per_example_floor.txt"
 fi
 if wants coinrun; then
   if python3 -c "import procgen" 2>/dev/null; then
