@@ -3,6 +3,8 @@
 #
 #   OUT=/some/folder [STEPS="checks speed coinrun"] bash bench/gpu_session.sh
 #
+# The steps' time limits add up to about 25 minutes (checks 9, speed 7, coinrun 9). Each step fits one device call
+# (at most 10 minutes); a session with 15 minutes of device time runs one or two steps, one call each.
 # Installs the working tree (no dependencies: the machine's NumPy, SciPy, CuPy, torch, hypothesis and pytest are
 # used), then runs the steps named in STEPS (default: all), each part with its own time limit and log under $OUT:
 #   checks:
