@@ -16,6 +16,7 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_distributed.py [--repeats 10] [--bat
 """
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -98,7 +99,12 @@ def ddp_bytes(counter, hook, state, batch):
     model.register_comm_hook(state, hook)
     X, Y = data(1, batch, seed=dist.get_rank())
     counter.measure(lambda: bce(model(X[0]), Y[0]).backward())
-    return counter.measure(lambda: bce(model(X[0]), Y[0]).backward())
+    measured = counter.measure(lambda: bce(model(X[0]), Y[0]).backward())
+    # a DDP model with a Python comm hook still alive at destroy_process_group() can abort the process at exit
+    # (docs/distributed.md): free it now
+    model = None
+    gc.collect()
+    return measured
 
 
 def worker(rank, port, args, out):
