@@ -56,6 +56,7 @@ files from a source you trust.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import time
@@ -470,7 +471,7 @@ def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memo
                 "lr_milestones": list(milestones), "weight_decay": float(weight_decay), "rescale": bool(rescale),
                 "n_train": n_train, "n_test": n_test}
     config = {"experiment": experiment, **settings, "trials": trials}
-    data = load_data(dataset, data_dir, n_train=n_train, n_test=n_test)
+    data = _load_data_once(dataset, None if data_dir is None else str(data_dir), n_train, n_test)
     folder = RunFolder(out, config, fresh=fresh)
     steps = len(data.y_train) // batch_size
     todo = {}
@@ -494,12 +495,19 @@ def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memo
     return results
 
 
+@functools.lru_cache(maxsize=1)
+def _load_data_once(dataset: str, data_dir: str | None, n_train, n_test) -> CIFAR10:
+    """:func:`load_data`, read once per process: the driver and every trial a process runs share it (CIFAR-10's
+    batches take seconds to read; the trials never write into the arrays, they copy the labels they change)."""
+    return load_data(dataset, data_dir, n_train=n_train, n_test=n_test)
+
+
 def trial_unit(folder: str, trial: dict, *, dataset: str, data_dir: str | None, n_train, n_test, on_step=None,
                on_epoch=None, **settings) -> dict:
     """One trial as a unit of :mod:`~hardtovary.experiments.executors`: the data loaded where the unit runs (so
     that a worker receives a path, not the arrays), :func:`train_trial` checkpointing into ``folder``, and the
     record stored for the trial."""
-    data = load_data(dataset, data_dir, n_train=n_train, n_test=n_test)
+    data = _load_data_once(dataset, data_dir, n_train, n_test)
     return {**trial, **train_trial(Path(folder), data, trial, dataset=dataset, on_step=on_step, on_epoch=on_epoch,
                                    **settings)}
 

@@ -217,7 +217,8 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
     if len(set(names)) != len(names):
         raise ValueError(f"unit names repeat: {sorted({n for n in names if names.count(n) > 1})}")
     executor = executor or LocalExecutor()
-    todo = [unit for unit in units if store.finished(unit.name) is None]
+    stored = {name: store.finished(name) for name in names}  # read once: a store may read whole files
+    todo = [unit for unit in units if stored[unit.name] is None]
     note_resume(len(units) - len(todo), len(units), what, where)
     in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
     with tqdm(total=sum(unit.steps for unit in todo), disable=not progress, unit="step", dynamic_ncols=True) as bar:
@@ -233,6 +234,7 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
         done_steps = 0
         for unit, result in executor.run(todo, *callbacks):
             store.save(unit.name, result)
+            stored[unit.name] = store.finished(unit.name)  # as a resumed run will read it back
             done_steps += unit.steps
             bar.update(done_steps - bar.n)  # the rest of a unit that stopped early, or all of one done elsewhere
             if in_process:
@@ -241,4 +243,4 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
                     start_unit(bar, current.label)
             else:
                 bar.set_description(f"{unit.label} done")
-    return {name: store.finished(name) for name in names}
+    return stored

@@ -61,7 +61,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import losses as _losses
 from .mlp import BatchStats, EnvGradients, RunningStats, check_running_stats, update_running_stats
-from .validate import choice, finite, float_array, integer, positive, real_number
+from .validate import choice, finite, float_array, integer, parameter_arrays, positive, real_number
 
 SEMANTICS = ("pooled", "per_env")
 #: The losses of the image experiments: cross-entropy with hard labels (CIFAR-10) or soft targets (CoinRun's
@@ -745,19 +745,8 @@ def _backward_layers(tape: list, params: list, dy, grads: list):
 
 def _check_params(spec: NetSpec, params) -> list[np.ndarray]:
     """Count, shape and finiteness of ``params``; returns them as float64 arrays."""
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"params must be a list of arrays in parameter order, got {type(params).__name__}")
-    names, shapes = param_names(spec), param_shapes(spec)
-    if len(params) != len(shapes):
-        raise ValueError(f"params must hold {len(shapes)} arrays ({', '.join(names[:4])}, ...), got {len(params)}")
-    checked = []
-    for i, (value, shape, name) in enumerate(zip(params, shapes, names)):
-        label = f"params[{i}] ({name})"
-        arr = float_array(value, label)
-        if arr.shape != shape:
-            raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
-        checked.append(finite(arr, label).astype(np.float64, copy=False))
-    return checked
+    names = param_names(spec)
+    return parameter_arrays(params, param_shapes(spec), names, ', '.join(names[:4]) + ', ...')
 
 
 def _check_images(spec: NetSpec, X, *, ndim: int, name: str = "X") -> np.ndarray:

@@ -68,7 +68,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import losses as _losses
-from .validate import choice, finite, float_array, in_range, integer, positive, real_number
+from .validate import choice, finite, float_array, in_range, integer, parameter_arrays, positive, real_number
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh")
 SEMANTICS = ("pooled", "per_env")
@@ -370,19 +370,8 @@ def _check_spec(spec) -> MLPSpec:
 
 def _check_params(spec: MLPSpec, params) -> list[np.ndarray]:
     """Check count, dtype, shape and finiteness of ``params``; return them as float64 arrays."""
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"params must be a list of arrays in parameter order, got {type(params).__name__}")
-    shapes, names = param_shapes(spec), param_names(spec)
-    if len(params) != len(shapes):
-        raise ValueError(f"params must hold {len(shapes)} arrays ({', '.join(names)}), got {len(params)}")
-    checked = []
-    for i, (value, shape, name) in enumerate(zip(params, shapes, names)):
-        label = f"params[{i}] ({name})"
-        arr = float_array(value, label)
-        if arr.shape != shape:
-            raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
-        checked.append(finite(arr, label).astype(np.float64, copy=False))
-    return checked
+    names = param_names(spec)
+    return parameter_arrays(params, param_shapes(spec), names, ', '.join(names))
 
 
 def _check_inputs(spec: MLPSpec, X, *, ndim: int) -> np.ndarray:

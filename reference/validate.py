@@ -107,3 +107,21 @@ def consistent_stacks(stacks, name: str = "grads") -> None:
             raise TypeError(
                 f"every gradient stack must have the same dtype: {name}[0] is {dtype0}, {name}[{i}] is {G.dtype}"
             )
+
+
+def parameter_arrays(params, shapes, names, listed: str) -> list[np.ndarray]:
+    """A network's ``params`` (a list or tuple in parameter order) checked against its ``shapes``: count, real
+    floating dtype, shape and finiteness, each error naming the parameter (``names``); ``listed`` describes the
+    expected names in the count error. Returns them as float64 arrays."""
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of arrays in parameter order, got {type(params).__name__}")
+    if len(params) != len(shapes):
+        raise ValueError(f"params must hold {len(shapes)} arrays ({listed}), got {len(params)}")
+    checked = []
+    for i, (value, shape, name) in enumerate(zip(params, shapes, names)):
+        label = f"params[{i}] ({name})"
+        arr = float_array(value, label)
+        if arr.shape != shape:
+            raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
+        checked.append(finite(arr, label).astype(np.float64, copy=False))
+    return checked

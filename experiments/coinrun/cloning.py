@@ -71,8 +71,8 @@ from hardtovary.reference.validate import choice, in_range, integer, positive
 __all__ = ["METHODS", "DEFAULT_HYPERPARAMETERS", "EPOCHS", "BATCH_SIZE", "WIDTH", "CloningConfig", "Diverged",
            "CloningData", "method_config", "load_data", "to_input", "entropy", "kl_divergence", "class_accuracy",
            "epoch_batches", "lr_at", "decay_weights", "make_model", "make_optimizer", "train_step", "train_run",
-           "epochs_done", "require_torch", "resolve_device", "min_test_kl", "best_runs", "by_method",
-           "label_folder_config", "run", "run_unit", "summarize", "format_table", "steps_per_epoch"]
+           "load_data_cached", "epochs_done", "require_torch", "resolve_device", "min_test_kl", "best_runs",
+           "by_method", "label_folder_config", "run", "run_unit", "summarize", "format_table", "steps_per_epoch"]
 
 METHODS = ("adam", "and_mask")
 #: Each method's default hyperparameters. ``and_mask``: the best run of the paper's TPE search (Table 3, row 1).
@@ -460,7 +460,7 @@ def run(out, labels_folder, configs: dict, *, device: str | None = None, fresh: 
     (:func:`summarize`). Returns the results."""
     out = Path(out)
     device = resolve_device(device)
-    data = _load_data_once(labels_folder)
+    data = load_data_cached(labels_folder)
     folder = RunFolder(out, {"labels": label_folder_config(labels_folder, data),
                              "runs": {name: config.to_dict() for name, config in configs.items()}}, fresh=fresh)
     todo = {name: epochs_done(out / "runs" / name) for name in configs if folder.finished(name) is None}
@@ -482,11 +482,11 @@ def run_unit(run_folder: str, labels_folder: str, config: CloningConfig, *, devi
              on_epoch=None) -> dict:
     """One run as a unit of :mod:`~hardtovary.experiments.executors`: the label folder read where the unit runs
     (a path travels, not the frames), :func:`train_run` checkpointing into ``run_folder``."""
-    return train_run(run_folder, _load_data_once(labels_folder), config, device=device, on_step=on_step,
+    return train_run(run_folder, load_data_cached(labels_folder), config, device=device, on_step=on_step,
                      on_epoch=on_epoch)
 
 
-def _load_data_once(folder) -> CloningData:
+def load_data_cached(folder) -> CloningData:
     """:func:`load_data`, read once per process while the folder's level files stay as they are: the paper's
     label folder holds about 0.8 GB of frames, and a process runs many units from it."""
     paths = [Path(folder) / labels.CONFIG_FILE, *(path for split in labels.SPLITS

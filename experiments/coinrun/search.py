@@ -204,7 +204,7 @@ def run(out, labels_folder, *, methods=cloning.METHODS, trials: int, epochs: int
         for method in methods:
             cloning.method_config(method, **settings)
         parallel_trials = integer(parallel_trials, "parallel_trials", low=1)
-    data = cloning.load_data(labels_folder)
+    data = cloning.load_data_cached(labels_folder)  # the trials run in this process read the same copy
     folder = RunFolder(out, {"labels": cloning.label_folder_config(labels_folder, data), **settings,
                              "space": {name: r._asdict() for name, r in SPACE.items()}}, fresh=fresh)
     storage = f"sqlite:///{(out / STORAGE_FILE).resolve()}"
