@@ -141,14 +141,14 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
                 units.append(Unit(unit_name(n, m, r), train_unit, (n, m, r, data_n, cfg),
                                   steps=cfg.epochs * _bl.steps_per_epoch(data_n, cfg), label=f"{n} envs {m} run {r}",
                                   shows=("train_acc", "test_acc")))
-    run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)
+    finished = run_units(folder, units, executor, what="runs", progress=progress, where=folder.root)
 
     results = {"config": config, "envs": {}}
     for n in envs:
         data_n, K, _ = plans[n]
         row = {}
         for m in methods:
-            stored = [folder.finished(unit_name(n, m, r)) for r in range(runs)]
+            stored = [finished[unit_name(n, m, r)] for r in range(runs)]
             row[m] = {**summarise(s["max_test_acc"] for s in stored),
                       "examples_per_env": data_n.examples_per_env, "n_agreement_envs": K}
         results["envs"][str(n)] = row
