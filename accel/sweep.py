@@ -46,12 +46,13 @@ from hardtovary.reference import mlp, optim, training
 from hardtovary.reference.rules import RuleSpec
 from hardtovary.reference.training import EnvironmentData, TrainConfig, TrainResult
 
-__all__ = ["SweepResult", "train_sweep", "group_key"]
+__all__ = ["DTYPES", "SweepResult", "train_sweep", "group_key"]
 
 #: Adam's constants, as reference.training.make_optimizer uses them (torch defaults).
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
-_DTYPES = ("float64", "float32")
+#: The precisions of a sweep, the default first.
+DTYPES = ("float64", "float32")
 #: Upper bound on the elements of one activation array of the batched test-set evaluation.
 _EVAL_ELEMENTS = 1 << 24
 
@@ -325,8 +326,8 @@ def train_sweep(data: EnvironmentData, configs: list[TrainConfig], *, backend=No
     reference.training.train writes them.
     """
     configs = _check_configs(configs)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if not isinstance(data, EnvironmentData):
         raise TypeError(f"data must be an EnvironmentData, got {type(data).__name__}")
     if not isinstance(early_abort, (bool, np.bool_)):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU machine, in one go (for a device session of a few minutes).
 #
-#   OUT=/some/folder [STEPS="checks speed coinrun"] bash bench/gpu_session.sh
+#   OUT=/some/folder [STEPS="checks speed envcount coinrun"] bash bench/gpu_session.sh
 #
-# The steps' time limits add up to about 25 minutes (checks 9, speed 7, coinrun 9). Each step fits one device call
-# (at most 10 minutes); a session with 15 minutes of device time runs one or two steps, one call each.
+# The steps' time limits add up to about 34 minutes (checks 9, speed 7, envcount 9, coinrun 9). Each step fits one
+# device call (at most 10 minutes); a session with 15 minutes of device time runs one or two steps, one call each.
 # Installs the working tree (no dependencies: the machine's NumPy, SciPy, CuPy, torch, hypothesis and pytest are
 # used), then runs the steps named in STEPS (default: all), each part with its own time limit and log under $OUT:
 #   checks:
@@ -20,6 +20,12 @@
 #                              summary of the ratios (target: 10x on both)
 #     per_example_floor.txt    bench/bench_per_example_floor.py on cuda, FastResNet at full width, batch 80: the
 #                              per-example engines against their floor (a forward and 80 backward passes)
+#   envcount:
+#     env_count.txt            `hardtovary env-count --implementation accel` on CuPy in float32, Fig. 15 at the
+#                              paper's scale: 2 to 4096 environments, 5 runs of ERM and the AND-mask each, every
+#                              environment count one batched sweep, 4 of them at a time on the GPU; env_count_*
+#                              its results.json, table.txt and plot. The run folder (/tmp/env-count) resumes: a
+#                              second call while the machine is warm finishes what the first left
 #   coinrun:
 #     coinrun_label.txt        labelling on the machine's cores, only where Procgen imports there (procgen2 0.10.7
 #                              ships a CPython 3.11 wheel only); otherwise the labels come with the working tree:
@@ -29,7 +35,7 @@
 #                              cuda: the per-epoch cost and the KL curves; coinrun_results.json its results.json
 set -u
 OUT=${OUT:-/tmp/gpu_session}
-STEPS=${STEPS:-checks speed coinrun}
+STEPS=${STEPS:-checks speed envcount coinrun}
 COINRUN_LABELS=${COINRUN_LABELS:-bench/coinrun-labels}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -54,6 +60,12 @@ if wants speed; then
       --cuda-compile reduce-overhead,default 2>&1 | tee "$OUT/torch_env_speed.txt"
   timeout 120 python3 bench/bench_per_example_floor.py --device cuda --width 1 --batch 80 --repeats 5 2>&1 \
       | tee "$OUT/per_example_floor.txt"
+fi
+if wants envcount; then
+  timeout 540 python3 -m hardtovary env-count --implementation accel --backend cupy --dtype float32 \
+      --envs 2,4,8,16,32,64,128,256,512,1024,2048,4096 --runs 5 --workers 4 --no-progress --out /tmp/env-count 2>&1 \
+      | tee "$OUT/env_count.txt"
+  for f in results.json table.txt env_count.png; do cp "/tmp/env-count/$f" "$OUT/env_count_$f" 2>/dev/null; done
 fi
 if wants coinrun; then
   if python3 -c "import procgen" 2>/dev/null; then

@@ -44,7 +44,7 @@ from hardtovary.reference.optim import multistep_lr
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_PRESETS", "DEFAULT_DATA", "DEFAULT_CONFIG", "BaselineConfig",
            "GradientReversal", "grad_reverse", "irm_penalty", "build_mlp", "DANN", "Algorithm", "Update", "ERM",
            "IRM", "DomainAdversarial", "AndMask", "GeometricMean", "ALGORITHMS", "train_baseline", "method_config",
-           "rule_spec", "run", "format_table", "plot_bars"]
+           "rule_spec", "REFERENCE_RULES", "reference_config", "run", "format_table", "plot_bars"]
 
 DEFAULT_METHODS = ("erm", "dann", "irm", "and_mask")
 
@@ -160,6 +160,34 @@ def rule_spec(method: str, config: BaselineConfig) -> _rules.RuleSpec | None:
         return None
     return _rules.RuleSpec(method, **_rules.rule_options(method, config.tau,
                                                          config.flavour if method == "geometric_mean" else None))
+
+
+#: The methods that the reference training loop trains too (and with it the batched sweeps of
+#: :mod:`hardtovary.accel.sweep`), and the rule each one is there: ERM's gradient is the plain mean over environments.
+REFERENCE_RULES = {"erm": "mean", "and_mask": "and_mask", "geometric_mean": "geometric_mean"}
+
+
+def reference_config(method: str, config: BaselineConfig, n_envs: int) -> _training.TrainConfig:
+    """``method`` under ``config`` as a configuration of the reference loop
+    (:func:`hardtovary.reference.training.train`) on ``n_envs`` training environments.
+
+    It is the same run in every respect but one: the reference MLP with the same initial distribution (the
+    authors' Kaiming-normal weights, bias 0.01), the same batches (``epoch_batches`` from
+    ``default_rng(seed)``), optimizer, coupled L2, L1 and schedule, and the rule of :data:`REFERENCE_RULES`;
+    the initial weights are drawn from NumPy's random stream instead of torch's. Methods outside
+    :data:`REFERENCE_RULES`, dropout and BatchNorm raise ValueError."""
+    if method not in REFERENCE_RULES:
+        raise ValueError(f"method must be one of {list(REFERENCE_RULES)} for the reference loop, got {method!r}")
+    if config.dropout or config.batch_norm:
+        raise ValueError("the reference loop trains without dropout and BatchNorm")
+    masking = method != "erm"
+    return _training.TrainConfig(
+        method=REFERENCE_RULES[method], tau=config.tau if masking else 0.0, rescale=config.rescale and masking,
+        flavour=config.flavour if method == "geometric_mean" else None, hidden=config.hidden,
+        activation="leaky_relu", optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay, weight_decay_order="before", l1=config.l1, batch_size=config.batch_size,
+        n_agreement_envs=config.n_agreement_envs or n_envs, epochs=config.epochs, lr_milestones=config.lr_milestones,
+        lr_gamma=config.lr_gamma, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from hardtovary.accel.sweep import DTYPES
 from hardtovary.experiments import baselines, executors, options
 from hardtovary.experiments import env_count as ec
-from hardtovary.experiments.errors import usage_errors
+from hardtovary.experiments.errors import UsageError, usage_errors
 from hardtovary.reference import optim
 
 
@@ -54,8 +55,15 @@ def add_arguments(parser) -> None:
                         "only with --flavour original")
     options.add_flavour_option(g, "--tau")
     g.add_argument("--seed", type=int, default=c.seed, help="run r uses seed SEED + r (initialisation, batching)")
+    parser.add_argument("--implementation", choices=ec.IMPLEMENTATIONS, default="torch",
+                        help="torch: each run its own unit, trained by the torch baselines (every method); accel: "
+                             "the runs of each number of environments trained together as one batched sweep on the "
+                             "array --backend (CuPy on a GPU; erm, and_mask and geometric_mean; the same runs with "
+                             "their initial weights drawn from NumPy's random stream)")
+    options.add_array_backend_option(parser, "with --implementation accel: ")
+    options.add_dtype_option(parser, "with --implementation accel: ")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    executors.add_executor_options(parser, "runs")
+    executors.add_executor_options(parser, "runs (with --implementation accel: environment counts)")
     parser.set_defaults(interrupted="finished runs are kept in {out}; the same command resumes")
 
 
@@ -74,13 +82,27 @@ def configurations(args):
     return data_config, base, overrides
 
 
+def check_implementation(args) -> None:
+    """``--backend`` and ``--dtype`` belong to the accel implementation, whose methods are fewer."""
+    if args.implementation == "accel":
+        bad = [m for m in args.methods if m not in baselines.REFERENCE_RULES]
+        if bad:
+            raise UsageError(f"--implementation accel trains {', '.join(baselines.REFERENCE_RULES)}; "
+                             f"{', '.join(bad)} need --implementation torch")
+        options.check_array_backend(args.backend)
+    elif args.backend is not None or args.dtype is not None:
+        raise UsageError("--backend and --dtype apply only with --implementation accel")
+
+
 def run(args) -> int:
     with usage_errors():
         data_config, base, overrides = configurations(args)
+        check_implementation(args)
         executor = executors.make_executor(args)
     results = ec.run(args.out, envs=args.envs, methods=args.methods, runs=args.runs, data_config=data_config,
                      base=base, total_examples=args.total_examples, max_agreement_envs=args.max_agreement_envs,
-                     overrides=overrides, fresh=args.fresh, progress=not args.no_progress,
+                     overrides=overrides, implementation=args.implementation, backend=args.backend,
+                     dtype=args.dtype or DTYPES[0], fresh=args.fresh, progress=not args.no_progress,
                      executor=executor)
     print(ec.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")

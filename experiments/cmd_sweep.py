@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from hardtovary.accel.sweep import DTYPES
 from hardtovary.experiments import executors, options, sweep
 from hardtovary.experiments.errors import usage_errors
 
@@ -61,8 +62,7 @@ def add_arguments(parser) -> None:
                    help="runs trained at once (runs of one architecture); each finished batch is saved")
     g.add_argument("--early-abort", action=argparse.BooleanOptionalAction, default=True,
                    help=f"stop a search trial when {options.early_abort_rule()} (paper App. B.3)")
-    g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="precision of the batched training")
+    options.add_dtype_option(g)
     options.add_array_backend_option(g)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     executors.add_executor_options(parser, "batches of runs")
@@ -82,7 +82,7 @@ def run(args) -> int:
         data_config = options.spirals_config(args)
     results = sweep.run(args.out, space=space, data_config=data_config, budget=args.budget, seeds=args.seeds,
                         top=args.top, epochs=args.epochs, seed=args.seed, runs_per_batch=args.runs_per_batch,
-                        early_abort=args.early_abort, dtype=args.dtype, backend=args.backend, fresh=args.fresh,
+                        early_abort=args.early_abort, dtype=args.dtype or DTYPES[0], backend=args.backend, fresh=args.fresh,
                         progress=not args.no_progress, executor=executor)
     print(sweep.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")

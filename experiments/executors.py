@@ -209,8 +209,9 @@ def make_executor(args, local_workers: int = 1):
 
 def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str = "units", progress: bool = True,
               where=None) -> dict:
-    """Run the units ``store`` has not finished on ``executor`` (this process when None), saving each result in
-    ``store`` as it completes; returns every unit's stored result by name, in the order of ``units``. ``what``
+    """Run the units ``store`` has not finished on ``executor`` (this process when None; elsewhere the units with
+    the most ``steps`` are handed out first), saving each result in ``store`` as it completes; returns every
+    unit's stored result by name, in the order of ``units``. ``what``
     names the units in messages; ``where`` is the folder named when a resumed run reuses units."""
     units = list(units)
     names = [unit.name for unit in units]
@@ -221,6 +222,8 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
     todo = [unit for unit in units if stored[unit.name] is None]
     note_resume(len(units) - len(todo), len(units), what, where)
     in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
+    if not in_process:  # longest first: the long units do not start last and leave the other workers idle
+        todo.sort(key=lambda unit: -unit.steps)
     with tqdm(total=sum(unit.steps for unit in todo), disable=not progress, unit="step", dynamic_ncols=True) as bar:
         started = iter(todo)
         current = next(started, None)

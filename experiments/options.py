@@ -224,6 +224,16 @@ def add_array_backend_option(parser, condition: str = "") -> None:
                              f"is usable) (default: environment variable {ENV_VAR}, else auto)")
 
 
+def add_dtype_option(parser, condition: str = "") -> None:
+    """``--dtype``: the precision of the batched training of hardtovary.accel (None when not given: the first of
+    :data:`hardtovary.accel.sweep.DTYPES`, or an error where the option does not apply)."""
+    from hardtovary.accel.sweep import DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help=f"{condition}precision of the batched training (default {DTYPES[0]}: equal to the "
+                             "reference to rounding)")
+
+
 def early_abort_rule() -> str:
     """The early abort of App. B.3 in words, ``train acc > 0.97 while test acc < 0.6``, from the thresholds of
     :func:`hardtovary.reference.training.memorising`."""

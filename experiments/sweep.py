@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hardtovary.accel.sweep import DTYPES
 from hardtovary.experiments.errors import UsageError
 from hardtovary.experiments.executors import Unit, run_units
 from hardtovary.experiments.runfolder import RunFolder, write_atomic
@@ -237,7 +238,7 @@ def _distinct_best(ranked: list[dict], trials: list, top: int) -> list[dict]:
 
 def run(out: Path, *, space: SearchSpace = SearchSpace(), data_config: data.SpiralsConfig = DEFAULT_DATA,
         budget: int = 32, seeds: int = 3, top: int = 3, epochs: int = 40, seed: int = 0,
-        runs_per_batch: int = 32, early_abort: bool = True, dtype: str = "float64", backend=None,
+        runs_per_batch: int = 32, early_abort: bool = True, dtype: str = DTYPES[0], backend=None,
         fresh: bool = False, progress: bool = True, executor=None) -> dict:
     """Search, re-run the best, and return (and write to ``out/results.json``) the results.
 

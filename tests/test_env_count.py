@@ -94,3 +94,65 @@ def test_help_documents_every_option(capsys):
     for option in ("--envs", "--methods", "--runs", "--examples-per-env", "--total-examples",
                    "--max-agreement-envs", "--epochs", "--hidden", "--fresh", "--no-progress"):
         assert option in text
+
+
+ACCEL = ["--implementation", "accel"]
+
+
+def test_accel_runs_are_the_reference_loops_runs(tmp_path):
+    """Each run of the batched implementation is the reference loop's run of the same method, preset and seed,
+    with its configuration written out here by hand (not by the mapping under test)."""
+    from hardtovary.reference import data, training
+
+    spirals = data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=32, n_dims=2, seed=3)
+    base = ec.DEFAULT_CONFIG.__class__(hidden=(8, 8), batch_size=8, epochs=3, lr=0.05, lr_milestones=(2,), seed=5)
+    results = ec.run(tmp_path / "ec", envs=(4,), methods=("erm", "and_mask"), runs=2, data_config=spirals, base=base,
+                     max_agreement_envs=2, implementation="accel", backend="numpy", progress=False)
+    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=32, n_dims=2, seed=3))
+    env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
+    stored = json.loads((tmp_path / "ec" / "units" / "envs00004-batched.json").read_text())["runs"]
+    for method, rule, rescale in (("erm", "mean", False), ("and_mask", "and_mask", True)):
+        maxima = []
+        for r in range(2):
+            config = training.TrainConfig(method=rule, tau=1.0, rescale=rescale, hidden=(8, 8), batch_size=8,
+                                          n_agreement_envs=2, epochs=3, lr=0.05, lr_milestones=(2,),
+                                          weight_decay=1e-4, optimizer="adam", seed=5 + r)
+            expected = training.train(env_data, config).history
+            got = stored[ec.unit_name(4, method, r)]["history"]
+            for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lr"):
+                assert [h[key] for h in got] == pytest.approx([h[key] for h in expected], rel=1e-9, abs=1e-12)
+            maxima.append(max(h["test_acc"] for h in expected))
+        assert results["envs"]["4"][method]["runs"] == maxima
+        assert results["envs"]["4"][method]["n_agreement_envs"] == 2
+
+
+def test_accel_cli_resumes_and_names_one_unit_per_environment_count(tmp_path, capsys):
+    out = tmp_path / "ec"
+    assert cli.main(["env-count", "--out", str(out), *TINY, *ACCEL, "--dtype", "float32"]) == 0
+    assert sorted(p.name for p in (out / "units").glob("*.json")) == ["envs00002-batched.json",
+                                                                      "envs00004-batched.json"]
+    unit = json.loads((out / "units" / "envs00002-batched.json").read_text())
+    assert unit["dtype"] == "float32" and unit["backend"] == "numpy" and len(unit["runs"]) == 4
+    assert json.loads((out / "config.json").read_text())["implementation"] == "accel"
+    results = json.loads((out / "results.json").read_text())
+    (out / "units" / "envs00004-batched.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["env-count", "--out", str(out), *TINY, *ACCEL, "--dtype", "float32"]) == 0
+    assert "resuming: 1 of 2 environment counts reused" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["envs"] == results["envs"]
+    # The other precision, or the torch implementation, into the same folder is refused.
+    assert cli.main(["env-count", "--out", str(out), *TINY, *ACCEL]) == 2
+    assert cli.main(["env-count", "--out", str(out), *TINY]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--implementation", "accel", "--methods", "erm,irm"], "--implementation accel trains erm, and_mask, "
+                                                            "geometric_mean; irm need --implementation torch"),
+    (["--backend", "numpy"], "--backend and --dtype apply only with --implementation accel"),
+    (["--dtype", "float32"], "--backend and --dtype apply only with --implementation accel"),
+])
+def test_accel_options_are_checked_against_each_other(tmp_path, capsys, argv, message):
+    assert cli.main(["env-count", "--out", str(tmp_path / "ec"), *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "ec").exists()

@@ -88,6 +88,26 @@ def test_an_error_in_a_unit_is_not_retried_and_stops_the_run(tmp_path, workers):
     assert folder.finished("bad") is None
 
 
+class InOrder:
+    """An executor elsewhere (not this process) that runs the units in the order it is handed them."""
+
+    def __init__(self):
+        self.order = []
+
+    def run(self, units, on_step=None, on_epoch=None):
+        for unit in units:
+            self.order.append(unit.name)
+            yield unit, unit.function(*unit.args, on_step=None, on_epoch=None, **unit.options)
+
+
+def test_elsewhere_the_longest_units_are_handed_out_first(tmp_path):
+    units = [Unit(f"u{i}", square, (i,), steps=steps) for i, steps in enumerate([5, 40, 5, 90, 1])]
+    executor = InOrder()
+    results = run_units(RunFolder(tmp_path, {}), units, executor, progress=False)
+    assert executor.order == ["u3", "u1", "u0", "u2", "u4"]
+    assert list(results) == ["u0", "u1", "u2", "u3", "u4"]
+
+
 def test_repeated_unit_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unit names repeat"):
         run_units(RunFolder(tmp_path, {}), [*_units(2), *_units(1)], progress=False)
@@ -133,6 +153,8 @@ def _command(name, tmp_path) -> list:
     if name == "baselines-search":
         return ["baselines-search", *SPIRALS, "--methods", "erm,and_mask", "--budget", "2", "--seeds", "1",
                 "--epochs", "2", "--widths", "8", "--depths", "1", "--batch-sizes", "8"]
+    if name == "env-count accel":
+        return [*ENV_COUNT, "--implementation", "accel"]
     if name == "cifar10":
         from hardtovary.experiments.cifar10 import write_random_cifar10
 
@@ -151,8 +173,8 @@ def _command(name, tmp_path) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sweep", "baselines", "baselines-search", "cifar10", "coinrun train",
-                                  "coinrun search"])
+@pytest.mark.parametrize("name", ["sweep", "baselines", "baselines-search", "env-count accel", "cifar10",
+                                  "coinrun train", "coinrun search"])
 def test_every_command_gives_the_same_units_in_this_process_and_in_a_pool(tmp_path, name):
     pytest.importorskip("torch")
     if name.startswith("coinrun"):
