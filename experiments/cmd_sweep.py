@@ -82,8 +82,8 @@ def run(args) -> int:
         data_config = options.spirals_config(args)
     results = sweep.run(args.out, space=space, data_config=data_config, budget=args.budget, seeds=args.seeds,
                         top=args.top, epochs=args.epochs, seed=args.seed, runs_per_batch=args.runs_per_batch,
-                        early_abort=args.early_abort, dtype=args.dtype or DTYPES[0], backend=args.backend, fresh=args.fresh,
-                        progress=not args.no_progress, executor=executor)
+                        early_abort=args.early_abort, dtype=args.dtype or DTYPES[0], backend=args.backend,
+                        fresh=args.fresh, progress=not args.no_progress, executor=executor)
     print(sweep.format_table(results))
     print(f"\nresults: {args.out / 'results.json'}  table: {args.out / 'table.txt'}")
     return 0
