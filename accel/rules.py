@@ -34,8 +34,10 @@ Precision: float64 input is computed in float64, float32 and float16 in float32 
 environments overflows float32 is recomputed in float64. Non-finite gradients raise ``ValueError`` naming the
 stack and the first bad entry (detected from the non-finite sums, one host synchronisation per call).
 
-Rescaling (paper App. B.3.1, footnote 14) is per tensor: one reduction of the mask gives ``n_kept`` and the value
-is multiplied by ``n / n_kept`` on the device; a fully masked tensor is exactly 0.
+Rescaling (paper App. B.3.1, footnote 14) is per tensor: the value is multiplied by ``n / n_kept`` on the device; a
+fully masked tensor is exactly 0. On CuPy the hard rules' kernels count ``n_kept`` (and flag non-finite sums) in
+their own pass, and the scaling is one more pass over the value, in place; elsewhere ``n_kept`` is a reduction of
+the mask and the finiteness check a pass over the value.
 
 The rule is a :class:`hardtovary.reference.rules.RuleSpec` (validated by the oracle); :data:`REGISTRY` says how
 each rule is computed here (:class:`AccelRule`), and :func:`plan` resolves a spec for K environments.
@@ -70,6 +72,7 @@ __all__ = ["aggregate", "aggregate_stack", "compute_dtype", "AccelRule", "REGIST
 
 # Kernel variants: the ids shared by the plans and the CUDA source (#defines in _KERNEL_PREAMBLE).
 _MEAN, _AND, _GM_PAPER, _GM_ORIGINAL, _SAND = 0, 1, 2, 3, 4
+_RESCALE = 5  # the in-place rescaling kernel of the counting (hard) rules
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -276,6 +279,62 @@ if (!isfinite(sum)) {
 }
 out = v;
 keep = k;
+htv_count(k, !isfinite(sum), htv_kept, htv_bad);
+"""
+
+#: The kept count and the non-finite flag of :data:`HARD_KERNEL_SOURCE`, accumulated in the same pass: per thread
+#: in the loop (a 32-bit count and a flag: the kernel keeps the registers of the kernel without them, so the
+#: occupancy a memory-bound kernel needs); after it, per warp (``__reduce_add_sync`` over whichever lanes are
+#: converged, sm_80 and later; one shared-memory atomic per thread before), per block in shared memory, and one
+#: 64-bit atomic per block into one of the ``n_slots`` slots of ``kept`` (spread, so that blocks rarely wait for
+#: each other's atomics), summed on the device afterwards (:func:`_counted_rules`); ``bad[0]`` is raised when a
+#: sum over environments was not finite.
+_COUNT_PREAMBLE = r"""
+__device__ __forceinline__ void htv_count(bool k, bool nonfinite, unsigned int& kept, int& bad) {
+    kept += k;
+    bad |= nonfinite;
+}
+"""
+_COUNT_LOOP_PREP = r"""
+unsigned int htv_kept = 0;
+int htv_bad = 0;
+__shared__ unsigned int htv_block_kept;
+__shared__ int htv_block_bad;
+if (threadIdx.x == 0) {
+    htv_block_kept = 0;
+    htv_block_bad = 0;
+}
+__syncthreads();
+"""
+_COUNT_AFTER_LOOP = r"""
+#if __CUDA_ARCH__ >= 800
+{
+    const unsigned int active = __activemask();
+    const unsigned int warp_kept = __reduce_add_sync(active, htv_kept);
+    const unsigned int warp_bad = __reduce_or_sync(active, (unsigned int)htv_bad);
+    if ((int)(threadIdx.x & 31) == __ffs(active) - 1) {
+        if (warp_kept) atomicAdd(&htv_block_kept, warp_kept);
+        if (warp_bad) atomicOr(&htv_block_bad, 1);
+    }
+}
+#else
+if (htv_kept) atomicAdd(&htv_block_kept, htv_kept);
+if (htv_bad) atomicOr(&htv_block_bad, 1);
+#endif
+__syncthreads();
+if (threadIdx.x == 0) {
+    if (htv_block_kept) atomicAdd(&kept[blockIdx.x % n_slots], (unsigned long long)htv_block_kept);
+    if (htv_block_bad) atomicOr(&bad[0], 1);
+}
+"""
+#: Slots of a tensor's kept count (:data:`_COUNT_AFTER_LOOP`).
+KEPT_SLOTS = 1024
+
+#: ``cupy.ElementwiseKernel`` operation scaling a value in place by ``n / n_kept`` (0 when nothing is kept), the
+#: factor computed in float64 and cast to the compute type, as :func:`_rescale`; ``n_kept`` on the device.
+RESCALE_KERNEL_SOURCE = r"""
+const double t = (double)n_kept[0];
+v = v * (C)(t > 0 ? n / t : 0.0);
 """
 
 #: ``cupy.ElementwiseKernel`` operation for the SAND-mask. in ``raw T G``, ``int32 K``, ``int64 P``,
@@ -321,26 +380,42 @@ mask = m;
 """
 
 _KERNELS: dict = {}
+#: Registers per thread of the float32 hard kernels: 32 keeps 64 warps per SM (the occupancy at which the AND-mask
+#: kernel reaches copy bandwidth). Counting in the loop costs the geometric mean 6 more registers otherwise, and
+#: it fits in 32 without spilling (NVRTC 12.9, sm_90; docs/benchmarks.md, "Counting in the same pass").
+HARD_KERNEL_FLOAT32_REGISTERS = 32
 
 
-def _kernel(kind: int):
-    """The cached ``cupy.ElementwiseKernel`` of a rule id (created once per process and rule; CuPy compiles per
-    dtype on first use)."""
-    if kind not in _KERNELS:
+def _kernel(kind: int, cdt=None):
+    """The cached ``cupy.ElementwiseKernel`` of a rule id (created once per process, rule and, for the hard rules,
+    compute dtype ``cdt``; CuPy compiles per dtype on first use)."""
+    key = (kind, None if kind in (_SAND, _RESCALE) else np.dtype(cdt))
+    if key not in _KERNELS:
         import cupy
 
         if kind == _SAND:
-            _KERNELS[kind] = cupy.ElementwiseKernel(
+            _KERNELS[key] = cupy.ElementwiseKernel(
                 "raw T G, int32 K, int64 P, float64 tau, float64 sharp", "C out, C mask",
                 SAND_KERNEL_SOURCE, "htv_rules_sand")
+        elif kind == _RESCALE:
+            _KERNELS[key] = cupy.ElementwiseKernel("raw uint64 n_kept, float64 n", "C v", RESCALE_KERNEL_SOURCE,
+                                                   "htv_rules_rescale")
         else:
-            _KERNELS[kind] = cupy.ElementwiseKernel(
-                "raw T G, int32 K, int64 P, int32 thr, float64 log_eps", "C out, bool keep",
-                HARD_KERNEL_SOURCE, f"htv_rules_hard{kind}", preamble=_KERNEL_PREAMBLE + f"#define RULE {kind}\n")
-    return _KERNELS[kind]
+            registers = HARD_KERNEL_FLOAT32_REGISTERS if key[1] == np.float32 else None
+            _KERNELS[key] = cupy.ElementwiseKernel(
+                "raw T G, int32 K, int64 P, int32 thr, float64 log_eps, int32 n_slots",
+                "C out, bool keep, raw uint64 kept, raw int32 bad",
+                HARD_KERNEL_SOURCE, f"htv_rules_hard{kind}",
+                preamble=_KERNEL_PREAMBLE + f"#define RULE {kind}\n" + _COUNT_PREAMBLE,
+                loop_prep=_COUNT_LOOP_PREP, after_loop=_COUNT_AFTER_LOOP,
+                options=(f"--maxrregcount={registers}",) if registers else ())
+    return _KERNELS[key]
 
 
-def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
+def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp, kept=None, bad=None):
+    """The fused kernel of ``p`` over ``G2``: ``(value, mask)``. The hard rules' kernel also adds the stack's kept
+    count into ``kept`` (``KEPT_SLOTS`` uint64 slots, summed afterwards) and sets ``bad[0]`` when a sum over
+    environments is not finite; fresh counters are used when none are given."""
     K, P = G2.shape
     flat = xp.ascontiguousarray(G2).reshape(K * P)  # 1-D raw view: G[e * P + i] is one multiply-add, no div/mod
     out = xp.empty(P, dtype=cdt)
@@ -349,8 +424,10 @@ def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
         _kernel(_SAND)(flat, np.int32(K), np.int64(P), np.float64(p.spec.tau), np.float64(p.spec.k), out, mask)
     else:
         mask = xp.empty(P, dtype=bool)
-        _kernel(p.kind)(flat, np.int32(K), np.int64(P), np.int32(p.thr), np.float64(ORIGINAL_LOG_EPSILON), out,
-                        mask)
+        if kept is None:
+            kept, bad = xp.zeros(KEPT_SLOTS, dtype=np.uint64), xp.zeros(1, dtype=np.int32)
+        _kernel(p.kind, cdt)(flat, np.int32(K), np.int64(P), np.int32(p.thr), np.float64(ORIGINAL_LOG_EPSILON),
+                        np.int32(KEPT_SLOTS), out, mask, kept, bad)
     return out, mask
 
 
@@ -434,6 +511,31 @@ def _factor_too_big(n_kept, n: int, cdt) -> bool:
     return nk > 0 and (n / nk) > float(np.finfo(cdt).max)
 
 
+def _counted_in_kernel(xp, p: Plan, use_kernel) -> bool:
+    """Whether :func:`aggregate` counts the kept coordinates and the non-finite sums inside the rule's kernel: a
+    hard rule's fused kernel on CuPy."""
+    return xp is not np and use_kernel is not False and p.kind is not None and p.kind != _SAND
+
+
+def _counted_rules(xp, stacks, p: Plan):
+    """Every stack through its fused kernel, which counts as it goes: ``(out, kept, finite)``, ``kept`` the kept
+    counts ``[T]`` (uint64, on the device) and ``finite`` whether each tensor's sums were finite (on the host:
+    the call's one synchronisation)."""
+    slots = xp.zeros((len(stacks), KEPT_SLOTS), dtype=np.uint64)
+    bad = xp.zeros(len(stacks), dtype=np.int32)
+    out = [_cupy_stack_rule(_as_2d(G), p, compute_dtype(G.dtype), xp, slots[i], bad[i:i + 1])
+           for i, G in enumerate(stacks)]
+    return out, slots.sum(axis=1), to_numpy(bad) == 0
+
+
+def _rescale_in_place(value, n_kept):
+    """:func:`_rescale` of a hard rule's fresh value in one pass, in place, with ``n_kept`` a 1-element uint64
+    device array; the same float64 factor cast to the value's dtype, so the same bits."""
+    if value.size:
+        _kernel(_RESCALE)(n_kept, np.float64(value.size), value)
+    return value
+
+
 def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None, use_kernel=None):
     """Apply one aggregation rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate`.
 
@@ -447,24 +549,34 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
     dtype (computed in float64 for float64 input, float32 otherwise); masks ``bool`` (mean, and_mask,
     geometric_mean; bit-equal with the oracle) or, for sand_mask, the soft mask in the input dtype.
     Non-finite gradients raise ValueError naming the stack and its first bad entry.
+
+    With the hard rules' CUDA kernels, the kept count and the finiteness of the sums come out of the rule's own
+    pass, and rescaling is one more pass over the value, in place: the factor ``n / n_kept`` needs every
+    coordinate's decision, and the value (``4 P`` bytes in float32) is written before the count is complete.
     """
     xp, stacks = _validate_gradient_list(grads)
     spec, rescale = aggregate_arguments(rule, tau, rescale, flavour, k, spec=spec)
     p = plan(spec, stacks[0].shape[0])
-    out = [stack_rule(_as_2d(G), p, use_kernel=use_kernel) for G in stacks]
-
-    # One host synchronisation: which tensors have a non-finite value (non-finite input, or float32 overflow)?
-    flags = to_numpy(xp.stack([xp.isfinite(v).all() for v, _ in out])) if out else np.ones(0, bool)
+    counted = _counted_in_kernel(xp, p, use_kernel)
+    if counted:
+        out, kept, flags = _counted_rules(xp, stacks, p)
+    else:
+        out = [stack_rule(_as_2d(G), p, use_kernel=use_kernel) for G in stacks]
+        # One host synchronisation: which tensors have a non-finite value (non-finite input, or float32 overflow)?
+        flags = to_numpy(xp.stack([xp.isfinite(v).all() for v, _ in out])) if out else np.ones(0, bool)
     for i in np.flatnonzero(~flags):
         G = stacks[i]
         _finite_or_raise(to_numpy(G), f"grads[{i}]")  # raises ValueError on a NaN/inf entry
         if compute_dtype(G.dtype) == np.float64:
             raise ValueError(f"grads[{i}]: the sum over the K environments overflows float64 (finite entries of "
                              "magnitude near the float64 maximum); rescale the gradients")
+        # The masks depend on the signs only, so a recomputation keeps them, and the kept counts with them.
         out[i] = stack_rule(_as_2d(G), p, cdt=np.float64, use_kernel=use_kernel)
 
     values, masks = [], []
-    if rescale:
+    if rescale and counted:
+        out = [(_rescale_in_place(v, kept[i:i + 1]), m) for i, (v, m) in enumerate(out)]
+    elif rescale:
         counts = [_kept_count(m) for _, m in out]
         bigs = [False] * len(out)
         if p.entry.soft_mask:  # a soft mask whose sum is tiny: one more synchronisation, soft masks only

@@ -26,6 +26,7 @@ CASES = [("mean", {}), ("and_mask", {"tau": 0.0}), ("and_mask", {"tau": 0.5}), (
          ("geometric_mean", {}), ("geometric_mean", {"flavour": "original"}),
          ("geometric_mean", {"flavour": "original", "tau": 0.5}), ("sand_mask", {"tau": 0.3}),
          ("sand_mask", {"tau": 0.5, "k": 3.0})]
+HARD_CASES = [case for case in CASES if case[0] != "sand_mask"]
 
 
 def assert_matches_oracle(grads, rule, options, rescale):
@@ -153,14 +154,31 @@ HARNESS = r"""
 #include <cmath>
 #include <cstddef>
 using std::log; using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
+/* One block of one thread in a warp of one lane: the CUDA built-ins the counting code uses, for that case. */
+#define __device__
+#define __forceinline__ inline
+#define __shared__
+struct Index { unsigned int x; };
+static const Index threadIdx = {0}, blockIdx = {0};
+#define __CUDA_ARCH__ 900
+static inline unsigned int __activemask() { return 1u; }
+static inline unsigned int __reduce_add_sync(unsigned int mask, unsigned int v) { return mask & 1u ? v : 0u; }
+static inline unsigned int __reduce_or_sync(unsigned int mask, unsigned int v) { return mask & 1u ? v : 0u; }
+static inline int __ffs(unsigned int x) { return __builtin_ffs(x); }
+static inline void __syncthreads() {}
+template <typename V, typename W> static inline void atomicAdd(V* p, W v) { *p += v; }
+static inline void atomicOr(int* p, int v) { *p |= v; }
 %(preamble)s
 #define RULE rule  /* a compile-time constant on the GPU (one kernel per rule), the run-time argument here */
 template <typename T, typename C>
-void hard(const T* G, int K, long long P, int rule, int thr, double log_eps, C* out_, bool* keep_) {
+void hard(const T* G, int K, long long P, int rule, int thr, double log_eps, C* out_, bool* keep_,
+          unsigned long long* kept, int n_slots, int* bad) {
+    %(loop_prep)s
     for (ptrdiff_t i = 0; i < P; ++i) {
         C& out = out_[i]; bool& keep = keep_[i];
         %(hard)s
     }
+    %(after_loop)s
 }
 template <typename T, typename C>
 void sand(const T* G, int K, long long P, double tau, double sharp, C* out_, C* mask_) {
@@ -170,10 +188,16 @@ void sand(const T* G, int K, long long P, double tau, double sharp, C* out_, C* 
     }
 }
 extern "C" {
-void hard_f32(const float* G, int K, long long P, int r, int t, double e, float* o, bool* k) {
-    hard<float, float>(G, K, P, r, t, e, o, k); }
-void hard_f64(const double* G, int K, long long P, int r, int t, double e, double* o, bool* k) {
-    hard<double, double>(G, K, P, r, t, e, o, k); }
+void hard_f32(const float* G, int K, long long P, int r, int t, double e, float* o, bool* k,
+              unsigned long long* kept, int n_slots, int* bad) {
+    hard<float, float>(G, K, P, r, t, e, o, k, kept, n_slots, bad); }
+void hard_f64(const double* G, int K, long long P, int r, int t, double e, double* o, bool* k,
+              unsigned long long* kept, int n_slots, int* bad) {
+    hard<double, double>(G, K, P, r, t, e, o, k, kept, n_slots, bad); }
+void rescale_f32(const unsigned long long* n_kept, double n, float* v_, long long P) {
+    for (ptrdiff_t i = 0; i < P; ++i) { typedef float C; float& v = v_[i]; %(rescale)s } }
+void rescale_f64(const unsigned long long* n_kept, double n, double* v_, long long P) {
+    for (ptrdiff_t i = 0; i < P; ++i) { typedef double C; double& v = v_[i]; %(rescale)s } }
 void sand_f32(const float* G, int K, long long P, double t, double s, float* o, float* m) {
     sand<float, float>(G, K, P, t, s, o, m); }
 void sand_f64(const double* G, int K, long long P, double t, double s, double* o, double* m) {
@@ -189,15 +213,18 @@ def cpu_kernels(tmp_path_factory):
         pytest.skip("no C++ compiler (g++) to compile the CUDA kernel sources for the CPU")
     folder = tmp_path_factory.mktemp("kernels")
     source = folder / "kernels.cpp"
-    source.write_text(HARNESS % {"preamble": A._KERNEL_PREAMBLE, "hard": A.HARD_KERNEL_SOURCE,
-                                 "sand": A.SAND_KERNEL_SOURCE})
+    source.write_text(HARNESS % {"preamble": A._KERNEL_PREAMBLE + A._COUNT_PREAMBLE, "hard": A.HARD_KERNEL_SOURCE,
+                                 "sand": A.SAND_KERNEL_SOURCE, "loop_prep": A._COUNT_LOOP_PREP,
+                                 "after_loop": A._COUNT_AFTER_LOOP, "rescale": A.RESCALE_KERNEL_SOURCE})
     library = folder / "kernels.so"
     subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", str(library), str(source)],
                    check=True, capture_output=True)
     return ctypes.CDLL(str(library))
 
 
-def run_cpu_kernel(lib, G2, p, cdt):
+def run_cpu_kernel(lib, G2, p, cdt, counters=None):
+    """The kernel of ``p`` on the CPU: ``(value, mask)``; a hard rule's kept count and non-finite flag go into
+    ``counters`` (a dict) when given."""
     K, P = G2.shape
     G2 = np.ascontiguousarray(G2.astype(cdt))
     out = np.empty(P, dtype=cdt)
@@ -209,10 +236,22 @@ def run_cpu_kernel(lib, G2, p, cdt):
                                        ctypes.c_double(p.spec.k), ptr(out), ptr(mask))
     else:
         mask = np.empty(P, dtype=np.bool_)
+        kept, bad = np.zeros(A.KEPT_SLOTS, dtype=np.uint64), np.zeros(1, dtype=np.int32)
         getattr(lib, f"hard_{suffix}")(ptr(G2), ctypes.c_int(K), ctypes.c_longlong(P), ctypes.c_int(p.kind),
                                        ctypes.c_int(p.thr), ctypes.c_double(A.ORIGINAL_LOG_EPSILON), ptr(out),
-                                       ptr(mask))
+                                       ptr(mask), ptr(kept), ctypes.c_int(A.KEPT_SLOTS), ptr(bad))
+        if counters is not None:
+            counters.update(kept=int(kept.sum()), bad=int(bad[0]))
     return out, mask
+
+
+def run_cpu_rescale(lib, value, n_kept):
+    value = value.copy()
+    total = np.array([n_kept], dtype=np.uint64)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    getattr(lib, "rescale_f32" if value.dtype == np.float32 else "rescale_f64")(
+        ptr(total), ctypes.c_double(value.size), ptr(value), ctypes.c_longlong(value.size))
+    return value
 
 
 @settings(max_examples=40, deadline=None)
@@ -240,6 +279,30 @@ def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dty
     np.testing.assert_allclose(got_v, want_v, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), K=st.integers(1, 9), case=st.sampled_from(HARD_CASES),
+       dtype=st.sampled_from([np.float32, np.float64]), nonfinite=st.booleans())
+def test_kernel_counts_and_rescales_as_aggregate_specifies(cpu_kernels, seed, K, case, dtype, nonfinite):
+    """The hard kernels' own kept count and non-finite flag (what aggregate rescales with and raises on, on a
+    GPU) against the mask and the sums the NumPy path computes, and the in-place rescaling kernel against
+    :func:`_rescale` bit for bit."""
+    rng = np.random.default_rng(seed)
+    G = (rng.standard_normal((K, 300)) * (rng.random((K, 300)) > 0.3)).astype(dtype)
+    if nonfinite:
+        G[rng.integers(K), rng.integers(300)] = np.inf
+    rule, options = case
+    p = A.plan(R.RuleSpec(rule, **options), K)
+    want_v, want_m = A.stack_rule(G, p)
+    counters = {}
+    got_v, got_m = run_cpu_kernel(cpu_kernels, G, p, np.dtype(dtype), counters)
+    assert counters["bad"] == int(not np.isfinite(G.sum(axis=0, dtype=np.float64)).all())
+    if not nonfinite:
+        assert counters["kept"] == int(want_m.sum())
+        want = A._rescale(want_v, want_m.sum(dtype=np.float64), np, False)
+        np.testing.assert_array_equal(run_cpu_rescale(cpu_kernels, want_v, counters["kept"]), want)
+    np.testing.assert_array_equal(run_cpu_rescale(cpu_kernels, np.ones(4, dtype), 0), np.zeros(4, dtype))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CuPy (GPU) only
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,6 +325,45 @@ def test_cupy_kernels_match_the_oracle(rule, options, dtype):
                 np.testing.assert_array_equal(cupy.asnumpy(m), rm)
             np.testing.assert_allclose(cupy.asnumpy(v).astype(np.float64), rv,
                                        rtol=1e-3 if dtype == np.float16 else 1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)
+@pytest.mark.parametrize("rule,options", HARD_CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_cupy_counting_kernels_give_the_bits_of_the_separate_passes(rule, options, dtype):
+    """aggregate with the hard kernels counting as they go (many blocks, partial warps, empty and scalar tensors)
+    against the same kernels followed by separate count, finiteness and rescaling passes: equal bits."""
+    import cupy
+
+    rng = np.random.default_rng(11)
+    shapes = [(1_000_003,), (37, 5), (0, 3), ()]
+    grads = [cupy.asarray((rng.standard_normal((6, *s)) * (rng.random((6, *s)) > 0.3)).astype(dtype))
+             for s in shapes]
+    p = A.plan(R.RuleSpec(rule, **options), 6)
+    for rescale in (False, True):
+        values, masks = A.aggregate(grads, rule=rule, rescale=rescale, **options)
+        for G, v, m in zip(grads, values, masks):
+            want_v, want_m = A._cupy_stack_rule(A._as_2d(G), p, A.compute_dtype(G.dtype), cupy)
+            if rescale:
+                want_v = A._rescale(want_v, A._kept_count(want_m), cupy, False)
+            np.testing.assert_array_equal(cupy.asnumpy(m).reshape(-1), cupy.asnumpy(want_m))
+            np.testing.assert_array_equal(cupy.asnumpy(v).reshape(-1), cupy.asnumpy(want_v.astype(dtype)))
+    bad = [g.copy() for g in grads]
+    bad[0][3, 777_777] = np.nan
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        A.aggregate(bad, rule=rule, rescale=True, **options)
+
+
+@pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)
+def test_cupy_float32_overflow_is_recomputed_and_rescaled_with_the_kernel_count():
+    import cupy
+
+    G = np.full((4, 1000), 3e38, dtype=np.float32)
+    G[:2, :100] *= -1  # 100 columns of mixed signs: masked at tau = 1; the others scaled to 3.3e38
+    want_v, want_m = R.aggregate([G], rule="and_mask", tau=1.0, rescale=True)
+    values, masks = A.aggregate([cupy.asarray(G)], rule="and_mask", tau=1.0, rescale=True)
+    np.testing.assert_array_equal(cupy.asnumpy(masks[0]), want_m[0])
+    np.testing.assert_allclose(cupy.asnumpy(values[0]).astype(np.float64), want_v[0], rtol=1e-6)
 
 
 def test_gpu_check_numpy_dry_run_passes(capsys):
