@@ -2,6 +2,7 @@
 the CPU against their NumPy spec; CuPy-only checks skip with the reason CuPy is unusable."""
 
 import ctypes
+import importlib
 import re
 import shutil
 import subprocess
@@ -366,12 +367,16 @@ def test_cupy_float32_overflow_is_recomputed_and_rescaled_with_the_kernel_count(
     np.testing.assert_allclose(cupy.asnumpy(values[0]).astype(np.float64), want_v[0], rtol=1e-6)
 
 
-def test_gpu_check_numpy_dry_run_passes(capsys):
+def _bench_module(name):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import gpu_check
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_gpu_check_numpy_dry_run_passes(capsys):
+    gpu_check = _bench_module("gpu_check")
     assert gpu_check.main(["--numpy-dry-run"]) == 0
     out = capsys.readouterr().out
     assert not re.search(r"^FAIL ", out, re.M) and len(re.findall(r"^PASS ", out, re.M)) > 50
@@ -381,13 +386,36 @@ def test_gpu_check_numpy_dry_run_passes(capsys):
 def test_gpu_check_without_cupy_exits_2(capsys):
     if CUPY_OK:
         pytest.skip("CuPy is usable here: the exit-2 path is for machines without it")
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = _bench_module("gpu_check")
     assert gpu_check.main(["--no-timings"]) == 2
     assert "CuPy is not usable" in capsys.readouterr().out
+
+
+def test_kernel_sass_roofline_arithmetic_and_the_measured_log():
+    ks = _bench_module("kernel_sass")
+    f32 = np.dtype(np.float32)
+    # K rows of 4 bytes read, a 4-byte value and a 1-byte mask written (the SAND-mask: a 4-byte soft mask).
+    assert ks.bytes_moved("and_mask", 16, 1000, f32, f32) == 16 * 1000 * 4 + 1000 * 5
+    assert ks.bytes_moved("sand_mask", 16, 1000, f32, f32) == 16 * 1000 * 4 + 1000 * 8
+    assert ks.bytes_moved("rescale", 16, 1000, f32, f32) == 2 * 1000 * 4
+    counts = ks.Counts(32, 0, 10.0, {}, 0, 100, 200, {})
+    r = ks.roofline(counts, 3_450_000_000, 16, 50_000_000)
+    assert r.memory_s == pytest.approx(3.45e9 / 4304e9)
+    assert r.issue_s == pytest.approx((10 * 16 + 100) * 5e7 / (32 * 4 * 132 * 1.98e9))
+    assert r.bound_s == r.memory_s and r.of_copy == 1.0
+    setting, measured = ks.measured_times(ks.MEASURED_LOG)
+    assert setting == (16, 50_000_000, "float32")
+    assert measured["and_mask"] == 0.795 and measured["geometric_mean paper"] == 1.155
+    assert measured["geometric_mean original"] == 1.183 and measured["sand_mask"] == 1.058
+
+
+def test_kernel_sass_without_its_tools_says_what_to_install(monkeypatch, capsys):
+    ks = _bench_module("kernel_sass")
+    for variable in ("HTV_NVRTC", "HTV_NVDISASM", "HTV_CUDA_INCLUDE", "HTV_CUPY_INCLUDE"):
+        monkeypatch.setenv(variable, "/nonexistent")
+    assert ks.main([]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install nvidia-cuda-nvrtc-cu12" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
