@@ -27,7 +27,10 @@ and writes the rule's value and mask. On NumPy the pass runs over column blocks 
 (:data:`NUMPY_BLOCK_ELEMENTS`), so the stack is read from memory once. On CuPy a fused ``cupy.ElementwiseKernel``
 (one thread per coordinate looping over K, coalesced reads; :data:`HARD_KERNEL_SOURCE`, :data:`SAND_KERNEL_SOURCE`)
 computes the same thing; :func:`_block_spec_hard` / :func:`_block_spec_sand` are the NumPy expressions that
-specify what the kernels compute, line for line.
+specify what the kernels compute, line for line. CuPy compiles with ``-ftz=true`` (float32 operations read
+subnormals as 0); the kernels take signs from the bits and redo the rare columns a flushed subnormal changed
+(:data:`_SUBNORMAL_SAFE`), so they agree with the oracle on subnormal gradients, which CuPy's own operations (the
+expressions with ``use_kernel=False`` on CuPy) do not.
 
 Precision: float64 input is computed in float64, float32 and float16 in float32 (:func:`compute_dtype`); values
 (and the SAND soft mask) are returned in the input dtype, AND-masks as ``bool``. A float32 stack whose sum over
@@ -223,7 +226,50 @@ def _xp_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
 # The fused CUDA kernels (CuPy only)
 # ----------------------------------------------------------------------------------------------------------------
 
-_KERNEL_PREAMBLE = r"""
+#: Device functions of every rule kernel. CuPy compiles its kernels with ``-ftz=true``, under which float32
+#: comparisons and arithmetic read a subnormal operand as 0. So that a subnormal float32 gradient counts as in the
+#: oracle: its sign is taken from the bits (``htv_sign``); and where a float32 result that depends on it came out
+#: wrong (the paper geometric mean's ``sum log|g|`` is -inf although no g is 0; the original flavour's sum of a
+#: kept column is 0), the column is summed again from exact values, off the hot loop (``htv_exact_*``: a
+#: subnormal is ``m * 2^-149``, exact in float64).
+_SUBNORMAL_SAFE = r"""
+__device__ __forceinline__ int htv_sign(float x) {
+    const int b = __float_as_int(x);
+    return (b > 0) - (b < 0 && b != (int)0x80000000);   // -0 has only the sign bit: sign 0
+}
+__device__ __forceinline__ int htv_sign(double x) {
+    return (x > 0.0) - (x < 0.0);
+}
+__device__ __forceinline__ bool htv_subnormal(float x, int& m) {
+    m = __float_as_int(x) & 0x7fffffff;
+    return m != 0 && m < 0x00800000;
+}
+__device__ __forceinline__ double htv_exact(float x) {
+    int m;
+    if (!htv_subnormal(x, m)) return (double)x;
+    const double v = (double)m * 1.4012984643248170709e-45;   // m * 2^-149
+    return __float_as_int(x) < 0 ? -v : v;
+}
+// sum_e log|g_e| of a column in float32, in the loop's order, with the logarithm of a subnormal taken exactly.
+template <typename T>
+__device__ float htv_exact_sumlog(const T* g, int K, long long P) {
+    float s = 0;
+    for (int e = 0; e < K; ++e, g += P) {
+        const float x = (float)*g;
+        int m;
+        s += htv_subnormal(x, m) ? (float)(log((double)m) - 149.0 * 0.69314718055994530942) : log(fabs(x));
+    }
+    return s;
+}
+// The sign of a column's sum, from the exact values summed in float64.
+template <typename T>
+__device__ int htv_exact_sign_of_sum(const T* g, int K, long long P) {
+    double s = 0;
+    for (int e = 0; e < K; ++e, g += P) s += htv_exact((float)*g);
+    return (s > 0.0) - (s < 0.0);
+}
+"""
+_KERNEL_PREAMBLE = _SUBNORMAL_SAFE + r"""
 #define HTV_MEAN 0
 #define HTV_AND 1
 #define HTV_GM_PAPER 2
@@ -245,10 +291,11 @@ int S = 0;                   // sum of signs, sign(0) = 0: exact
 C sum = 0;                   // sum over environments (mean = sum / K)
 C sumlog = 0;                // sum of log|g| (paper) or log(|g| + 1e-10) (original)
 const C leps = (C)log_eps;
+const T* g = &G[i];
 #pragma unroll 4
-for (int e = 0; e < K; ++e) {
-    const C x = (C)G[(ptrdiff_t)e * P + i];
-    S += (x > (C)0) - (x < (C)0);
+for (int e = 0; e < K; ++e, g += P) {
+    const C x = (C)*g;
+    S += htv_sign(x);
     sum += x;
     if (RULE == HTV_GM_PAPER) {
         sumlog += log(fabs(x));          // -inf where x == 0: that coordinate has |S| < K and is masked
@@ -268,11 +315,13 @@ if (RULE == HTV_MEAN) {
     v = k ? mean : (C)0;
 } else if (RULE == HTV_GM_PAPER) {
     k = absS == K;
+    if (sizeof(C) == 4 && k && isinf(sumlog) && sumlog < 0) sumlog = htv_exact_sumlog(&G[i], K, P);  // subnormals
     v = k ? (S > 0 ? (C)1 : (C)-1) * exp(sumlog / (C)K) : (C)0;
 } else {  // HTV_GM_ORIGINAL: sign of the arithmetic mean, geometric mean of the magnitudes
     k = absS >= thr;
-    const C s = (C)((mean > (C)0) - (mean < (C)0));
-    v = k ? s * exp(sumlog / (C)K) : (C)0;
+    int sign = (mean > (C)0) - (mean < (C)0);
+    if (sizeof(C) == 4 && k && sign == 0) sign = htv_exact_sign_of_sum(&G[i], K, P);  // subnormals
+    v = k ? (C)sign * exp(sumlog / (C)K) : (C)0;
 }
 if (!isfinite(sum)) {
     v = sum - sum;           // NaN: non-finite input or overflow, resolved on the host
@@ -344,10 +393,11 @@ SAND_KERNEL_SOURCE = r"""
 int S = 0;
 C sum = 0, sd = 0, sdd = 0;
 const C g0 = (C)G[i];
+const T* g = &G[i];
 #pragma unroll 4
-for (int e = 0; e < K; ++e) {
-    const C x = (C)G[(ptrdiff_t)e * P + i];
-    S += (x > (C)0) - (x < (C)0);
+for (int e = 0; e < K; ++e, g += P) {
+    const C x = (C)*g;
+    S += htv_sign(x);
     sum += x;
     const C d = x - g0;
     sd += d;
@@ -396,7 +446,7 @@ def _kernel(kind: int, cdt=None):
         if kind == _SAND:
             _KERNELS[key] = cupy.ElementwiseKernel(
                 "raw T G, int32 K, int64 P, float64 tau, float64 sharp", "C out, C mask",
-                SAND_KERNEL_SOURCE, "htv_rules_sand")
+                SAND_KERNEL_SOURCE, "htv_rules_sand", preamble=_SUBNORMAL_SAFE)
         elif kind == _RESCALE:
             _KERNELS[key] = cupy.ElementwiseKernel("raw uint64 n_kept, float64 n", "C v", RESCALE_KERNEL_SOURCE,
                                                    "htv_rules_rescale")

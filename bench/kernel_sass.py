@@ -425,8 +425,11 @@ def within(fn: Function, span: tuple[int, int]) -> list[Insn]:
 
 
 def environment_loop(fn: Function) -> tuple[int, int] | None:
-    """The unrolled environment loop: the innermost loop with 4 global loads."""
-    return next((s for s in loops(fn) if sum(i.op == "LDG" for i in within(fn, s)) == 4), None)
+    """The unrolled environment loop: of the innermost loops with 4 global loads, the first in the code (the
+    loops that sum a column again for subnormal float32 gradients come after it)."""
+    candidates = [s for s in loops(fn) if sum(i.op == "LDG" for i in within(fn, s)) == 4
+                  and not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in loops(fn))]
+    return min(candidates, default=None)
 
 
 def forward_flow(fn: Function) -> tuple[list[list[int]], list[bool]]:

@@ -1,6 +1,7 @@
 """accel/rules.py against the NumPy oracle (reference/rules.py); the CUDA kernel sources compiled as C++ and run on
 the CPU against their NumPy spec; CuPy-only checks skip with the reason CuPy is unusable."""
 
+import contextlib
 import ctypes
 import importlib
 import re
@@ -154,7 +155,23 @@ def test_empty_tensor_and_scalar_parameters():
 HARNESS = r"""
 #include <cmath>
 #include <cstddef>
-using std::log; using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
+#include <cstring>
+#include <xmmintrin.h>
+using std::exp; using std::tanh; using std::fabs; using std::isfinite; using std::isinf;
+static inline int __float_as_int(float x) { int b; std::memcpy(&b, &x, sizeof b); return b; }
+static inline long long __double_as_longlong(double x) { long long b; std::memcpy(&b, &x, sizeof b); return b; }
+/* CuPy compiles its kernels with -ftz=true: float32 arithmetic and comparisons read subnormal operands as zero and
+   flush subnormal results. The SSE control bits DAZ and FTZ do the same on this CPU, for the float32 kernels. */
+extern "C" void flush_subnormals(int on) {
+    const unsigned int bits = 0x8040u;  /* FTZ | DAZ */
+    _mm_setcsr(on ? (_mm_getcsr() | bits) : (_mm_getcsr() & ~bits));
+}
+/* The C library's logf reads the bits of its argument, which DAZ does not flush: flushed here, as CUDA's does. */
+static inline bool flushing() { return (_mm_getcsr() & 0x0040u) != 0; }
+static inline float log(float x) {
+    const int m = __float_as_int(x) & 0x7fffffff;
+    return std::log(flushing() && m != 0 && m < 0x00800000 ? 0.0f : x);
+}
 /* One block of one thread in a warp of one lane: the CUDA built-ins the counting code uses, for that case. */
 #define __device__
 #define __forceinline__ inline
@@ -226,6 +243,20 @@ def cpu_kernels(tmp_path_factory):
 def run_cpu_kernel(lib, G2, p, cdt, counters=None):
     """The kernel of ``p`` on the CPU: ``(value, mask)``; a hard rule's kept count and non-finite flag go into
     ``counters`` (a dict) when given."""
+    with _flushing_subnormals(lib, cdt == np.float32):
+        return _run_cpu_kernel(lib, G2, p, cdt, counters)
+
+
+@contextlib.contextmanager
+def _flushing_subnormals(lib, on):
+    lib.flush_subnormals(int(on))
+    try:
+        yield
+    finally:
+        lib.flush_subnormals(0)
+
+
+def _run_cpu_kernel(lib, G2, p, cdt, counters):
     K, P = G2.shape
     G2 = np.ascontiguousarray(G2.astype(cdt))
     out = np.empty(P, dtype=cdt)
@@ -278,6 +309,29 @@ def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dty
         np.testing.assert_allclose(got_m[ok], want_m[ok], rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
     np.testing.assert_array_equal(np.isnan(got_v), np.isnan(want_v))
     np.testing.assert_allclose(got_v, want_v, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("rule,options", CASES)
+def test_kernels_count_subnormal_gradients_as_the_oracle(cpu_kernels, rule, options):
+    """Under CuPy's -ftz=true a float32 comparison reads a subnormal as 0; the kernels must still count its sign,
+    and the paper geometric mean take its logarithm, as the oracle does."""
+    rng = np.random.default_rng(5)
+    K, P = 6, 400
+    G = (rng.standard_normal((K, P)) * 1e-3).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    G[rng.random((K, P)) < 0.3] = tiny * np.float32(0.25)  # subnormal, positive
+    G[:, :50] = np.abs(G[:, :50])
+    G[0, :50] = tiny * np.float32(0.5)  # columns that agree in sign only if the subnormal counts
+    G[:, 50:60] = -np.abs(G[:, 50:60])
+    G[1, 50:60] = -tiny * np.float32(0.125)
+    p = A.plan(R.RuleSpec(rule, **options), K)
+    want_v, want_m = A.stack_rule(G, p)
+    got_v, got_m = run_cpu_kernel(cpu_kernels, G, p, np.dtype(np.float32))
+    if want_m.dtype == bool:
+        np.testing.assert_array_equal(got_m, want_m)
+    else:
+        np.testing.assert_allclose(got_m, want_m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_v, want_v, rtol=2e-5, atol=1e-30)
 
 
 @settings(max_examples=30, deadline=None)
