@@ -311,19 +311,28 @@ def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dty
     np.testing.assert_allclose(got_v, want_v, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=0)
 
 
-@pytest.mark.parametrize("rule,options", CASES)
-def test_kernels_count_subnormal_gradients_as_the_oracle(cpu_kernels, rule, options):
-    """Under CuPy's -ftz=true a float32 comparison reads a subnormal as 0; the kernels must still count its sign,
-    and the paper geometric mean take its logarithm, as the oracle does."""
+def subnormal_stack():
+    """A float32 stack [6, 400] with subnormal entries: some columns agree in sign only if a subnormal counts, some
+    (about one) are subnormal throughout."""
     rng = np.random.default_rng(5)
     K, P = 6, 400
     G = (rng.standard_normal((K, P)) * 1e-3).astype(np.float32)
     tiny = np.float32(np.finfo(np.float32).tiny)
     G[rng.random((K, P)) < 0.3] = tiny * np.float32(0.25)  # subnormal, positive
     G[:, :50] = np.abs(G[:, :50])
-    G[0, :50] = tiny * np.float32(0.5)  # columns that agree in sign only if the subnormal counts
+    G[0, :50] = tiny * np.float32(0.5)
     G[:, 50:60] = -np.abs(G[:, 50:60])
     G[1, 50:60] = -tiny * np.float32(0.125)
+    G[:, 399] = tiny * np.float32(0.75)
+    return G
+
+
+@pytest.mark.parametrize("rule,options", CASES)
+def test_kernels_count_subnormal_gradients_as_the_oracle(cpu_kernels, rule, options):
+    """Under CuPy's -ftz=true a float32 comparison reads a subnormal as 0; the kernels must still count its sign,
+    and the paper geometric mean take its logarithm, as the oracle does."""
+    G = subnormal_stack()
+    K = G.shape[0]
     p = A.plan(R.RuleSpec(rule, **options), K)
     want_v, want_m = A.stack_rule(G, p)
     got_v, got_m = run_cpu_kernel(cpu_kernels, G, p, np.dtype(np.float32))
@@ -407,6 +416,20 @@ def test_cupy_counting_kernels_give_the_bits_of_the_separate_passes(rule, option
     bad[0][3, 777_777] = np.nan
     with pytest.raises(ValueError, match=r"grads\[0\]"):
         A.aggregate(bad, rule=rule, rescale=True, **options)
+
+
+@pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)
+@pytest.mark.parametrize("rule,options", CASES)
+def test_cupy_kernels_count_subnormal_gradients_as_the_oracle(rule, options):
+    import cupy
+
+    G = subnormal_stack()
+    for rescale in (False, True):
+        ref_values, ref_masks = R.aggregate([G], rule=rule, rescale=rescale, **options)
+        values, masks = A.aggregate([cupy.asarray(G)], rule=rule, rescale=rescale, **options)
+        if ref_masks[0].dtype == bool:
+            np.testing.assert_array_equal(cupy.asnumpy(masks[0]), ref_masks[0])
+        np.testing.assert_allclose(cupy.asnumpy(values[0]).astype(np.float64), ref_values[0], rtol=2e-5, atol=1e-30)
 
 
 @pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)
