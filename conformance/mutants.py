@@ -116,6 +116,20 @@ class SignZeroPlus(_RuleMutant):
         return np.abs(_signs(G, True).sum(0)) >= _rules.agreement_threshold_count(tau, G.shape[0])
 
 
+class FlushSubnormals(_RuleMutant):
+    """Subnormal float32 gradients read as 0, as a GPU kernel compiled with flush-to-zero (CuPy's -ftz=true) reads
+    them in its float32 comparisons: their signs count 0 and the paper geometric mean's logarithm is -inf."""
+
+    def aggregate(self, grads, **options):
+        flushed = []
+        for g in grads:
+            g = np.asarray(g)
+            if g.dtype == np.float32:
+                g = np.where(np.abs(g) < np.finfo(np.float32).tiny, np.float32(0), g)
+            flushed.append(g)
+        return super().aggregate(flushed, **options)
+
+
 class Float32Agreement(_RuleMutant):
     """|mean sign| in float32 compared with a float64 tau, no tie tolerance."""
 
@@ -393,6 +407,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in (
            ("agg.prop.permutation.mean.float64",)),
     Mutant("sign0_plus", SignZeroPlus(), "sign(0) counted as +1",
            ("agg.special.exact_zeros", "agg.prop.sign_flip.and_mask.float64")),
+    Mutant("flush_subnormals", FlushSubnormals(), "subnormal float32 gradients flushed to 0 (a GPU's -ftz=true)",
+           ("agg.special.subnormal",)),
     Mutant("float32_agreement", Float32Agreement(), "float32 |mean sign| compared with a float64 tau, no tie tolerance",
            ("agg.ties.exact",)),
     Mutant("geomean_float32_underflow", GeoMeanNotebookFloat32(),

@@ -1,10 +1,10 @@
 """The edge cases of the aggregation rules, and the outcome the oracle defines for each: one table, as data.
 
 Public implementations of the AND-mask and its relatives disagree exactly here: all gradients zero, one environment,
-ties ``|S| = tau K``, exact zeros, one environment at zero, a fully masked tensor, underflow, float16, NaN/inf. This
-table is the single description of those cases. It drives the conformance suite's ``agg.special.*`` checks (and
-the tie of ``agg.ties.exact``), the parity test of every backend (``tests/test_edge_case_parity.py``) and the
-table in ``docs/conventions.md`` (:func:`markdown_table`, which a test keeps identical to the docs). The oracle's own
+ties ``|S| = tau K``, exact zeros, one environment at zero, a fully masked tensor, underflow, subnormals, float16,
+NaN/inf. This table is the single description of those cases. It drives the conformance suite's ``agg.special.*``
+checks (and the tie of ``agg.ties.exact``), the parity test of every backend (``tests/test_edge_case_parity.py``)
+and the table in ``docs/conventions.md`` (:func:`markdown_table`, which a test keeps identical to the docs). The oracle's own
 tests (``tests/test_rules.py``) check the outcomes by independent, hand-derived routes.
 
 Each :class:`EdgeCase` names its inputs (one or more gradient lists ``[G_0, G_1, ...]``, each stack ``[K, *shape]``)
@@ -63,6 +63,16 @@ def _underflow_float32() -> np.ndarray:
     G = np.full((16, 6), 1e-3, dtype=np.float32)
     G[:, 3:] *= -1
     return G
+
+
+def _subnormal_float32() -> np.ndarray:
+    """Columns whose signs agree only if a subnormal entry counts; the last column is subnormal throughout."""
+    tiny = np.finfo(np.float32).tiny  # the smallest normal float32, 1.18e-38
+    G = np.array([[tiny / 2, -1e-3, 2e-3, tiny / 4],
+                  [1e-3, -tiny / 8, 1e-3, tiny / 2],
+                  [2e-3, -2e-3, -tiny / 2, tiny / 8],
+                  [1e-3, -1e-3, 1e-3, tiny / 4]])
+    return G.astype(np.float32)
 
 
 def _nonfinite_inputs() -> tuple:
@@ -135,6 +145,12 @@ EDGE_CASES: tuple[EdgeCase, ...] = (
         "(exp(sum log)^(1/K) underflows to 0 in float32); likewise 1e-20 in float64.",
         (("K=16 |g|=1e-3 float32", (_underflow_float32(),)), ("K=16 |g|=1e-20 float64", (np.full((16, 3), 1e-20),))),
         taus=(1.0,), rescales=(False,), rules=("geometric_mean.paper", "geometric_mean.original", "and_mask", "mean")),
+    EdgeCase(
+        "subnormal", "subnormal float32 gradients (|g| < 1.2e-38) count by their sign",
+        "A subnormal gradient is a nonzero number: its sign counts in S and its logarithm in the paper geometric "
+        "mean (about -88.5 for 1.2e-38 / 2). A GPU kernel compiled to flush subnormals to zero (CuPy's -ftz=true) "
+        "counts it as 0 unless it reads the sign from the bits.",
+        (("subnormal float32", (_subnormal_float32(),)),), taus=(0.5, 1.0)),
     EdgeCase(
         "float16", "float16 input: oracle values, same masks as float64 input of the same values",
         "float16 gradients are accepted and computed as float64 holding the same values: the masks are those of the "

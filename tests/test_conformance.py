@@ -472,7 +472,7 @@ def test_cli_reference_passes(tmp_path, capsys):
     rc = cli.main(["--checks", "agg.special,spirals", "--report", str(out), "--max-examples", "5"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["exit_status"] == 0 and data["summary"]["FAIL"] == 0 and data["checks_compared"] == 12
+    assert data["exit_status"] == 0 and data["summary"]["FAIL"] == 0 and data["checks_compared"] == 13
     assert "agg.special.k1" in capsys.readouterr().out
 
 
