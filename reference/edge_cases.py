@@ -4,8 +4,8 @@ Public implementations of the AND-mask and its relatives disagree exactly here: 
 ties ``|S| = tau K``, exact zeros, one environment at zero, a fully masked tensor, underflow, subnormals, float16,
 NaN/inf. This table is the single description of those cases. It drives the conformance suite's ``agg.special.*``
 checks (and the tie of ``agg.ties.exact``), the parity test of every backend (``tests/test_edge_case_parity.py``)
-and the table in ``docs/conventions.md`` (:func:`markdown_table`, which a test keeps identical to the docs). The oracle's own
-tests (``tests/test_rules.py``) check the outcomes by independent, hand-derived routes.
+and the table in ``docs/conventions.md`` (:func:`markdown_table`, which a test keeps identical to the docs). The
+oracle's own tests (``tests/test_rules.py``) check the outcomes by independent, hand-derived routes.
 
 Each :class:`EdgeCase` names its inputs (one or more gradient lists ``[G_0, G_1, ...]``, each stack ``[K, *shape]``)
 and the options to run them with: every registered rule variant (:func:`hardtovary.reference.rules.variant_names`,

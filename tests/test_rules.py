@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.stats import binom
 
+from hardtovary.reference import edge_cases
 from hardtovary.reference.rules import (
     TemporalAndMaskAdam,
     aggregate,
@@ -339,6 +340,24 @@ def test_edge_case_k16_small_gradients_float32_no_underflow():
     # The notebook's exp(sum log)**(1/K) underflows to 0 in float32 on the same input.
     notebook = np.exp(np.sum(np.log(np.abs(G) + np.float32(1e-10)), axis=0)) ** np.float32(1 / 16)
     assert notebook.dtype == np.float32 and notebook[0] == 0.0
+
+
+def test_edge_case_subnormal_float32_gradients_count_by_their_sign():
+    tiny = float(np.finfo(np.float32).tiny)
+    G = edge_cases.BY_NAME["subnormal"].inputs[0][1][0]
+    assert G.dtype == np.float32 and 0 < abs(float(G[0, 0])) < tiny
+    # Signs by hand: column 0 (+,+,+,+), column 1 (-,-,-,-), column 2 (+,+,-,+), column 3 all subnormal (+,+,+,+).
+    kept_at_1, kept_at_half = [True, True, False, True], [True, True, True, True]
+    values, masks = aggregate([G], rule="and_mask", tau=1.0)
+    assert masks[0].tolist() == kept_at_1
+    assert aggregate([G], rule="and_mask", tau=0.5)[1][0].tolist() == kept_at_half
+    np.testing.assert_allclose(values[0][0], (tiny / 2 + 1e-3 + 2e-3 + 1e-3) / 4, rtol=1e-6)
+    # The paper geometric mean of column 0 and of the subnormal column 3, from logarithms taken in float64.
+    col0 = math.exp((math.log(tiny / 2) + math.log(1e-3) + math.log(2e-3) + math.log(1e-3)) / 4)
+    col3 = math.exp((math.log(tiny / 4) + math.log(tiny / 2) + math.log(tiny / 8) + math.log(tiny / 4)) / 4)
+    gm = geometric_mean(G)
+    np.testing.assert_allclose(gm[[0, 3]], [col0, col3], rtol=1e-5)
+    assert gm[2] == 0.0 and gm[1] < 0
 
 
 def test_fully_masked_tensor_rescales_to_exactly_zero():
