@@ -467,7 +467,7 @@ def _cupy_stack_rule(G2, p: Plan, cdt: np.dtype, xp, kept=None, bad=None):
     count into ``kept`` (``KEPT_SLOTS`` uint64 slots, summed afterwards) and sets ``bad[0]`` when a sum over
     environments is not finite; fresh counters are used when none are given."""
     K, P = G2.shape
-    flat = xp.ascontiguousarray(G2).reshape(K * P)  # 1-D raw view: G[e * P + i] is one multiply-add, no div/mod
+    flat = xp.ascontiguousarray(G2).reshape(K * P)  # 1-D raw view: the kernels step a pointer by P, no div/mod
     out = xp.empty(P, dtype=cdt)
     if p.kind == _SAND:
         mask = xp.empty(P, dtype=cdt)
@@ -568,14 +568,14 @@ def _counted_in_kernel(xp, p: Plan, use_kernel) -> bool:
 
 
 def _counted_rules(xp, stacks, p: Plan):
-    """Every stack through its fused kernel, which counts as it goes: ``(out, kept, finite)``, ``kept`` the kept
-    counts ``[T]`` (uint64, on the device) and ``finite`` whether each tensor's sums were finite (on the host:
-    the call's one synchronisation)."""
+    """Every stack through its fused kernel, which counts as it goes: ``(out, slots, finite)``, ``slots`` the kept
+    counts ``[T, KEPT_SLOTS]`` (uint64, on the device; a tensor's count is the sum of its row) and ``finite``
+    whether each tensor's sums were finite (on the host: the call's one synchronisation)."""
     slots = xp.zeros((len(stacks), KEPT_SLOTS), dtype=np.uint64)
     bad = xp.zeros(len(stacks), dtype=np.int32)
     out = [_cupy_stack_rule(_as_2d(G), p, compute_dtype(G.dtype), xp, slots[i], bad[i:i + 1])
            for i, G in enumerate(stacks)]
-    return out, slots.sum(axis=1), to_numpy(bad) == 0
+    return out, slots, to_numpy(bad) == 0
 
 
 def _rescale_in_place(value, n_kept):
@@ -609,7 +609,7 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
     p = plan(spec, stacks[0].shape[0])
     counted = _counted_in_kernel(xp, p, use_kernel)
     if counted:
-        out, kept, flags = _counted_rules(xp, stacks, p)
+        out, slots, flags = _counted_rules(xp, stacks, p)
     else:
         out = [stack_rule(_as_2d(G), p, use_kernel=use_kernel) for G in stacks]
         # One host synchronisation: which tensors have a non-finite value (non-finite input, or float32 overflow)?
@@ -625,6 +625,7 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
 
     values, masks = [], []
     if rescale and counted:
+        kept = slots.sum(axis=1)
         out = [(_rescale_in_place(v, kept[i:i + 1]), m) for i, (v, m) in enumerate(out)]
     elif rescale:
         counts = [_kept_count(m) for _, m in out]
