@@ -9,7 +9,8 @@
 # used), then runs the steps named in STEPS (default: all), each part with its own time limit and log under $OUT:
 #   checks:
 #     gpu_check.txt            bench/gpu_check.py: every CuPy path against the NumPy oracle, then kernel timings
-#     pytest_cupy.txt          the CuPy-only tests (skipped in CI) with the rest of their modules
+#     pytest_cupy.txt          the CuPy-only tests (skipped in CI) with the rest of their modules, the edge cases
+#                              (subnormal gradients among them) on every backend
 #     cifar10_epoch.txt        bench/bench_cifar10_epoch.py: one epoch of the CIFAR-10 loop, plain vs AND-mask
 #     torch_env_gradients.txt  bench/bench_torch_env_gradients.py on cuda: per-environment gradients vs the authors'
 #                              (eager engines; the MLP's compiled engine is the speed step's)
@@ -49,7 +50,7 @@ wants() { [[ " $STEPS " == *" $1 "* ]]; }
 if wants checks; then
   timeout 240 python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_accel_rules.py tests/test_accel_quadratic.py \
-      tests/test_sweep.py 2>&1 | tee "$OUT/pytest_cupy.txt"
+      tests/test_sweep.py tests/test_edge_case_parity.py 2>&1 | tee "$OUT/pytest_cupy.txt"
   timeout 100 python3 bench/bench_cifar10_epoch.py --device cuda --n-train 8000 --n-test 1000 2>&1 \
       | tee "$OUT/cifar10_epoch.txt"
   timeout 60 python3 bench/bench_torch_env_gradients.py --devices cuda --repeats 5 --cuda-compile "" 2>&1 \
