@@ -15,7 +15,8 @@ per coordinate j, the statistics every rule needs:
   ``|S| >= thr`` with the oracle's keep threshold ``thr = spec.threshold(K)`` (canonical AND-mask), ``|S| == K``
   (paper geometric mean), so masks are bit-equal with the oracle in every dtype;
 - ``sum_e G[e, j]`` (the mean is ``sum / K``);
-- ``sum_e log|G[e, j]|`` (paper geometric mean) or ``sum_e log(|G[e, j]| + 1e-10)`` (original flavour);
+- ``sum_e log|G[e, j]|`` (paper geometric mean) or ``sum_e log(|G[e, j]| + 1e-10)`` (original flavour), one
+  logarithm per pair of environments (:func:`_sumlog_by_pairs`);
 - for the SAND-mask, the shifted sums ``sum_e d`` and ``sum_e d*d`` with ``d = G[e, j] - G[0, j]`` (the one-pass
   variance ``(sum d^2 - (sum d)^2 / K) / (K - 1)``; shifting by a sample bounds the cancellation: the relative
   error is at most about ``K (K + 1) eps``, since ``(G[0] - mean)^2`` is one term of the sum of squared deviations).
@@ -129,6 +130,26 @@ def plan(spec: RuleSpec, K: int) -> Plan:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _sumlog_by_pairs(a, needed, cdt: np.dtype, xp):
+    """``sum_e log a[e]`` over axis 0 of the magnitudes ``a [K, C]``, one logarithm per pair of rows,
+    ``log(a[0] a[1]) + log(a[2] a[3]) + ...`` (and ``log a[K-1]`` for an odd K), as the geometric-mean kernels: the
+    product's rounding is below the logarithm's own, and half the logarithms are saved. A ``needed`` column (the
+    others are masked) where some pair's product is not a normal number (overflow, underflow, a zero) is summed one
+    row at a time."""
+    K = a.shape[0]
+    pairs = K // 2 * 2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        products = a[0:pairs:2] * a[1:pairs:2]
+        sumlog = xp.log(products).sum(axis=0)
+        if K % 2:
+            sumlog = sumlog + xp.log(a[K - 1])
+        info = np.finfo(cdt)
+        redo = xp.flatnonzero(needed & ((products < info.tiny) | ~(products <= info.max)).any(axis=0))
+        if redo.size:
+            sumlog[redo] = xp.log(a[:, redo]).sum(axis=0)
+    return sumlog
+
+
 def _block_spec_hard(g, p: Plan, cdt: np.dtype, xp):
     """Mean, AND-mask and geometric mean of a ``[K, C]`` block: ``(value [C] in cdt, keep [C] bool)``.
 
@@ -151,13 +172,11 @@ def _block_spec_hard(g, p: Plan, cdt: np.dtype, xp):
         value = xp.where(keep, mean, zero)
     elif p.kind == _GM_PAPER:
         keep = absS == K
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sumlog = xp.log(xp.abs(g)).sum(axis=0)  # -inf where some |g| = 0; such a component has |S| < K
+        sumlog = _sumlog_by_pairs(xp.abs(g), keep, cdt, xp)  # -inf where some |g| = 0; such a column has |S| < K
         value = xp.where(keep, xp.sign(S) * xp.exp(sumlog / cdt.type(K)), zero)
     else:  # _GM_ORIGINAL
         keep = absS >= p.thr
-        with np.errstate(invalid="ignore"):
-            sumlog = xp.log(xp.abs(g) + cdt.type(ORIGINAL_LOG_EPSILON)).sum(axis=0)
+        sumlog = _sumlog_by_pairs(xp.abs(g) + cdt.type(ORIGINAL_LOG_EPSILON), keep, cdt, xp)
         value = xp.where(keep, xp.sign(mean) * xp.exp(sumlog / cdt.type(K)), zero)
     value = xp.where(xp.isfinite(total), value, cdt.type(np.nan))
     return value.astype(cdt, copy=False), keep
@@ -250,14 +269,22 @@ __device__ __forceinline__ double htv_exact(float x) {
     const double v = (double)m * 1.4012984643248170709e-45;   // m * 2^-149
     return __float_as_int(x) < 0 ? -v : v;
 }
-// sum_e log|g_e| of a column in float32, in the loop's order, with the logarithm of a subnormal taken exactly.
-template <typename T>
-__device__ float htv_exact_sumlog(const T* g, int K, long long P) {
-    float s = 0;
+__device__ __forceinline__ bool htv_normal(float a) { return a >= 1.17549435e-38f && a <= 3.40282347e+38f; }
+__device__ __forceinline__ bool htv_normal(double a) {
+    return a >= 2.2250738585072014e-308 && a <= 1.7976931348623157e+308;
+}
+// sum_e log|g_e| (paper) or sum_e log(|g_e| + eps) (original) of a column, one environment at a time, in the
+// loop's order; the logarithm of a float32 subnormal is taken exactly (the pair loop's fallback).
+template <typename T, typename C>
+__device__ C htv_sumlog_one_by_one(const T* g, int K, long long P, bool original, C leps) {
+    C s = 0;
     for (int e = 0; e < K; ++e, g += P) {
-        const float x = (float)*g;
+        const C x = (C)*g;
         int m;
-        s += htv_subnormal(x, m) ? (float)(log((double)m) - 149.0 * 0.69314718055994530942) : log(fabs(x));
+        if (original) s += log(fabs(x) + leps);
+        else if (sizeof(C) == 4 && htv_subnormal((float)x, m))
+            s += (C)(log((double)m) - 149.0 * 0.69314718055994530942);   // |x| = m * 2^-149
+        else s += log(fabs(x));
     }
     return s;
 }
@@ -278,12 +305,13 @@ _KERNEL_PREAMBLE = _SUBNORMAL_SAFE + r"""
 
 #: ``cupy.ElementwiseKernel`` operation for mean / AND-mask / geometric mean. Parameters:
 #: in ``raw T G`` (the C-contiguous ``[K, P]`` stack, passed flattened to 1-D), ``int32 K``, ``int64 P``,
-#: ``int32 thr``, ``float64 log_eps``; out ``C out`` (value in the compute dtype), ``bool keep``. One thread per
-#: coordinate i. ``RULE`` is a compile-time constant (one of the ``HTV_*`` ids), one kernel per rule, so the
-#: branches on it vanish and the mean / AND-mask kernels carry no logarithm: fewer registers, more loads in
-#: flight, which a memory-bound kernel needs to reach copy bandwidth. The geometric means are bound by their K
-#: logarithms per coordinate; they keep them, because a product kept normalised with ``frexp`` (one logarithm per
-#: coordinate) is slower. Measurements: ``docs/benchmarks.md``.
+#: ``int32 thr``, ``float64 log_eps``, ``int32 n_slots``; out ``C out`` (value in the compute dtype), ``bool keep``,
+#: ``raw uint64 kept``, ``raw int32 bad`` (:data:`_COUNT_AFTER_LOOP`). One thread per coordinate i. ``RULE`` is a
+#: compile-time constant (one of the ``HTV_*`` ids), one kernel per rule, so the branches on it vanish and the
+#: mean / AND-mask kernels carry no logarithm: fewer registers, more loads in flight, which a memory-bound kernel
+#: needs to reach copy bandwidth. The geometric means are bound by their logarithms' instructions, so they take
+#: one per pair of environments (:func:`_sumlog_by_pairs` specifies it); a product kept normalised with ``frexp``
+#: (one logarithm per coordinate) measured slower. Measurements and instruction counts: ``docs/benchmarks.md``.
 HARD_KERNEL_SOURCE = r"""
 // Coordinate i of the [K, P] stack: walk the K environments with stride P. Neighbouring threads read
 // neighbouring addresses, so every load is coalesced. C (float or double) is the compute type, bound by `out`.
@@ -292,8 +320,26 @@ C sum = 0;                   // sum over environments (mean = sum / K)
 C sumlog = 0;                // sum of log|g| (paper) or log(|g| + 1e-10) (original)
 const C leps = (C)log_eps;
 const T* g = &G[i];
+int e = 0;
+bool pairs_normal = true;    // every product of a pair normal: no overflow, no underflow, no zero
+if (RULE == HTV_GM_PAPER || RULE == HTV_GM_ORIGINAL) {
+    // The geometric means take one logarithm per pair of environments, log(a0 * a1): the product's rounding
+    // (2^-24 relative in float32) is below the logarithm's own. A pair whose product is not a normal number
+    // sends the column to the one-by-one sum after the loop.
+    #pragma unroll 2
+    for (; e + 1 < K; e += 2, g += 2 * P) {
+        const C x0 = (C)g[0];
+        const C x1 = (C)g[P];
+        S += htv_sign(x0) + htv_sign(x1);
+        sum += x0;
+        sum += x1;
+        const C a = RULE == HTV_GM_PAPER ? fabs(x0) * fabs(x1) : (fabs(x0) + leps) * (fabs(x1) + leps);
+        pairs_normal &= htv_normal(a);
+        sumlog += log(a);
+    }
+}
 #pragma unroll 4
-for (int e = 0; e < K; ++e, g += P) {
+for (; e < K; ++e, g += P) {  // every environment (mean, AND-mask), or the last of an odd K (geometric means)
     const C x = (C)*g;
     S += htv_sign(x);
     sum += x;
@@ -315,10 +361,12 @@ if (RULE == HTV_MEAN) {
     v = k ? mean : (C)0;
 } else if (RULE == HTV_GM_PAPER) {
     k = absS == K;
-    if (sizeof(C) == 4 && k && isinf(sumlog) && sumlog < 0) sumlog = htv_exact_sumlog(&G[i], K, P);  // subnormals
+    if (k && (!pairs_normal || (isinf(sumlog) && sumlog < 0)))   // a pair out of range, or a flushed subnormal
+        sumlog = htv_sumlog_one_by_one(&G[i], K, P, false, leps);
     v = k ? (S > 0 ? (C)1 : (C)-1) * exp(sumlog / (C)K) : (C)0;
 } else {  // HTV_GM_ORIGINAL: sign of the arithmetic mean, geometric mean of the magnitudes
     k = absS >= thr;
+    if (k && !pairs_normal) sumlog = htv_sumlog_one_by_one(&G[i], K, P, true, leps);
     int sign = (mean > (C)0) - (mean < (C)0);
     if (sizeof(C) == 4 && k && sign == 0) sign = htv_exact_sign_of_sum(&G[i], K, P);  // subnormals
     v = k ? (C)sign * exp(sumlog / (C)K) : (C)0;

@@ -708,9 +708,11 @@ def main(argv=None) -> int:
     print_table(rows, measured)
     print_mix(rows)
     print("\nSASS/coord: shortest-longest path (module docstring); the bound uses the shortest. spill: bytes stored "
-          "+ loaded." + ("\n*: the environment loop branches inside (float64 logarithm): both sides are counted."
+          "+ loaded." + ("\n*: the environment loop branches inside (a slow path, or the exit of an unrolled "
+                         "loop): both sides are counted, an upper estimate."
                         if any(c.env_branches for _, c, _ in rows) else "")
-          + f"\nmeas ms: {MEASURED_LOG.parent.name}/{MEASURED_LOG.name}, the best of the kernel's rows"
+          + f"\nmeas ms: {MEASURED_LOG.parent.name}/{MEASURED_LOG.name}, the best of the kernel's rows (the kernels "
+          "as they were then)"
           + ("." if measured else f", shown for K = {setting[0]}, P = {setting[1]:,}, {setting[2]}, {MEASURED_ARCH}."
              if setting else " (not found)."))
     return 0

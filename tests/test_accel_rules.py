@@ -311,6 +311,28 @@ def test_kernel_sources_compute_their_numpy_spec(cpu_kernels, seed, K, case, dty
     np.testing.assert_allclose(got_v, want_v, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("flavour", ["paper", "original"])
+def test_geometric_mean_pairs_out_of_range_are_summed_one_by_one(cpu_kernels, dtype, flavour):
+    """The geometric means take one logarithm per pair of environments; a pair whose product overflows or
+    underflows must not change the value: the kernel and the NumPy path against the oracle."""
+    big, small = (1e20, 1e-20) if dtype == np.float32 else (1e160, 1e-160)
+    G = np.array([[big, small, 3.0, -2.0, big],
+                  [2 * big, 2 * small, 5.0, -1.0, 1e-3],
+                  [0.5, 1.0, 2.0, -4.0, 7.0],
+                  [1.5, 0.25, 1.0, -3.0, 2.0],
+                  [2.0, 3.0, 0.5, -0.5, 1.0]], dtype=dtype)
+    options = {"flavour": flavour} if flavour == "paper" else {"flavour": flavour, "tau": 0.6}
+    want = R.aggregate([G], rule="geometric_mean", **options)[0][0]
+    p = A.plan(R.RuleSpec("geometric_mean", **options), G.shape[0])
+    got_kernel, _ = run_cpu_kernel(cpu_kernels, G, p, np.dtype(dtype))
+    got_numpy = A.aggregate([G], rule="geometric_mean", **options)[0][0]
+    rtol = 2e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got_kernel, want, rtol=rtol)
+    np.testing.assert_allclose(got_numpy, want, rtol=rtol)
+    assert np.all(np.isfinite(got_kernel)) and np.all(got_kernel[:2] > 0)
+
+
 def subnormal_stack():
     """A float32 stack [6, 400] with subnormal entries: some columns agree in sign only if a subnormal counts, some
     (about one) are subnormal throughout."""
