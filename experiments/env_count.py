@@ -141,8 +141,8 @@ def train_batched_unit(n: int, data_config: _data.SpiralsConfig, runs: list[tupl
     """The runs ``runs`` (``(method, run)`` pairs) with their reference-loop ``configs`` trained together by
     :func:`hardtovary.accel.sweep.train_sweep` on the spirals task of ``data_config`` (built here): the unit
     stored as :func:`batched_unit_name`, ``{"n_envs", "backend", "dtype", "seconds", "runs": {unit_name: the
-    run's record}}``, each run's ``seconds`` its share of the unit's. ``on_step`` is called once per run-epoch,
-    ``on_epoch`` is not used (the runs' epochs interleave)."""
+    run's record}}``, each run's ``seconds`` its share of the unit's. ``on_step(n)`` is called after every batched
+    step with the n runs it advanced; ``on_epoch`` is not used (the runs' epochs interleave)."""
     from hardtovary.accel.backend import get_backend
     from hardtovary.accel.sweep import train_sweep
 
@@ -150,8 +150,7 @@ def train_batched_unit(n: int, data_config: _data.SpiralsConfig, runs: list[tupl
     task = _data.make_spirals_task(data_config)
     env_data = _training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
     start = time.perf_counter()
-    outcomes = train_sweep(env_data, configs, backend=array_backend, dtype=dtype,
-                           on_epoch=(lambda index, record: on_step()) if on_step is not None else None)
+    outcomes = train_sweep(env_data, configs, backend=array_backend, dtype=dtype, on_step=on_step)
     seconds = time.perf_counter() - start
     records = {}
     for (method, r), config, outcome in zip(runs, configs, outcomes):
@@ -229,8 +228,9 @@ def _batched_units(plans: dict, cells: list, seed: int, backend, dtype: str) -> 
     for n, (data_n, _, configs) in plans.items():
         runs = [(m, r) for n_, m, r in cells if n_ == n]
         reference = [_bl.reference_config(m, dataclasses.replace(configs[m], seed=seed + r), n) for m, r in runs]
-        units.append(Unit(batched_unit_name(n), train_batched_unit, (n, data_n, runs, reference),
-                          steps=sum(c.epochs for c in reference), label=f"{n} envs ({len(runs)} runs)", gpu=on_gpu,
+        steps = sum(c.epochs * _training.steps_per_epoch(n, data_n.examples_per_env, c) for c in reference)
+        units.append(Unit(batched_unit_name(n), train_batched_unit, (n, data_n, runs, reference), steps=steps,
+                          label=f"{n} envs ({len(runs)} runs)", gpu=on_gpu,
                           options={"backend": backend, "dtype": dtype}))
     return units
 

@@ -11,10 +11,11 @@ The run folder stays the single source of truth, whatever the executor (:func:`r
   the executor, the number of workers or the order in which units finish.
 
 A unit's function is called as ``function(*args, on_step=..., on_epoch=...)``. In this process the callbacks advance the
-progress bar step by step and show each epoch's record (its fields named by the unit's ``shows``); in a pool or on Ray
-they are None and the bar advances by the unit's ``steps`` when the unit completes. A worker process that dies (killed,
-out of memory) is replaced and its unit run again, up to ``retries`` times; an exception raised by the unit itself is
-not retried: it is a bug or bad input, and it stops the command with its traceback.
+progress bar step by step (``on_step()``, or ``on_step(n)`` for n steps at once) and show each epoch's record (its
+fields named by the unit's ``shows``); in a pool or on Ray they are None and the bar advances by the unit's ``steps``
+when the unit completes. A worker process that dies (killed, out of memory) is replaced and its unit run again, up to
+``retries`` times; an exception raised by the unit itself is not retried: it is a bug or bad input, and it stops the
+command with its traceback.
 
 Ray core is used rather than Ray Tune: the commands draw their own configurations and keep their own resumable
 run folder, so all they need from a cluster is to run functions where there are free CPUs and GPUs.
@@ -233,7 +234,7 @@ def run_units(store: Store, units: Iterable[Unit], executor=None, *, what: str =
         def show(record):
             bar.set_postfix(epoch=record["epoch"], **{key: f"{record[key]:.3g}" for key in current.shows})
 
-        callbacks = ((lambda: bar.update(1)), show) if in_process else (None, None)
+        callbacks = ((lambda n=1: bar.update(n)), show) if in_process else (None, None)
         done_steps = 0
         for unit, result in executor.run(todo, *callbacks):
             store.save(unit.name, result)

@@ -156,3 +156,33 @@ def test_accel_options_are_checked_against_each_other(tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "ec").exists()
+
+
+class _Recorder:
+    """An executor elsewhere that runs the units in the order handed out, counting the steps each reports."""
+
+    def __init__(self):
+        self.order, self.reported, self.declared = [], {}, {}
+
+    def run(self, units, on_step=None, on_epoch=None):
+        for unit in units:
+            self.order.append(unit.name)
+            self.declared[unit.name] = unit.steps
+            counted = []
+            result = unit.function(*unit.args, on_step=counted.append, on_epoch=None, **unit.options)
+            self.reported[unit.name] = sum(counted)
+            yield unit, result
+
+
+def test_accel_units_weigh_their_steps_and_the_largest_goes_first(tmp_path):
+    from hardtovary.reference import data
+
+    recorder = _Recorder()
+    ec.run(tmp_path / "ec", envs=(2, 4, 8), methods=("erm", "and_mask"), runs=2, implementation="accel",
+           data_config=data.SpiralsConfig(n_train_envs=2, examples_per_env=16, n_test=32),
+           base=ec.DEFAULT_CONFIG.__class__(hidden=(8,), batch_size=8, epochs=2), max_agreement_envs=2,
+           progress=False, executor=recorder)
+    assert recorder.order == ["envs00008-batched", "envs00004-batched", "envs00002-batched"]
+    # 4 runs x 2 epochs x (16 // 8 batches) x (n // 2 groups of environments) steps, each reported as it is made.
+    assert recorder.declared == {f"envs{n:05d}-batched": 4 * 2 * 2 * (n // 2) for n in (2, 4, 8)}
+    assert recorder.reported == recorder.declared
