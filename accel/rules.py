@@ -30,7 +30,7 @@ and writes the rule's value and mask. On NumPy the pass runs over column blocks 
 computes the same thing; :func:`_block_spec_hard` / :func:`_block_spec_sand` are the NumPy expressions that
 specify what the kernels compute, line for line. CuPy compiles with ``-ftz=true`` (float32 operations read
 subnormals as 0); the kernels take signs from the bits and redo the rare columns a flushed subnormal changed
-(:data:`_SUBNORMAL_SAFE`), so they agree with the oracle on subnormal gradients, which CuPy's own operations (the
+(:data:`_DEVICE_HELPERS`), so they agree with the oracle on subnormal gradients, which CuPy's own operations (the
 expressions with ``use_kernel=False`` on CuPy) do not.
 
 Precision: float64 input is computed in float64, float32 and float16 in float32 (:func:`compute_dtype`); values
@@ -245,13 +245,14 @@ def _xp_stack_rule(G2, p: Plan, cdt: np.dtype, xp):
 # The fused CUDA kernels (CuPy only)
 # ----------------------------------------------------------------------------------------------------------------
 
-#: Device functions of every rule kernel. CuPy compiles its kernels with ``-ftz=true``, under which float32
+#: Device functions of the rule kernels. CuPy compiles its kernels with ``-ftz=true``, under which float32
 #: comparisons and arithmetic read a subnormal operand as 0. So that a subnormal float32 gradient counts as in the
-#: oracle: its sign is taken from the bits (``htv_sign``); and where a float32 result that depends on it came out
+#: oracle, its sign is taken from the bits (``htv_sign``), and where a float32 result that depends on it came out
 #: wrong (the paper geometric mean's ``sum log|g|`` is -inf although no g is 0; the original flavour's sum of a
-#: kept column is 0), the column is summed again from exact values, off the hot loop (``htv_exact_*``: a
-#: subnormal is ``m * 2^-149``, exact in float64).
-_SUBNORMAL_SAFE = r"""
+#: kept column is 0), the column is summed again from exact values, off the hot loop (a subnormal is
+#: ``m * 2^-149``, exact in float64). ``htv_sumlog_one_by_one`` is also the fallback of the geometric means'
+#: pairs (``htv_normal``: a product outside the normal range).
+_DEVICE_HELPERS = r"""
 __device__ __forceinline__ int htv_sign(float x) {
     const int b = __float_as_int(x);
     return (b > 0) - (b < 0 && b != (int)0x80000000);   // -0 has only the sign bit: sign 0
@@ -296,7 +297,7 @@ __device__ int htv_exact_sign_of_sum(const T* g, int K, long long P) {
     return (s > 0.0) - (s < 0.0);
 }
 """
-_KERNEL_PREAMBLE = _SUBNORMAL_SAFE + r"""
+_KERNEL_PREAMBLE = _DEVICE_HELPERS + r"""
 #define HTV_MEAN 0
 #define HTV_AND 1
 #define HTV_GM_PAPER 2
@@ -494,7 +495,7 @@ def _kernel(kind: int, cdt=None):
         if kind == _SAND:
             _KERNELS[key] = cupy.ElementwiseKernel(
                 "raw T G, int32 K, int64 P, float64 tau, float64 sharp", "C out, C mask",
-                SAND_KERNEL_SOURCE, "htv_rules_sand", preamble=_SUBNORMAL_SAFE)
+                SAND_KERNEL_SOURCE, "htv_rules_sand", preamble=_DEVICE_HELPERS)
         elif kind == _RESCALE:
             _KERNELS[key] = cupy.ElementwiseKernel("raw uint64 n_kept, float64 n", "C v", RESCALE_KERNEL_SOURCE,
                                                    "htv_rules_rescale")
