@@ -113,6 +113,42 @@ def test_half_precision_preserved_and_params_accept_grad(dtype):
         assert (m[0] * v[0]).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("rule,options", CASES)
+def test_packed_model_gives_the_masks_and_the_values_of_the_per_tensor_rule(rule, options, rescale, dtype):
+    """aggregate(pack=True) (the CUDA default: one rule over all tensors packed) against pack=False, on tensors of
+    many shapes, a fully masked one and an empty one: the same masks, the same values to rounding, and the
+    oracle's values."""
+    rng = np.random.default_rng(3)
+    grads = [_stack(rng, 6, shape, dtype=TORCH_DTYPES[dtype]) for shape in [(40, 3), (7,), (), (0, 3), (5, 2, 2)]]
+    grads.append(torch.tensor([[1.0, -1.0, 2.0], [-1.0, 1.0, -2.0]] * 3).to(TORCH_DTYPES[dtype]))  # masked at tau=1
+    apart = T.aggregate(grads, rule=rule, rescale=rescale, pack=False, **options)
+    packed = T.aggregate(grads, rule=rule, rescale=rescale, pack=True, **options)
+    oracle = R.aggregate([_np(g) for g in grads], rule=rule, rescale=rescale, **options)
+    for v_apart, v_packed, m_apart, m_packed, v_oracle in zip(apart[0], packed[0], apart[1], packed[1], oracle[0]):
+        assert v_packed.shape == v_apart.shape and v_packed.dtype == v_apart.dtype
+        assert m_packed.dtype == m_apart.dtype and m_packed.shape == m_apart.shape
+        assert torch.equal(m_packed, m_apart)
+        torch.testing.assert_close(v_packed, v_apart)
+        _close(v_packed, v_oracle, TORCH_DTYPES[dtype])
+
+
+def test_packed_model_names_the_tensor_with_a_non_finite_gradient():
+    grads = [torch.ones(4, 3), torch.ones(4, 2, 2), torch.ones(4)]
+    grads[1][2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        T.aggregate(grads, rule="and_mask", tau=1.0, pack=True)
+
+
+def test_packing_is_the_default_on_cuda_only_and_needs_two_tensors():
+    cpu = [torch.ones(3, 2), torch.ones(3)]
+    assert not T._packs(cpu, None) and T._packs(cpu, True) and not T._packs(cpu[:1], True)
+    assert not T._packs(cpu, False)
+    if torch.cuda.is_available():
+        assert T._packs([g.cuda() for g in cpu], None)
+
+
 def test_bad_input():
     G = torch.randn(3, 2)
     with pytest.raises(ValueError, match=r"grads\[0\]\[1, 0\]"):

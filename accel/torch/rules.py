@@ -354,7 +354,61 @@ REGISTRY = {
 }
 
 
-def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None):
+def _packs(stacks, pack) -> bool:
+    """Whether :func:`aggregate` packs the model's stacks into one ``[K, P]`` stack and applies the rule once. By
+    default on CUDA, where a step is bound by its kernel launches: the rule's dozen kernels per tensor become about
+    fifteen for the whole model, for one copy of the gradients (on a CPU the copy costs more than the launches
+    it saves). Never for one tensor, or for stacks on different devices."""
+    if pack is None:
+        pack = stacks[0].device.type == "cuda"
+    return bool(pack) and len(stacks) > 1 and len({G.device for G in stacks}) == 1
+
+
+def _rescale_segments(value: torch.Tensor, mask: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """:func:`_rescale` of every segment of a packed ``value`` (the tensors of a model, of ``sizes`` elements, one
+    after another), with the same arithmetic per segment: ``n_kept`` in float64 (a running sum of the mask, exact
+    for a bool mask), the factor ``n / n_kept`` in float64 cast to the value's dtype, exactly 0 where nothing is
+    kept. No host sync."""
+    lengths = torch.tensor(sizes, device=value.device)
+    ends = lengths.cumsum(0)
+    running = torch.cat([torch.zeros(1, dtype=torch.float64, device=value.device), mask.to(torch.float64).cumsum(0)])
+    n_kept = running[ends] - running[ends - lengths]
+    n = lengths.to(torch.float64)
+    nothing = n_kept == 0
+    factor = n / torch.where(nothing, torch.ones_like(n_kept), n_kept)
+
+    def spread(per_segment):
+        return torch.repeat_interleave(per_segment, lengths, output_size=value.numel())
+
+    if value.dtype != torch.float64:
+        overflow = factor > torch.finfo(value.dtype).max
+        scaled = torch.where(spread(overflow), value / spread(n_kept).to(value.dtype) * spread(n).to(value.dtype),
+                             value * spread(factor).to(value.dtype))
+    else:
+        scaled = torch.where(spread(torch.isinf(factor)), value / spread(n_kept) * spread(n),
+                             value * spread(factor))
+    return torch.where(spread(nothing), torch.zeros((), dtype=value.dtype, device=value.device), scaled)
+
+
+def _aggregate_packed(stacks, compute, spec: RuleSpec, rescale: bool):
+    """The rule once over the model's stacks packed into one ``[K, P]`` stack; values and masks are views of the
+    packed results, in each tensor's shape."""
+    K = stacks[0].shape[0]
+    sizes = [G[0].numel() for G in stacks]
+    G = torch.cat([S.reshape(K, -1) for S in stacks], dim=1)
+    mean = _mean(G)
+    if not bool(torch.isfinite(mean).all()):  # the host sync; which tensor, only when one is not finite
+        _check_finite_stacks(stacks, mean.split(sizes))
+    value, mask = compute(G, mean, spec)
+    if rescale:
+        value = _rescale_segments(value, mask, sizes)
+    values = [v.view(S.shape[1:]).to(S.dtype) for v, S in zip(value.split(sizes), stacks)]
+    masks = [(m if m.dtype == torch.bool else m.to(S.dtype)).view(S.shape[1:])
+             for m, S in zip(mask.split(sizes), stacks)]
+    return values, masks
+
+
+def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None, pack=None):
     """Apply one rule to every parameter tensor, as :func:`hardtovary.reference.rules.aggregate`: a ``RuleSpec``
     (``spec``) or the keywords ``rule``, ``tau``, ``flavour``, ``k``, with ``rescale``, validated as the oracle
     does (:func:`hardtovary.reference.rules.aggregate_arguments`: ``tau`` None means 0 for and_mask / sand_mask and
@@ -364,6 +418,9 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
     ``grads``: list of tensors ``G[K, *shape_i]`` with one K and one floating dtype. Returns ``(aggregated,
     masks)``: values in the gradients' dtype; masks bool (mean, and_mask, geometric_mean) or, for sand_mask, the
     soft mask in the gradients' dtype.
+
+    ``pack``: apply the rule once to all tensors packed into one stack (None: on CUDA; see :func:`_packs`). The
+    masks are the same either way and the values equal to rounding; packed, they are views of one buffer.
     """
     spec, rescale = aggregate_arguments(rule, tau, rescale, flavour, k, spec=spec)
     if spec.rule not in REGISTRY:
@@ -371,6 +428,8 @@ def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=N
                                   f"has {sorted(REGISTRY)}")
     compute = REGISTRY[spec.rule]
     stacks = _validate_gradient_list(grads)
+    if _packs(stacks, pack):
+        return _aggregate_packed(stacks, compute, spec, rescale)
     means = [_mean(G) for G in stacks]
     _check_finite_stacks(stacks, means)
 
