@@ -214,7 +214,7 @@ def _sand_mask(G: torch.Tensor, tau: float, k: float) -> torch.Tensor:
     diff = torch.tensor(diffs, dtype=torch.float64, device=G.device).to(cdt)[absS]
     above = torch.tensor([d > 0 for d in diffs], device=G.device)[absS]
     limit = above.to(cdt)
-    if K == 1:
+    if K == 1 or G[0].numel() == 0:  # one environment: spread 0; an empty tensor: nothing to spread (torch warns)
         return limit
     Gc = G.to(cdt)
     identical = (G == G[0:1]).all(dim=0)
