@@ -540,15 +540,22 @@ def stack_rule(G2, p: Plan, *, cdt=None, use_kernel=None):
     """
     xp = array_module(G2)
     cdt = compute_dtype(G2.dtype) if cdt is None else np.dtype(cdt)
+    if _uses_kernel(xp, p, use_kernel):
+        return _cupy_stack_rule(G2, p, cdt, xp)
+    return _xp_stack_rule(G2, p, cdt, xp)
+
+
+def _uses_kernel(xp, p: Plan, use_kernel) -> bool:
+    """Whether a stack of ``xp`` goes through the fused CUDA kernel of ``p`` (``use_kernel`` as in
+    :func:`stack_rule`); ValueError for ``use_kernel=True`` where there is none."""
     if use_kernel is None:
-        use_kernel = xp is not np and p.kind is not None
+        return xp is not np and p.kind is not None
     if use_kernel:
         if xp is np:
             raise ValueError("use_kernel=True needs CuPy arrays: the fused kernels run on CUDA only")
         if p.kind is None:
             raise ValueError(f"use_kernel=True: rule {p.spec.rule!r} has no fused CUDA kernel")
-        return _cupy_stack_rule(G2, p, cdt, xp)
-    return _xp_stack_rule(G2, p, cdt, xp)
+    return bool(use_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,8 +619,8 @@ def _factor_too_big(n_kept, n: int, cdt) -> bool:
 
 def _counted_in_kernel(xp, p: Plan, use_kernel) -> bool:
     """Whether :func:`aggregate` counts the kept coordinates and the non-finite sums inside the rule's kernel: a
-    hard rule's fused kernel on CuPy."""
-    return xp is not np and use_kernel is not False and p.kind is not None and p.kind != _SAND
+    hard rule's fused kernel (the SAND-mask's soft mask is not counted)."""
+    return _uses_kernel(xp, p, use_kernel) and p.kind != _SAND
 
 
 def _counted_rules(xp, stacks, p: Plan):

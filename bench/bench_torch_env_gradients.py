@@ -87,9 +87,9 @@ def authors_step(model, X, Y, env_loss, tau):
         p.grad = mask * G.mean(dim=0)
 
 
-def our_step(model, X, Y, loss_fn, tau, **options):
+def our_step(model, X, Y, loss_fn, tau, pack=None, **options):
     out = EG.env_gradients(model, X, Y, loss_fn, **options)
-    values, _ = R.aggregate(out.grads, rule="and_mask", tau=tau)
+    values, _ = R.aggregate(out.grads, rule="and_mask", tau=tau, pack=pack)
     for p, v in zip(model.parameters(), values):
         p.grad = v
 

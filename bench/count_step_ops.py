@@ -34,8 +34,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_torch_env_gradients import BASELINE, authors_step, our_step, plain_step  # noqa: E402
 
-from hardtovary.accel.torch import env_gradients as EG  # noqa: E402
-from hardtovary.accel.torch import rules as R  # noqa: E402
 from hardtovary.accel.torch.models import mlp_from_spec  # noqa: E402
 from hardtovary.reference.mlp import MLPSpec  # noqa: E402
 
@@ -74,14 +72,6 @@ def count(step) -> OperatorCount:
     return counter
 
 
-def packed_step(model, X, Y, loss_fn, tau):
-    """``our_step`` as it runs on CUDA, where ``aggregate`` packs the model's stacks by default."""
-    out = EG.env_gradients(model, X, Y, loss_fn)
-    values, _ = R.aggregate(out.grads, rule="and_mask", tau=tau, pack=True)
-    for p, v in zip(model.parameters(), values):
-        p.grad = v
-
-
 def variants():
     """The steps of ``bench_torch_env_gradients.py`` (a), on the CPU."""
     torch.manual_seed(0)
@@ -98,7 +88,7 @@ def variants():
         "ours, engine vmap": lambda: our_step(model, X, Y, bce, 1.0, engine="vmap"),
         "ours, engine linear (auto)": lambda: our_step(model, X, Y, bce, 1.0),
         "ours, linear, preallocated out": lambda: our_step(model, X, Y, bce, 1.0, out=out),
-        "ours, linear, packed rule (CUDA)": lambda: packed_step(model, X, Y, bce, 1.0),
+        "ours, linear, packed rule (CUDA)": lambda: our_step(model, X, Y, bce, 1.0, pack=True),
         "plain backward (floor)": lambda: plain_step(model, X, Y, bce),
     }
 

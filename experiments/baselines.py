@@ -181,13 +181,12 @@ def reference_config(method: str, config: BaselineConfig, n_envs: int) -> _train
     if config.dropout or config.batch_norm:
         raise ValueError("the reference loop trains without dropout and BatchNorm")
     masking = method != "erm"
-    return _training.TrainConfig(
-        method=REFERENCE_RULES[method], tau=config.tau if masking else 0.0, rescale=config.rescale and masking,
-        flavour=config.flavour if method == "geometric_mean" else None, hidden=config.hidden,
-        activation="leaky_relu", optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, weight_decay_order="before", l1=config.l1, batch_size=config.batch_size,
-        n_agreement_envs=config.n_agreement_envs or n_envs, epochs=config.epochs, lr_milestones=config.lr_milestones,
-        lr_gamma=config.lr_gamma, seed=config.seed)
+    return dataclasses.replace(
+        _batching(config, n_envs), method=REFERENCE_RULES[method], tau=config.tau if masking else 0.0,
+        rescale=config.rescale and masking, flavour=config.flavour if method == "geometric_mean" else None,
+        hidden=config.hidden, activation="leaky_relu", optimizer=config.optimizer, lr=config.lr,
+        momentum=config.momentum, weight_decay=config.weight_decay, weight_decay_order="before", l1=config.l1,
+        epochs=config.epochs, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

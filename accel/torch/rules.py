@@ -249,17 +249,24 @@ def sand_masked_mean(G, tau, k=10.0) -> torch.Tensor:
 
 def _rescale(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``value * n / n_kept``; exactly 0 where nothing is kept. No host sync."""
-    n = value.numel()
     if mask.dtype == torch.bool:
         n_kept = mask.sum().to(torch.float64)
     else:
         n_kept = mask.to(torch.float64).sum()
+    return _scaled_by_kept(value, value.numel(), n_kept)
+
+
+def _scaled_by_kept(value: torch.Tensor, n, n_kept: torch.Tensor) -> torch.Tensor:
+    """``value * n / n_kept`` with the factor in float64 cast to the value's dtype; exactly 0 where ``n_kept`` is
+    0. ``n`` (an int or a float64 tensor) and ``n_kept`` (float64) broadcast against ``value``: one tensor's counts,
+    or every coordinate's tensor's (:func:`_rescale_segments`)."""
     nothing = n_kept == 0
     factor = n / torch.where(nothing, torch.ones_like(n_kept), n_kept)
     if value.dtype != torch.float64:
         # a soft-mask sum so small that n / n_kept overflows the compute dtype: divide first (as the oracle)
         overflow = factor > torch.finfo(value.dtype).max
-        scaled = torch.where(overflow, value / n_kept.to(value.dtype) * n, value * factor.to(value.dtype))
+        n_value = n.to(value.dtype) if isinstance(n, torch.Tensor) else n
+        scaled = torch.where(overflow, value / n_kept.to(value.dtype) * n_value, value * factor.to(value.dtype))
     else:
         scaled = torch.where(torch.isinf(factor), value / n_kept * n, value * factor)
     return torch.where(nothing, torch.zeros((), dtype=value.dtype, device=value.device), scaled)
@@ -367,28 +374,17 @@ def _packs(stacks, pack) -> bool:
 
 def _rescale_segments(value: torch.Tensor, mask: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """:func:`_rescale` of every segment of a packed ``value`` (the tensors of a model, of ``sizes`` elements, one
-    after another), with the same arithmetic per segment: ``n_kept`` in float64 (a running sum of the mask, exact
-    for a bool mask), the factor ``n / n_kept`` in float64 cast to the value's dtype, exactly 0 where nothing is
-    kept. No host sync."""
+    after another): each segment's ``n`` and ``n_kept`` (a running sum of the mask in float64, exact for a bool
+    mask) spread over its coordinates, then the same arithmetic. No host sync."""
     lengths = torch.tensor(sizes, device=value.device)
     ends = lengths.cumsum(0)
     running = torch.cat([torch.zeros(1, dtype=torch.float64, device=value.device), mask.to(torch.float64).cumsum(0)])
-    n_kept = running[ends] - running[ends - lengths]
-    n = lengths.to(torch.float64)
-    nothing = n_kept == 0
-    factor = n / torch.where(nothing, torch.ones_like(n_kept), n_kept)
 
     def spread(per_segment):
         return torch.repeat_interleave(per_segment, lengths, output_size=value.numel())
 
-    if value.dtype != torch.float64:
-        overflow = factor > torch.finfo(value.dtype).max
-        scaled = torch.where(spread(overflow), value / spread(n_kept).to(value.dtype) * spread(n).to(value.dtype),
-                             value * spread(factor).to(value.dtype))
-    else:
-        scaled = torch.where(spread(torch.isinf(factor)), value / spread(n_kept) * spread(n),
-                             value * spread(factor))
-    return torch.where(spread(nothing), torch.zeros((), dtype=value.dtype, device=value.device), scaled)
+    n_kept = spread(running[ends] - running[ends - lengths])
+    return _scaled_by_kept(value, spread(lengths.to(torch.float64)), n_kept)
 
 
 def _aggregate_packed(stacks, compute, spec: RuleSpec, rescale: bool):
