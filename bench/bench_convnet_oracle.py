@@ -75,7 +75,7 @@ def bench(name: str, spec, hw: int, soft: bool, batch: int, repeats: int) -> flo
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is reported)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=float, default=0.125)

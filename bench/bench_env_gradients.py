@@ -42,7 +42,7 @@ def measure(K: int, B: int, hidden, batch_norm: bool, semantics: str, repeats: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions (best is reported)")
     args = parser.parse_args(argv)
     rows = [("no BatchNorm", 16, 256, False, "pooled"),

@@ -47,7 +47,7 @@ def executor_for(case: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--units", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--executors", default="local1,local2,ray2")

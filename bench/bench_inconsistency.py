@@ -77,7 +77,7 @@ def eigen_whitening(H):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--K", type=int, default=16)
     parser.add_argument("--P", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)

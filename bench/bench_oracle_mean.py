@@ -26,7 +26,7 @@ from hardtovary.reference import data, mlp, rules, training
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--K", type=int, default=16)
     parser.add_argument("--P", type=int, default=70000)
     parser.add_argument("--repeats", type=int, default=20)

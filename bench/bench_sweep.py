@@ -42,7 +42,7 @@ def configs(n_runs: int, args) -> list[training.TrainConfig]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=64)
     p.add_argument("--n-envs", type=int, default=4)
     p.add_argument("--examples-per-env", type=int, default=64)

@@ -187,7 +187,7 @@ def bench_resnet(device, repeats: int, width: float):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="rounds of (a); (b) takes --resnet-repeats on CPU")
     parser.add_argument("--resnet-repeats", type=int, default=1)
     parser.add_argument("--resnet-width", type=float, default=1.0)

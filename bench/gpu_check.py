@@ -327,7 +327,7 @@ def time_sweep(backend: str, settings=((256, (64, 64), 64, (1, 256)), (1024, (25
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numpy-dry-run", action="store_true",
                         help="run the checks and timings with both sides on NumPy, at small sizes")
     parser.add_argument("--K", type=int, default=16)
