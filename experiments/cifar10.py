@@ -73,8 +73,8 @@ from hardtovary.experiments.stats import mean_std
 from hardtovary.reference.optim import multistep_lr
 
 __all__ = ["CIFAR10", "TRAIN_FILES", "TEST_FILE", "META_FILE", "EXPERIMENTS", "TAUS", "MEAN", "STD", "DATASETS",
-           "Profile", "PROFILES", "load_cifar10", "load_data", "write_random_cifar10", "randomize_labels", "trials_for",
-           "train_step", "train_trial", "run", "summarize", "format_table", "plot_results"]
+           "Profile", "PROFILES", "profile_of", "load_cifar10", "load_data", "write_random_cifar10", "randomize_labels",
+           "trials_for", "train_step", "train_trial", "run", "summarize", "format_table", "plot_results"]
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -119,6 +119,13 @@ PROFILES = {
     "digits": Profile("DigitsResNet", 40, 32, 0.5, 512, 5e-3, (0.0, 0.2, 0.4), {"baseline": 5e-3, "and_mask": 5e-3}),
 }
 DATASETS = tuple(PROFILES)
+
+
+def profile_of(dataset: str) -> Profile:
+    """The :class:`Profile` of ``dataset``; a :class:`UsageError` naming the data sets for any other name."""
+    if dataset not in PROFILES:
+        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    return PROFILES[dataset]
 
 
 class CIFAR10(NamedTuple):
@@ -230,16 +237,15 @@ def load_cifar10(directory, *, n_train: int | None = None, n_test: int | None = 
 def load_data(dataset: str, data_dir=None, *, n_train: int | None = None, n_test: int | None = None) -> CIFAR10:
     """The data of ``dataset``: CIFAR-10 from ``data_dir`` (:func:`load_cifar10`), or the digits, which need no
     ``data_dir`` (:func:`hardtovary.experiments.digits.load_digits`)."""
-    if dataset not in PROFILES:
-        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    profile_of(dataset)
     if dataset == "digits":
         if data_dir is not None:
-            raise UsageError("the digits come with scikit-learn: give no data directory (--data) with them")
+            raise UsageError("--data is for CIFAR-10 only: the digits come with scikit-learn")
         from hardtovary.experiments.digits import load_digits
 
         return load_digits(n_train=n_train, n_test=n_test)
     if data_dir is None:
-        raise UsageError("CIFAR-10 needs its data directory (--data DIR, the unpacked cifar-10-batches-py/)")
+        raise UsageError("--data DIR (the unpacked cifar-10-batches-py/) is required with --dataset cifar10")
     return load_cifar10(data_dir, n_train=n_train, n_test=n_test)
 
 
@@ -275,9 +281,7 @@ def trials_for(experiment: str, taus=None, lr: float | None = None, seed: int = 
     at tau 0 and 0.2 with lr 1e-3 for tau = 0 and 5e-3 otherwise, the paper's best). ``lr`` overrides."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
-    if dataset not in PROFILES:
-        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
-    profile = PROFILES[dataset]
+    profile = profile_of(dataset)
     taus = tuple(TAUS if experiment == "memorization" else profile.label_noise_taus) if taus is None else tuple(taus)
     if not taus or any(not 0.0 <= float(t) <= 1.0 for t in taus):
         raise ValueError(f"taus must be a non-empty list of values in [0, 1], got {taus!r}")
@@ -452,11 +456,10 @@ def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memo
     import torch
 
     out = Path(out)
-    if dataset not in PROFILES:
-        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    profile = profile_of(dataset)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise UsageError(f"seeds must be an integer >= 1, got {seeds!r}")
-    profile = PROFILES[dataset]
+    data_dir = None if data_dir is None else str(data_dir)
     epochs = profile.epochs if epochs is None else epochs
     n_train = profile.n_train if n_train is None else n_train
     width = profile.width if width is None else width
@@ -471,7 +474,7 @@ def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memo
                 "lr_milestones": list(milestones), "weight_decay": float(weight_decay), "rescale": bool(rescale),
                 "n_train": n_train, "n_test": n_test}
     config = {"experiment": experiment, **settings, "trials": trials}
-    data = _load_data_once(dataset, None if data_dir is None else str(data_dir), n_train, n_test)
+    data = _load_data_once(dataset, data_dir, n_train, n_test)
     folder = RunFolder(out, config, fresh=fresh)
     steps = len(data.y_train) // batch_size
     todo = {}
@@ -483,7 +486,7 @@ def run(out, data_dir=None, *, dataset: str = "cifar10", experiment: str = "memo
     for name, done in todo.items():
         if done:
             note_resume(done, epochs, f"epochs of trial {name}", folder.root)
-    options = {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir), "n_train": n_train,
+    options = {"dataset": dataset, "data_dir": data_dir, "n_train": n_train,
                "n_test": n_test, "epochs": epochs, "width": width, "batch_size": batch_size, "milestones": milestones,
                "weight_decay": weight_decay, "rescale": rescale, "device": device}
     units = [Unit(name, trial_unit, (str(out / "trials" / name), trial), steps=(epochs - todo.get(name, 0)) * steps,
@@ -621,9 +624,10 @@ def plot_results(results: dict, out) -> list[Path]:
             for ax, (key, _) in zip(axes, panels):
                 values = np.array([[math.nan if record[key] is None else record[key] for record in h[:n]]
                                    for h in row["histories"]])
-                (line,) = ax.plot(epochs, values.mean(axis=0), label=name)
+                mean = values.mean(axis=0)
+                (line,) = ax.plot(epochs, mean, label=name)
                 if row["seeds"] > 1:
-                    mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
+                    std = values.std(axis=0, ddof=1)
                     ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         for ax, (_, title) in zip(axes, panels):
             ax.plot([0, last], [1 / NUM_CLASSES] * 2, color="grey", ls="--", lw=1, label="Random")

@@ -6,43 +6,77 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hardtovary.experiments import cifar10, executors, options
+from hardtovary.experiments import cifar10, digits, executors, options
 from hardtovary.experiments.errors import UsageError
+
+# The defaults that --help states come from the profiles, so that it cannot drift from them.
+_CIFAR10, _DIGITS = cifar10.PROFILES["cifar10"], cifar10.PROFILES["digits"]
+
+
+def _number(x: float) -> str:
+    """A learning rate as one types it: ``5e-4``, ``1e-3``."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _typed(value) -> str:
+    """A number or a list of numbers as one types it: ``1``, ``0.5``, ``0,0.2``."""
+    if isinstance(value, tuple):
+        return ",".join(_typed(v) for v in value)
+    return f"{value:g}"
+
+
+def _defaults(field: str) -> str:
+    """``default: X; digits Y`` of one :class:`~hardtovary.experiments.cifar10.Profile` field."""
+    return f"default: {_typed(getattr(_CIFAR10, field))}; digits {_typed(getattr(_DIGITS, field))}"
+
+
+def _learning_rates(p: cifar10.Profile) -> str:
+    rates = {p.memorization_lr, *p.label_noise_lr.values()}
+    if len(rates) == 1:
+        return f"{_number(p.memorization_lr)} throughout"
+    return (f"{_number(p.memorization_lr)} memorization; label-noise {_number(p.label_noise_lr['baseline'])} for "
+            f"tau 0, {_number(p.label_noise_lr['and_mask'])} otherwise")
 
 
 def add_arguments(parser) -> None:
     options.describe(parser, (
         "Train FastResNet on CIFAR-10 with every example its own environment (pooled BatchNorm, paper §3.2). "
-        "memorization: the tau grid on original and random labels; label-noise: 25% of the labels re-drawn, "
-        "Adam (tau 0, lr 1e-3) vs AND-mask (tau 0.2, lr 5e-3). Prints a table and writes OUT/results.json, "
-        "OUT/units/<trial>.json, OUT/trials/<trial>/{checkpoint.pt,history.json} (every epoch, atomically) "
-        "and the figures; a killed run resumes at the last finished epoch when started again with the same "
-        "options. Needs the 'CIFAR-10 python version' batches (cifar-10-batches-py/) in --data. "
-        "--dataset digits runs the same experiments on a CPU, on the 1797 8x8 digits that scikit-learn "
-        "ships (no download; the 'digits' extra), with FastResNet sized for 8x8 and its own defaults: 40 epochs, "
-        "batches of 32, width 0.5, the first 512 of 1438 training images, lr 5e-3 for every trial, label-noise "
-        "taus 0, 0.2, 0.4."))
+        f"memorization: the tau grid on original and random labels; label-noise: {cifar10.NOISE_FRACTION:.0%} of "
+        f"the labels re-drawn, Adam (tau 0, lr {_number(_CIFAR10.label_noise_lr['baseline'])}) vs AND-mask "
+        f"(tau {_CIFAR10.label_noise_taus[-1]:g}, lr {_number(_CIFAR10.label_noise_lr['and_mask'])}). Prints a "
+        "table and writes OUT/results.json, OUT/units/<trial>.json, "
+        "OUT/trials/<trial>/{checkpoint.pt,history.json} (every epoch, atomically) and the figures; a killed run "
+        "resumes at the last finished epoch when started again with the same options. Needs the 'CIFAR-10 python "
+        "version' batches (cifar-10-batches-py/) in --data. "
+        f"--dataset digits runs the same experiments on a CPU, on the {digits.N_IMAGES} 8x8 digits that scikit-learn "
+        f"ships (no download; the 'digits' extra), with FastResNet sized for 8x8 and its own defaults: "
+        f"{_DIGITS.epochs} epochs, batches of {_DIGITS.batch_size}, width {_DIGITS.width:g}, the first "
+        f"{_DIGITS.n_train} of {digits.N_TRAIN} training images, lr {_learning_rates(_DIGITS)}, label-noise taus "
+        f"{', '.join(f'{t:g}' for t in _DIGITS.label_noise_taus)}."))
     parser.add_argument("--dataset", choices=cifar10.DATASETS, default="cifar10",
                         help="cifar10 (from --data) or digits (scikit-learn's 8x8 digits)")
     parser.add_argument("--data", type=Path, default=None,
                         help="CIFAR-10 only: folder with data_batch_1..5, test_batch, batches.meta")
     parser.add_argument("--experiment", choices=cifar10.EXPERIMENTS, default="memorization", help="which figure")
     parser.add_argument("--taus", type=options.float_list, default=None,
-                        help="comma-separated taus (default: 0,0.05,0.1,0.2,0.4,0.6,0.8 for memorization; for "
-                             "label-noise 0,0.2, digits 0,0.2,0.4); 0 is plain Adam")
+                        help=f"comma-separated taus (default: {_typed(cifar10.TAUS)} for memorization; for "
+                             f"label-noise {_typed(_CIFAR10.label_noise_taus)}, digits "
+                             f"{_typed(_DIGITS.label_noise_taus)}); 0 is plain Adam")
     parser.add_argument("--epochs", type=options.positive_int, default=None,
-                        help="passes over the training data (default: 80; digits 40)")
+                        help=f"passes over the training data ({_defaults('epochs')})")
     parser.add_argument("--n-train", type=options.positive_int, default=None,
-                        help="use the first N training images (default: all; digits 512 of 1438)")
+                        help=f"use the first N training images (default: all; digits {_DIGITS.n_train} of "
+                             f"{digits.N_TRAIN})")
     parser.add_argument("--n-test", type=options.positive_int, default=None,
                         help="use the first N test images (default: all)")
     parser.add_argument("--width", type=options.positive_float, default=None,
-                        help="channel multiplier of the network (default: 1; digits 0.5)")
+                        help=f"channel multiplier of the network ({_defaults('width')})")
     parser.add_argument("--batch-size", type=options.positive_int, default=None,
-                        help="examples (= environments) per step (default: 80; digits 32)")
+                        help=f"examples (= environments) per step ({_defaults('batch_size')})")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate of every trial (default: 5e-4 memorization; label-noise 1e-3 for tau "
-                             "0, 5e-3 otherwise; digits 5e-3 throughout)")
+                        help=f"learning rate of every trial (default: {_learning_rates(_CIFAR10)}; digits "
+                             f"{_learning_rates(_DIGITS)})")
     parser.add_argument("--lr-milestones", type=options.int_list, default=None,
                         help="epochs where the LR drops x0.1 (default: one at 3/4 of the epochs, the authors' code; "
                              "the paper's text says 40,60 for memorization)" + options.MILESTONES_HELP)
@@ -67,10 +101,6 @@ def run(args) -> int:
         raise UsageError(f"--taus must lie in [0, 1], got {options.shown(args.taus)}")
     epochs = cifar10.PROFILES[args.dataset].epochs if args.epochs is None else args.epochs
     milestones = options.lr_milestones(args.lr_milestones, epochs)
-    if (args.dataset == "cifar10") != (args.data is not None):
-        raise UsageError("--data DIR (the unpacked cifar-10-batches-py/) is required with --dataset cifar10"
-                         if args.dataset == "cifar10" else "--data is for CIFAR-10 only: the digits come with "
-                         "scikit-learn")
     out = args.out = args.out or Path(f"runs/{args.dataset}-{args.experiment}")  # the interrupt note names it too
     executor = executors.make_executor(args)
     try:

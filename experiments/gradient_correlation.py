@@ -149,7 +149,9 @@ def coin_keep_fraction(tau: float, K: int) -> float:
     coins (no zeros), as the environment-specific shortcut gradients' signs are: with ``S = 2p - K`` and ``p`` a
     Binomial(K, 1/2) count, ``P(|S| >= agreement_threshold_count(tau, K))`` for tau >= 0 (``2^(1 - K)`` at tau = 1)
     and ``P(|S| <= floor((1 - |tau|) K + 1e-9))`` for tau < 0. Comparing it with the fraction kept tells how much
-    of what the mask keeps chance alone would keep."""
+    of what the mask keeps chance alone would keep. For tau >= 0 it equals
+    :func:`hardtovary.reference.consistency.keep_probability_threshold` (Prop. 2's keep probability, in floating
+    point); here both branches count in exact integers, the same sum for the AND and the XOR side."""
     tau = float(tau)
     if not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [-1, 1], got {tau}")
