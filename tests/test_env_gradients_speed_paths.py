@@ -40,7 +40,7 @@ def _assert_stacks(got, expected, **tolerance):
 
 # Networks the linear engine runs: every activation, a negative LeakyReLU slope (backward from the input), a
 # LeakyReLU slope of 0, a Linear without bias, a frozen weight, an activation before the first Linear, one after
-# the last.
+# the last, and activations in a row (only one right after a Linear may overwrite its input).
 def _networks():
     yield "mlp_leaky_relu", M.mlp_from_spec(mlp.MLPSpec(in_features=5, hidden=(7, 6))), None
     yield "mlp_relu", M.mlp_from_spec(mlp.MLPSpec(in_features=5, hidden=(7, 6), activation="relu")), None
@@ -51,6 +51,8 @@ def _networks():
     net[0].weight.requires_grad_(False)
     yield "mixed_frozen_no_bias", net, 3
     yield "leading_activation", nn.Sequential(nn.Tanh(), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 1)), None
+    yield "stacked_activations", nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Tanh(), nn.LeakyReLU(0.2),
+                                               nn.Linear(7, 1)), None
 
 
 NETWORKS = {name: (net, classes) for name, net, classes in _networks()}
@@ -102,6 +104,9 @@ def test_results_do_not_alias_the_workspace_and_shapes_may_change():
     kept = [g.clone() for g in first.grads]
     net2, X2, Y2, _ = _case("mlp_leaky_relu", K=5, B=2, seed=1)  # the same module, other shapes
     assert net2 is net
+    _, X1, Y1, _ = _case("mlp_leaky_relu", K=4, B=3, seed=1)  # the same shapes: the workspace is reused
+    EG.env_gradients(net, X1, Y1, loss_fn)
+    _assert_stacks(first.grads, kept, rtol=0, atol=0)
     second = EG.env_gradients(net, X2, Y2, loss_fn)
     third = EG.env_gradients(net, X, Y, loss_fn)
     _assert_stacks(first.grads, kept, rtol=0, atol=0)

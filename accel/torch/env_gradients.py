@@ -324,8 +324,9 @@ def _linear_engine(plan, weights, biases, trainable, X, Y, loss_fn, buffer, out)
             h = torch.mm(h, W.t(), out=target) if b is None else torch.addmm(b, h, W.t(), out=target)
         else:
             from_output = kind != "leaky_relu" or slope >= 0
-            # in place over a Linear's output, which only the backward of this activation reads; never over X
-            in_place = from_output and i > positions[0]
+            # in place only over a Linear's output, which no backward reads; never over X, nor over another
+            # activation's output, which that activation's backward may read
+            in_place = from_output and i > 0 and plan[i - 1][0] == "linear"
             a = _ACTIVATIONS[kind][0](h, slope, h if in_place else buffer(("forward", i), h.shape))
             saved.append((a if from_output else h, from_output))
             h = a
