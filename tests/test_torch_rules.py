@@ -189,3 +189,17 @@ def test_finite_large_values_that_overflow_the_mean_are_accepted():
     G = torch.full((4, 3), 3e38, dtype=torch.float32)
     v, m = T.aggregate([G], rule="and_mask", tau=1.0)
     assert m[0].all() and v[0].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_sign_sums_stay_exact_beyond_the_integers_of_float32():
+    """K = 2^24 + 4 float32 environments, all +1 but one 0: the sign sum 2^24 + 3 rounds to 2^24 + 4 in float32, which
+    would keep the coordinate at tau = 1 (the geometric mean too); the exact sum does not."""
+    K = 2**24 + 4
+    G = torch.ones((K, 1), dtype=torch.float32)
+    G[7, 0] = 0.0
+    assert int(T.sign_agreement(G)[0]) == K - 1
+    assert not T.and_mask(G, 1.0)[0]
+    assert not T.geometric_mean_mask(G)[0]
+    v, m = T.aggregate([G], rule="and_mask", tau=1.0)
+    assert not m[0][0] and v[0][0] == 0 and v[0].dtype == torch.float32

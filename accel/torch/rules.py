@@ -87,9 +87,13 @@ def _tau(tau) -> float:
 
 
 def _sign_sum(G: torch.Tensor) -> torch.Tensor:
-    """``S = sum_e sign(G[e])`` (sign(0) = 0) as exact integers held in the compute dtype: sums of +-1 and 0 are
-    exact in float32 up to K = 2^24 (and in float64 beyond), so no rounding enters; one pass, no int64 stack."""
-    return torch.sign(G).sum(dim=0, dtype=compute_dtype(G.dtype))
+    """``S = sum_e sign(G[e])`` (sign(0) = 0) as exact integers held in the compute dtype, or in float64 where K
+    exceeds the integers that dtype holds exactly (2^24 for float32): no rounding enters; one pass, no int64
+    stack."""
+    dtype = compute_dtype(G.dtype)
+    if G.shape[0] > 2 / torch.finfo(dtype).eps:
+        dtype = torch.float64
+    return torch.sign(G).sum(dim=0, dtype=dtype)
 
 
 def _mean(G: torch.Tensor) -> torch.Tensor:
