@@ -239,7 +239,8 @@ _aten = torch.ops.aten
 # The activations of the linear engine: forward ``(z, slope, out) -> a`` and backward ``(grad, x, slope,
 # x_is_output, out) -> grad_z`` from the activation's output ``x = a`` or, where that does not determine the
 # derivative (LeakyReLU with a negative slope), its input ``x = z``; each writes into ``out`` (which may be its
-# first argument: elementwise, in place) or, with ``out=None``, a new tensor. The kernels are those autograd runs
+# first argument: elementwise, in place), a forward with ``out=None`` (the compiled engine) into a new tensor. The
+# kernels are those autograd runs
 # for these modules (torch's derivatives.yaml; ATen's relu is clamp_min(z, 0)), and from the output they give the
 # same numbers as from the input (a > 0 exactly where z > 0 for a slope >= 0), so the engine's stacks are
 # autograd's.
@@ -248,8 +249,6 @@ def _relu(z, slope, out):
 
 
 def _relu_backward(grad, x, slope, x_is_output, out):
-    if out is None:
-        return _aten.threshold_backward(grad, x, 0)
     return _aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
 
 
@@ -258,8 +257,6 @@ def _leaky_relu(z, slope, out):
 
 
 def _leaky_relu_backward(grad, x, slope, x_is_output, out):
-    if out is None:
-        return _aten.leaky_relu_backward(grad, x, slope, x_is_output)
     return _aten.leaky_relu_backward.grad_input(grad, x, slope, x_is_output, grad_input=out)
 
 
@@ -268,7 +265,7 @@ def _tanh(z, slope, out):
 
 
 def _tanh_backward(grad, x, slope, x_is_output, out):
-    return _aten.tanh_backward(grad, x) if out is None else _aten.tanh_backward.grad_input(grad, x, grad_input=out)
+    return _aten.tanh_backward.grad_input(grad, x, grad_input=out)
 
 
 _ACTIVATIONS = {"relu": (_relu, _relu_backward), "leaky_relu": (_leaky_relu, _leaky_relu_backward),

@@ -376,11 +376,11 @@ def _packs(stacks, pack) -> bool:
     return bool(pack) and len(stacks) > 1 and len({G.device for G in stacks}) == 1
 
 
-def _rescale_segments(value: torch.Tensor, mask: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """:func:`_rescale` of every segment of a packed ``value`` (the tensors of a model, of ``sizes`` elements, one
-    after another): each segment's ``n`` and ``n_kept`` (a running sum of the mask in float64, exact for a bool
-    mask) spread over its coordinates, then the same arithmetic. No host sync."""
-    lengths = torch.tensor(sizes, device=value.device)
+def _rescale_segments(value: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`_rescale` of every segment of a packed ``value`` (the tensors of a model, of ``lengths`` elements,
+    an int64 tensor on value's device, one after another): each segment's ``n`` and ``n_kept`` (a running sum of
+    the mask in float64, exact for a bool mask) spread over its coordinates, then the same arithmetic. No host
+    sync."""
     ends = lengths.cumsum(0)
     running = torch.cat([torch.zeros(1, dtype=torch.float64, device=value.device), mask.to(torch.float64).cumsum(0)])
 
@@ -392,21 +392,23 @@ def _rescale_segments(value: torch.Tensor, mask: torch.Tensor, sizes: list[int])
 
 
 def _aggregate_packed(stacks, compute, spec: RuleSpec, rescale: bool):
-    """The rule once over the model's stacks packed into one ``[K, P]`` stack; values and masks are views of the
-    packed results, in each tensor's shape."""
-    K = stacks[0].shape[0]
+    """The rule once over the model's stacks packed into one ``[K, P]`` stack (one dtype, as validated); values
+    and masks are views of the packed results, in each tensor's shape."""
+    K, dtype = stacks[0].shape[0], stacks[0].dtype
     sizes = [G[0].numel() for G in stacks]
     G = torch.cat([S.reshape(K, -1) for S in stacks], dim=1)
+    lengths = torch.tensor(sizes, device=G.device) if rescale else None  # its copy waits at the sync below anyway
     mean = _mean(G)
     if not bool(torch.isfinite(mean).all()):  # the host sync; which tensor, only when one is not finite
         _check_finite_stacks(stacks, mean.split(sizes))
     value, mask = compute(G, mean, spec)
     if rescale:
-        value = _rescale_segments(value, mask, sizes)
-    values = [v.view(S.shape[1:]).to(S.dtype) for v, S in zip(value.split(sizes), stacks)]
-    masks = [(m if m.dtype == torch.bool else m.to(S.dtype)).view(S.shape[1:])
-             for m, S in zip(mask.split(sizes), stacks)]
-    return values, masks
+        value = _rescale_segments(value, mask, lengths)
+    value = value.to(dtype)
+    if mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    return ([v.view(S.shape[1:]) for v, S in zip(value.split(sizes), stacks)],
+            [m.view(S.shape[1:]) for m, S in zip(mask.split(sizes), stacks)])
 
 
 def aggregate(grads, spec=None, *, rule=None, tau=None, rescale=False, flavour=None, k=None, pack=None):
