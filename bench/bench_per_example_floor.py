@@ -20,25 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_torch_env_gradients import best_times
 
-from hardtovary.accel.torch.env_gradients import example_gradients
+from hardtovary.accel.torch.env_gradients import POOLED_METHODS, example_gradients
 from hardtovary.accel.torch.models import FastResNet
 
-ENGINES = ("loop", "batched", "vjp_vmap")
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+ENGINES = tuple(m for m in POOLED_METHODS if m != "auto")
 
 
 def main() -> None:
@@ -65,12 +55,7 @@ def main() -> None:
         return lambda: example_gradients(model, X, Y, F.cross_entropy, pooled_method=method)
 
     cases = {"forward": forward, "plain step": plain, **{m: engine(m) for m in ENGINES}}
-    best = dict.fromkeys(cases, float("inf"))
-    for fn in cases.values():  # warm-up: kernels, allocator, vmap tracing
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            best[name] = min(best[name], timed(fn, device))
+    best = {name: wall for name, (wall, _) in best_times(cases, args.repeats, device).items()}
     t_forward, t_plain = best["forward"], best["plain step"]
     t_backward = t_plain - t_forward
     floor = t_forward + args.batch * t_backward

@@ -114,23 +114,34 @@ def _disagreement(model, fn, expected) -> str | None:
     return None if bad == 0 else f"{bad} of {total} components differ from the baseline's (largest by {worst:.3g})"
 
 
-def bench_mlp(device, repeats: int, compile_modes) -> dict:
-    """Times (a) on ``device``; returns the ratio authors / variant of each variant of ours."""
+def bce(z, y):
+    return F.binary_cross_entropy_with_logits(z.squeeze(-1), y)
+
+
+def mlp_problem(device) -> tuple:
+    """(a)'s problem on ``device``: ``(model, X, Y)``, the 3 x 256 MLP and K = 16 environments of 256 examples."""
     torch.manual_seed(0)
     model = mlp_from_spec(MLPSpec(in_features=18, hidden=(256, 256, 256))).to(device)
     X = torch.randn(16, 256, 18, device=device)
     Y = torch.randint(0, 2, (16, 256), device=device).float()
+    return model, X, Y
 
-    def bce(z, y):
-        return F.binary_cross_entropy_with_logits(z.squeeze(-1), y)
 
-    out = [torch.empty(16, *p.shape, device=device) for p in model.parameters()]
-    fns = {
+def mlp_steps(model, X, Y) -> dict:
+    """The eager AND-mask steps of (a): the authors' loop and each engine of ours, by name."""
+    out = [torch.empty(X.shape[0], *p.shape, device=X.device) for p in model.parameters()]
+    return {
         BASELINE: lambda: authors_step(model, X, Y, bce, 1.0),
         "ours, engine vmap": lambda: our_step(model, X, Y, bce, 1.0, engine="vmap"),
         "ours, engine linear (auto)": lambda: our_step(model, X, Y, bce, 1.0),
         "ours, linear, preallocated out": lambda: our_step(model, X, Y, bce, 1.0, out=out),
     }
+
+
+def bench_mlp(device, repeats: int, compile_modes) -> dict:
+    """Times (a) on ``device``; returns the ratio authors / variant of each variant of ours."""
+    model, X, Y = mlp_problem(device)
+    fns = mlp_steps(model, X, Y)
     fns[BASELINE]()
     expected = [p.grad.clone() for p in model.parameters()]
     notes = []

@@ -28,14 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_torch_env_gradients import BASELINE, authors_step, our_step, plain_step  # noqa: E402
-
-from hardtovary.accel.torch.models import mlp_from_spec  # noqa: E402
-from hardtovary.reference.mlp import MLPSpec  # noqa: E402
+from bench_torch_env_gradients import BASELINE, bce, mlp_problem, mlp_steps, our_step, plain_step  # noqa: E402
 
 #: Operators that only make a new view of existing memory (no kernel on any device).
 VIEWS = frozenset({"view", "_unsafe_view", "t", "transpose", "permute", "expand", "as_strided", "unsqueeze",
@@ -73,21 +69,10 @@ def count(step) -> OperatorCount:
 
 
 def variants():
-    """The steps of ``bench_torch_env_gradients.py`` (a), on the CPU."""
-    torch.manual_seed(0)
-    model = mlp_from_spec(MLPSpec(in_features=18, hidden=(256, 256, 256)))
-    X = torch.randn(16, 256, 18)
-    Y = torch.randint(0, 2, (16, 256)).float()
-
-    def bce(z, y):
-        return F.binary_cross_entropy_with_logits(z.squeeze(-1), y)
-
-    out = [torch.empty(16, *p.shape) for p in model.parameters()]
+    """The steps of ``bench_torch_env_gradients.py`` (a), on the CPU, with the packed rule and the plain step."""
+    model, X, Y = mlp_problem(torch.device("cpu"))
     return {
-        BASELINE: lambda: authors_step(model, X, Y, bce, 1.0),
-        "ours, engine vmap": lambda: our_step(model, X, Y, bce, 1.0, engine="vmap"),
-        "ours, engine linear (auto)": lambda: our_step(model, X, Y, bce, 1.0),
-        "ours, linear, preallocated out": lambda: our_step(model, X, Y, bce, 1.0, out=out),
+        **mlp_steps(model, X, Y),
         "ours, linear, packed rule (CUDA)": lambda: our_step(model, X, Y, bce, 1.0, pack=True),
         "plain backward (floor)": lambda: plain_step(model, X, Y, bce),
     }

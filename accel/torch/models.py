@@ -105,6 +105,13 @@ class Residual(nn.Module):
         return x + self.res2(self.res1(x))
 
 
+def _channels(width, base: tuple) -> list[int]:
+    """The channel counts ``base`` times ``width`` (a real > 0), rounded, at least 1."""
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+        raise ValueError(f"width must be a real > 0, got {width!r}")
+    return [max(1, int(round(n * width))) for n in base]
+
+
 class FastResNet(nn.Module):
     """The cifar10-fast ResNet: prep conv 64; layer1 conv 128 + maxpool + residual(128); layer2 conv 256 +
     maxpool; layer3 conv 512 + maxpool + residual(512); adaptive max-pool; ``Linear(512, num_classes,
@@ -116,9 +123,7 @@ class FastResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, *, width: float = 1.0, scale: float = 0.125):
         super().__init__()
-        if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
-            raise ValueError(f"width must be a real > 0, got {width!r}")
-        c = [max(1, int(round(n * width))) for n in (64, 128, 256, 512)]
+        c = _channels(width, (64, 128, 256, 512))
         self.scale = float(scale)
         self.prep = conv_bn(3, c[0])
         self.layer1 = nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1]))
@@ -146,9 +151,7 @@ class DigitsResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, *, width: float = 1.0, scale: float = 0.125):
         super().__init__()
-        if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
-            raise ValueError(f"width must be a real > 0, got {width!r}")
-        c = [max(1, int(round(n * width))) for n in (16, 32, 64)]
+        c = _channels(width, (16, 32, 64))
         self.scale = float(scale)
         self.prep = conv_bn(1, c[0])
         self.layer1 = nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1]))
