@@ -101,29 +101,39 @@ ACCEL = ["--implementation", "accel"]
 
 def test_accel_runs_are_the_reference_loops_runs(tmp_path):
     """Each run of the batched implementation is the reference loop's run of the same method, preset and seed,
-    with its configuration written out here by hand (not by the mapping under test)."""
+    with its configuration written out here by hand (not by the mapping under test): every option of the base
+    configuration away from its default, so that one the mapping dropped would show, and tau set by the user."""
     from hardtovary.reference import data, training
 
-    spirals = data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=32, n_dims=2, seed=3)
-    base = ec.DEFAULT_CONFIG.__class__(hidden=(8, 8), batch_size=8, epochs=3, lr=0.05, lr_milestones=(2,), seed=5)
-    results = ec.run(tmp_path / "ec", envs=(4,), methods=("erm", "and_mask"), runs=2, data_config=spirals, base=base,
-                     max_agreement_envs=2, implementation="accel", backend="numpy", progress=False)
-    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=4, examples_per_env=16, n_test=32, n_dims=2, seed=3))
+    spirals = data.SpiralsConfig(n_train_envs=8, examples_per_env=16, n_test=32, n_dims=2, seed=3)
+    base = ec.DEFAULT_CONFIG.__class__(hidden=(8, 8), batch_size=8, epochs=3, lr=0.05, lr_milestones=(2,), seed=5,
+                                       optimizer="sgd", momentum=0.5, l1=1e-3, lr_gamma=0.5)
+    task = data.make_spirals_task(data.SpiralsConfig(n_train_envs=8, examples_per_env=16, n_test=32, n_dims=2, seed=3))
     env_data = training.EnvironmentData(task.X_train, task.y_train, task.X_test, task.y_test)
-    stored = json.loads((tmp_path / "ec" / "units" / "envs00004-batched.json").read_text())["runs"]
-    for method, rule, rescale in (("erm", "mean", False), ("and_mask", "and_mask", True)):
-        maxima = []
-        for r in range(2):
-            config = training.TrainConfig(method=rule, tau=1.0, rescale=rescale, hidden=(8, 8), batch_size=8,
-                                          n_agreement_envs=2, epochs=3, lr=0.05, lr_milestones=(2,),
-                                          weight_decay=1e-4, optimizer="adam", seed=5 + r)
-            expected = training.train(env_data, config).history
-            got = stored[ec.unit_name(4, method, r)]["history"]
-            for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lr"):
-                assert [h[key] for h in got] == pytest.approx([h[key] for h in expected], rel=1e-9, abs=1e-12)
-            maxima.append(max(h["test_acc"] for h in expected))
-        assert results["envs"]["4"][method]["runs"] == maxima
-        assert results["envs"]["4"][method]["n_agreement_envs"] == 2
+    common = dict(hidden=(8, 8), batch_size=8, n_agreement_envs=4, epochs=3, lr=0.05, lr_milestones=(2,),
+                  lr_gamma=0.5, weight_decay=1e-4, optimizer="sgd", momentum=0.5, l1=1e-3)
+    cases = {  # run folder: (the user's overrides, {method: its rule as the reference loop takes it})
+        "presets": (None, {"erm": dict(method="mean", tau=0.0, rescale=False),
+                           "and_mask": dict(method="and_mask", tau=1.0, rescale=True),
+                           "geometric_mean": dict(method="geometric_mean", tau=1.0, rescale=True, flavour="paper")}),
+        "tau": ({"tau": 0.5}, {"and_mask": dict(method="and_mask", tau=0.5, rescale=True)}),
+    }
+    for folder, (overrides, rules) in cases.items():
+        results = ec.run(tmp_path / folder, envs=(8,), methods=tuple(rules), runs=2, data_config=spirals, base=base,
+                         max_agreement_envs=4, overrides=overrides, implementation="accel", backend="numpy",
+                         progress=False)
+        stored = json.loads((tmp_path / folder / "units" / "envs00008-batched.json").read_text())["runs"]
+        for method, rule in rules.items():
+            maxima = []
+            for r in range(2):
+                config = training.TrainConfig(**rule, **common, seed=5 + r)
+                expected = training.train(env_data, config).history
+                got = stored[ec.unit_name(8, method, r)]["history"]
+                for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lr"):
+                    assert [h[key] for h in got] == pytest.approx([h[key] for h in expected], rel=1e-9, abs=1e-12)
+                maxima.append(max(h["test_acc"] for h in expected))
+            assert results["envs"]["8"][method]["runs"] == maxima
+            assert results["envs"]["8"][method]["n_agreement_envs"] == 4
 
 
 def test_accel_cli_resumes_and_names_one_unit_per_environment_count(tmp_path, capsys):
