@@ -306,7 +306,7 @@ class _Optimizers:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_sweep(data: EnvironmentData, configs: list[TrainConfig], *, backend=None, dtype: str = "float64",
+def train_sweep(data: EnvironmentData, configs: list[TrainConfig], *, backend=None, dtype: str = DTYPES[0],
                 early_abort: bool = False,
                 on_epoch: Callable[[int, dict], None] | None = None,
                 on_step: Callable[[int], None] | None = None) -> list[SweepResult]:

@@ -190,9 +190,9 @@ def run(out: Path, *, envs=DEFAULT_ENVS, methods=DEFAULT_METHODS, runs: int = DE
     if implementation == "accel":
         config["dtype"] = dtype
     folder = RunFolder(out, config, fresh=fresh)
-    cells = [(n, m, r) for n in envs for m in methods for r in range(runs)]
-    units = (_batched_units(plans, cells, base.seed, backend, dtype) if implementation == "accel" else
-             [_run_unit(n, m, r, plans[n], base.seed) for n, m, r in cells])
+    pairs = [(m, r) for m in methods for r in range(runs)]  # the (method, run) of every environment count
+    units = (_batched_units(plans, pairs, base.seed, backend, dtype) if implementation == "accel" else
+             [_run_unit(n, m, r, plans[n], base.seed) for n in envs for m, r in pairs])
     finished = run_units(folder, units, executor, what="runs" if implementation == "torch" else "environment counts",
                          progress=progress, where=folder.root)
     stored = ({name: record for unit in finished.values() for name, record in unit["runs"].items()}
@@ -219,14 +219,14 @@ def _run_unit(n: int, method: str, r: int, plan, seed: int) -> Unit:
                 shows=("train_acc", "test_acc"))
 
 
-def _batched_units(plans: dict, cells: list, seed: int, backend, dtype: str) -> list[Unit]:
-    """One unit per number of environments: its runs as reference-loop configurations, trained together."""
+def _batched_units(plans: dict, runs: list, seed: int, backend, dtype: str) -> list[Unit]:
+    """One unit per number of environments: its ``runs`` (each a (method, run) pair) as reference-loop
+    configurations, trained together."""
     from hardtovary.accel.backend import get_backend
 
     on_gpu = get_backend(backend).name == "cupy"  # resolved where the driver runs, as hardtovary sweep does
     units = []
     for n, (data_n, _, configs) in plans.items():
-        runs = [(m, r) for n_, m, r in cells if n_ == n]
         reference = [_bl.reference_config(m, dataclasses.replace(configs[m], seed=seed + r), n) for m, r in runs]
         steps = sum(c.epochs * _training.steps_per_epoch(n, data_n.examples_per_env, c) for c in reference)
         units.append(Unit(batched_unit_name(n), train_batched_unit, (n, data_n, runs, reference), steps=steps,
