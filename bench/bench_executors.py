@@ -4,9 +4,11 @@ cluster of 2 CPUs, in one run; the ratio to the in-process time and the overhead
 Each unit is one run of ``hardtovary baselines``' ERM on the spirals task (a 2 x 32 MLP, 4 environments of 64
 examples, ``--epochs`` epochs): the small independent runs of a search or a seed sweep. ``start`` is the wall time
 of ``workers`` units that do nothing: starting the processes (and, for Ray, its local cluster), which a sweep pays
-once. The overhead per unit is ``(wall * workers - work - start * workers) / units``, where ``work`` is the sum of
-the units' own times as each measured itself: what shipping arguments and results and writing the run folder add
-per unit. Run folders go to a temporary directory.
+once. A local pool is started afresh by every call, so the timed sweep pays its own start and ``wall`` is its time;
+Ray's cluster stays up between calls, so its ``wall`` adds the start measured before. The overhead per unit is
+``(wall * workers - work - start * workers) / units``, where ``work`` is the sum of the units' own times as each
+measured itself: what shipping arguments and results and writing the run folder add per unit. Run folders go to a
+temporary directory.
 
 Run: ``python bench/bench_executors.py [--units 64] [--epochs 4] [--executors local1,local2,ray2]``.
 """
@@ -70,7 +72,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
                 results = run_units(RunFolder(out, {"bench": case}), units, executor, progress=False)
-                wall = startup + time.perf_counter() - start
+                wall = time.perf_counter() - start + (startup if case == "ray2" else 0.0)
             if case == "ray2":
                 executor.ray.shutdown()
             work = sum(r["seconds"] for r in results.values())
